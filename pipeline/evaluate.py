@@ -1,0 +1,43 @@
+"""DVC stage `evaluate`: cell-level metrics of the selected backbone on the test split."""
+
+import json
+from pathlib import Path
+
+from smearnet.config import load_params
+from smearnet.errors import run_cli
+from smearnet.evaluate import evaluate_cells, smear_cells
+from smearnet.inference import load_trained, predict_probabilities, predictions_table
+from smearnet.io import read_table, write_json, write_text
+from smearnet.tracking import flatten_metrics, revision_tags, setup_mlflow
+
+OUT = Path("reports/evaluate")
+
+
+def main() -> None:
+    import mlflow
+
+    cfg = load_params()
+    selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
+    model = load_trained(Path("models") / selected)
+    split_manifest = read_table(Path("data/split/manifest.csv"))
+    test = split_manifest[split_manifest["split"] == "test"]
+    positive = str(cfg.evaluation.positive_class)
+    metrics, table = evaluate_cells(model, test, positive, batch_size=int(cfg.evaluation.batch_size),
+                                    confidence=float(cfg.evaluation.confidence), out_dir=OUT)
+    write_text(table.to_csv(index=False), OUT / "predictions.csv")
+    cells, source = smear_cells(split_manifest)
+    probabilities = predict_probabilities(model, cells, batch_size=int(cfg.evaluation.batch_size), desc="smear cells")
+    write_text(predictions_table(cells, probabilities, model.classes).to_csv(index=False), OUT / "smear_cells.csv")
+    write_json({"model": selected, "smear_cells_from": source, **metrics}, Path("metrics/cell.json"))
+    print(f"evaluate {selected}: cell accuracy {metrics['accuracy']['value']:.4f} on {len(test)} test cells")
+
+    setup_mlflow(cfg.mlflow)
+    with mlflow.start_run(run_name=f"evaluate-{selected}", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
+                                                                 "stage": "evaluate", "backbone": selected}):
+        mlflow.log_params({"positive_class": positive, "test_cells": len(test), "smear_cells_from": source})
+        mlflow.log_metrics(flatten_metrics(metrics, "cell"))
+        mlflow.log_artifacts(str(OUT), artifact_path="evaluate")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,20 @@
+"""DVC stage `generate`: draw the embedded synthetic cohort into data/synthetic."""
+
+from pathlib import Path
+
+from smearnet.config import load_params
+from smearnet.errors import run_cli
+from smearnet.synthetic import generate_cohort
+
+
+def main() -> None:
+    cfg = load_params()
+    synthetic = cfg.data.synthetic
+    generate_cohort(Path("data/synthetic"), scale=float(synthetic.scale), seed=int(cfg.seed),
+                    workers=int(synthetic.workers), image_size=int(synthetic.image_size),
+                    jpeg_quality=int(synthetic.jpeg_quality),
+                    min_patients_per_group=int(synthetic.min_patients_per_group))
+
+
+if __name__ == "__main__":
+    run_cli(main)

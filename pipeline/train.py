@@ -1,0 +1,25 @@
+"""DVC stage `train@<backbone>`: fine-tune one configured backbone on the upsampled training split."""
+
+import sys
+from pathlib import Path
+
+from smearnet.config import load_params
+from smearnet.errors import run_cli
+from smearnet.io import read_table, write_json
+from smearnet.training import train_backbone
+
+
+def main() -> None:
+    name = sys.argv[1]
+    cfg = load_params()
+    train_manifest = read_table(Path("data/upsampled/manifest.csv"))
+    split_manifest = read_table(Path("data/split/manifest.csv"))
+    val_manifest = split_manifest[split_manifest["split"] == "val"]
+    metrics = train_backbone(cfg, name, train_manifest, val_manifest, Path("models") / name,
+                             Path("checkpoints") / name)
+    if metrics:
+        write_json(metrics, Path("metrics/train") / f"{name}.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)

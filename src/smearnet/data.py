@@ -1,0 +1,47 @@
+"""Torch datasets and loaders over manifests: decode, resize to the model's input, normalise."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+
+class CellImages(Dataset):
+    """Cells of a manifest as (image tensor CxHxW, class index)."""
+
+    def __init__(self, manifest: pd.DataFrame, classes: Sequence[str], input_spec: Mapping):
+        self.paths = list(manifest["path"])
+        index = {name: i for i, name in enumerate(classes)}
+        self.targets = [index.get(label, -1) for label in manifest["label"]] if "label" in manifest else [-1] * len(self.paths)
+        self.height, self.width = (int(v) for v in input_spec["input_size"])
+        self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(input_spec["std"], dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from smearnet.ingest import load_rgb
+
+        return self.to_tensor(load_rgb(Path(self.paths[i]))), self.targets[i]
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """Resize (bilinear, antialiased) and normalise one RGB image."""
+        image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (array - self.mean) / self.std
+
+
+def make_loader(manifest: pd.DataFrame, classes: Sequence[str], input_spec: Mapping, *, batch_size: int,
+                shuffle: bool, num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A deterministic loader (seeded shuffling) over one manifest."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(CellImages(manifest, classes, input_spec), batch_size=batch_size, shuffle=shuffle,
+                      num_workers=num_workers, generator=generator, drop_last=drop_last,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,41 @@
+"""Cell-level evaluation of the selected model, and the cells the smear stage scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from smearnet.inference import TrainedModel, predict_probabilities, predictions_table
+from smearnet.metrics import cell_metrics
+from smearnet.plots import confusion_matrix_png
+
+
+def smear_cells(split_manifest: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Cells whose smears are classified blind: the assessment cohort, else the test split's smears."""
+    assessment = split_manifest[split_manifest["split"] == "assessment"]
+    if not assessment.empty:
+        return assessment, "assessment"
+    return split_manifest[split_manifest["split"] == "test"], "test"
+
+
+def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str, *, batch_size: int,
+                   confidence: float, out_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """Predict every cell, compute the cell metrics and draw the confusion matrices into `out_dir`."""
+    probabilities = predict_probabilities(model, cells, batch_size=batch_size, desc="evaluate")
+    table = predictions_table(cells, probabilities, model.classes)
+    y_true = class_indices(cells["label"], model.classes)
+    metrics = cell_metrics(y_true, probabilities, model.classes, positive_class, confidence)
+    matrix = metrics["confusion_matrix"]
+    confusion_matrix_png(matrix, model.classes, out_dir / "confusion.png", title=f"{model.name}: test cells")
+    confusion_matrix_png(matrix, model.classes, out_dir / "confusion_normalised.png", normalise=True,
+                         title=f"{model.name}: test cells, row-normalised")
+    return metrics, table
+
+
+def class_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Class names to indices into `classes`."""
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[label] for label in labels], dtype=int)

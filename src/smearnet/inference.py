@@ -1,0 +1,113 @@
+"""Loading a trained smearnet model and computing class probabilities for cells."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from smearnet.data import make_loader
+from smearnet.errors import SmearnetError
+
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "model.json"
+
+
+@dataclass
+class TrainedModel:
+    """A network ready for inference and what is needed to feed it."""
+
+    net: torch.nn.Module
+    name: str
+    classes: list[str]
+    input_spec: dict
+    meta: dict
+
+
+def save_trained(net: torch.nn.Module, model_dir: Path, meta: Mapping) -> None:
+    """Weights as safetensors (no pickle) and a JSON description beside them."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(model_dir / WEIGHTS_FILE))
+    (model_dir / META_FILE).write_text(json.dumps(dict(meta), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_trained(model_dir: Path) -> TrainedModel:
+    """Rebuild the architecture from model.json and load the safetensors weights."""
+    from smearnet.models import build_model, reparameterize_for_inference
+
+    model_dir = Path(model_dir)
+    if not (model_dir / META_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
+        raise SmearnetError(f"{model_dir} holds no trained model ({META_FILE} + {WEIGHTS_FILE}).",
+                            "run `dvc repro train` first, or point to a folder written by the train stage.")
+    meta = json.loads((model_dir / META_FILE).read_text())
+    model_cfg = dict(meta["model_cfg"], pretrained=False, weights_path=None, allow_random_init=True)
+    net = build_model(model_cfg, num_classes=len(meta["classes"]))
+    net.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+    net = reparameterize_for_inference(net)
+    return TrainedModel(net=net.eval(), name=meta["name"], classes=list(meta["classes"]),
+                        input_spec=dict(meta["input_spec"]), meta=meta)
+
+
+@torch.inference_mode()
+def predict_probabilities(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32,
+                          precision: str = "fp32", channels_last: bool = False, num_workers: int = 0,
+                          progress: bool = True, desc: str = "predict") -> np.ndarray:
+    """Softmax probabilities (n_cells x n_classes) for every row of `manifest`, in order."""
+    loader = make_loader(manifest, model.classes, model.input_spec, batch_size=batch_size, shuffle=False,
+                         num_workers=num_workers)
+    net = model.net.to(memory_format=torch.channels_last) if channels_last else model.net
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    chunks = []
+    for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = net(images)
+        chunks.append(torch.softmax(logits.float(), dim=1).numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.classes)), dtype=np.float32)
+
+
+def predictions_table(manifest: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per cell: smear (pseudonymised), true label (if known), predicted label, one probability column a class."""
+    from smearnet.tracking import hash_patient_id
+
+    table = pd.DataFrame({"smear_id": [hash_patient_id(s) for s in manifest["smear_id"]],
+                          "label": manifest["label"].to_numpy(),
+                          "predicted": [classes[i] for i in probabilities.argmax(axis=1)]})
+    for index, name in enumerate(classes):
+        table[f"prob_{name}"] = probabilities[:, index]
+    return table
+
+
+@torch.inference_mode()
+def classify_images(model: TrainedModel, images: list, smear_ids: Sequence[str], serving: Mapping,
+                    errors: Sequence[str] | None = None) -> pd.DataFrame:
+    """Classify decoded PIL images (None = undecodable) and call each smear with the stored threshold."""
+    from smearnet.data import CellImages
+
+    to_tensor = CellImages(pd.DataFrame({"path": []}), model.classes, model.input_spec).to_tensor
+    good = [i for i, image in enumerate(images) if image is not None]
+    probabilities = np.full((len(images), len(model.classes)), np.nan, dtype=np.float32)
+    if good:
+        batch = torch.stack([to_tensor(images[i]) for i in good])
+        probabilities[good] = torch.softmax(model.net(batch).float(), dim=1).numpy()
+    table = pd.DataFrame({"smear_id": list(smear_ids)})
+    table["predicted"] = [model.classes[int(np.argmax(p))] if not np.isnan(p).any() else "" for p in probabilities]
+    for index, name in enumerate(model.classes):
+        table[f"prob_{name}"] = probabilities[:, index]
+    positive = serving.get("positive_class", model.classes[-1])
+    threshold = float(serving.get("smear_threshold", 0.02))
+    valid = table["predicted"] != ""
+    share = (table[valid]["predicted"] == positive).groupby(table[valid]["smear_id"]).mean()
+    table["smear_share_positive"] = table["smear_id"].map(share).astype(float)
+    table["smear_call"] = np.where(table["smear_share_positive"] >= threshold, "positive", "negative")
+    table["error"] = list(errors) if errors is not None else ""
+    return table

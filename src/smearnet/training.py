@@ -1,0 +1,246 @@
+"""Fine-tuning with Lightning: Adam + triangular cyclical LR (paper 1, Sections 2.4 and 3.2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from omegaconf import OmegaConf
+
+from smearnet.models import build_model
+
+
+class CellClassifier(L.LightningModule):
+    """A backbone with a head for `classes`, trained with cross-entropy."""
+
+    def __init__(self, model_cfg: Mapping, train_cfg: Mapping, classes: Sequence[str]):
+        super().__init__()
+        self.save_hyperparameters({"model_cfg": _plain(model_cfg), "train_cfg": _plain(train_cfg),
+                                   "classes": list(classes)})
+        self.classes = list(classes)
+        self.train_cfg = _plain(train_cfg)
+        self.net = build_model(model_cfg, num_classes=len(classes))
+        self.loss = torch.nn.CrossEntropyLoss()
+        n = len(classes)
+        self.train_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(num_classes=n, average="macro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        logits = self(images)
+        loss = self.loss(logits, targets)
+        self.train_accuracy(logits, targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, targets = batch
+        logits = self(images)
+        self.val_accuracy(logits, targets)
+        self.val_macro_f1(logits, targets)
+        self.log("val/loss", self.loss(logits, targets), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True)
+        self.log("val/macro_f1", self.val_macro_f1, on_epoch=True)
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        optimizer = torch.optim.Adam(self.parameters(), lr=float(cfg["lr_min"]),
+                                     betas=tuple(float(b) for b in cfg["betas"]), eps=float(cfg["eps"]))
+        steps_per_cycle = max(2, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))
+        scheduler = triangular_cyclic_lr(optimizer, float(cfg["lr_min"]), float(cfg["lr_max"]), steps_per_cycle)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def triangular_cyclic_lr(optimizer: torch.optim.Optimizer, lr_min: float, lr_max: float,
+                         steps_per_cycle: int) -> torch.optim.lr_scheduler.CyclicLR:
+    """One triangular cycle per pass over the training set: lr_min -> lr_max -> lr_min."""
+    up = max(1, steps_per_cycle // 2)
+    return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lr_min, max_lr=lr_max, step_size_up=up,
+                                             step_size_down=max(1, steps_per_cycle - up), mode="triangular",
+                                             cycle_momentum=False)
+
+
+def build_trainer(trainer_cfg: Mapping, train_cfg: Mapping, checkpoint_dir: Path, *, logger=None,
+                  enable_progress_bar: bool = True, callbacks: Sequence = ()) -> L.Trainer:
+    """A Lightning Trainer from `trainer` config: devices, nodes, strategy, precision, checkpoints."""
+    checkpoints = [
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                        save_last=True, every_n_epochs=1, auto_insert_metric_name=False),
+    ]
+    if train_cfg.get("patience"):
+        checkpoints.append(EarlyStopping(monitor="val/loss", patience=int(train_cfg["patience"])))
+    strategy = str(trainer_cfg["strategy"])
+    if strategy == "ddp" and trainer_cfg["accelerator"] == "cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    return L.Trainer(
+        accelerator=str(trainer_cfg["accelerator"]), devices=trainer_cfg["devices"],
+        num_nodes=int(trainer_cfg["num_nodes"]), strategy=strategy, precision=str(trainer_cfg["precision"]),
+        sync_batchnorm=bool(trainer_cfg["sync_batchnorm"]), deterministic=bool(trainer_cfg["deterministic"]),
+        max_epochs=int(train_cfg["cycles"]), limit_train_batches=train_cfg.get("limit_train_batches") or 1.0,
+        callbacks=[*checkpoints, *callbacks], logger=logger if logger is not None else False,
+        enable_progress_bar=enable_progress_bar, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
+
+
+def run_fingerprint(*parts) -> str:
+    """Identity of a training run: same fingerprint means `last.ckpt` may be resumed."""
+    text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """`last.ckpt` when it was written by a run with this fingerprint (read-only; safe on every rank)."""
+    stamp = checkpoint_dir / "fingerprint.txt"
+    last = checkpoint_dir / "last.ckpt"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint and last.is_file():
+        return last
+    return None
+
+
+def reset_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> None:
+    """Empty the folder of another run's checkpoints and stamp it with this run's fingerprint."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for item in checkpoint_dir.iterdir():
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+    (checkpoint_dir / "fingerprint.txt").write_text(fingerprint + "\n")
+
+
+class Stopwatch(L.Callback):
+    """Wall time and images seen during training, for images/s."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.images = 0
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += int(batch[0].shape[0]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds += time.perf_counter() - self._start
+
+
+def _plain(value):
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path, checkpoint_dir: Path,
+                   *, progress: bool = True) -> dict:
+    """Train one configured backbone; write weights + model.json to `model_dir`; log to MLflow (rank 0).
+
+    Resumes from `checkpoint_dir/last.ckpt` when the previous attempt had the same configuration and data.
+    Returns the metrics written to metrics/train/<name>.json.
+    """
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from smearnet.config import model_config
+    from smearnet.data import make_loader
+    from smearnet.inference import save_trained
+    from smearnet.models import model_input_spec
+    from smearnet.registry import log_model_version
+    from smearnet.tracking import revision_tags, setup_mlflow, tracking_uri
+
+    model_cfg = model_config(cfg, name)
+    classes = list(cfg.data.classes)
+    input_spec = model_input_spec(model_cfg)
+    seed = int(cfg.seed)
+    L.seed_everything(seed, workers=True)
+    data_hash = hashlib.sha256(pd_bytes(train_manifest) + pd_bytes(val_manifest)).hexdigest()[:16]
+    fingerprint = run_fingerprint(model_cfg, cfg.train, cfg.trainer, classes, seed, data_hash)
+    resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
+    if resume_from is None and _is_rank_zero():
+        reset_checkpoint_dir(checkpoint_dir, fingerprint)
+
+    batch_size = int(cfg.train.batch_size)
+    workers = int(cfg.trainer.num_workers)
+    train_loader = make_loader(train_manifest, classes, input_spec, batch_size=batch_size, shuffle=True,
+                               num_workers=workers, seed=seed)
+    val_loader = make_loader(val_manifest, classes, input_spec, batch_size=batch_size, shuffle=False,
+                             num_workers=workers)
+
+    setup_mlflow(cfg.mlflow)
+    run_id_file = checkpoint_dir / "mlflow_run_id.txt"
+    run_id = run_id_file.read_text().strip() if resume_from and run_id_file.is_file() else None
+    tags = {**revision_tags(experiment=str(cfg.mlflow.experiment)), "stage": "train", "backbone": name}
+    logger = MLFlowLogger(experiment_name=str(cfg.mlflow.experiment), run_name=f"train-{name}",
+                          tracking_uri=tracking_uri(cfg.mlflow), tags=tags, run_id=run_id)
+    stopwatch = Stopwatch()
+    trainer = build_trainer(cfg.trainer, cfg.train, checkpoint_dir, logger=logger, enable_progress_bar=progress,
+                            callbacks=[stopwatch])
+    module = CellClassifier(model_cfg, cfg.train, classes)
+    if trainer.is_global_zero:
+        run_id_file.write_text(logger.run_id + "\n")
+        logger.log_hyperparams({"backbone": name, "arch": model_cfg.arch, "input_size": list(model_cfg.input_size),
+                                "pretrained": model_cfg.pretrained, "train_images": len(train_manifest),
+                                "val_images": len(val_manifest), "world_size": trainer.world_size,
+                                **{f"train.{k}": v for k, v in _plain(cfg.train).items() if k != "models"},
+                                **{f"trainer.{k}": v for k, v in _plain(cfg.trainer).items()}})
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
+    if not trainer.is_global_zero:
+        return {}
+
+    best_path = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
+    best = CellClassifier.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    metrics = {
+        "best_val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+        "val_accuracy": float(trainer.callback_metrics.get("val/accuracy", float("nan"))),
+        "val_macro_f1": float(trainer.callback_metrics.get("val/macro_f1", float("nan"))),
+        "epochs": int(trainer.current_epoch),
+        "global_steps": int(trainer.global_step),
+        "train_seconds": round(stopwatch.seconds, 2),
+        "train_images_per_second": round(stopwatch.images / stopwatch.seconds, 2) if stopwatch.seconds else 0.0,
+        "resumed": bool(resume_from),
+    }
+    meta = {"name": name, "model_cfg": _plain(model_cfg), "classes": classes, "input_spec": input_spec,
+            "fingerprint": fingerprint, "mlflow_run_id": logger.run_id, "metrics": metrics}
+    save_trained(best.net, model_dir, meta)
+    client = mlflow.MlflowClient()
+    client.log_metric(logger.run_id, "best_val_loss", metrics["best_val_loss"])
+    client.log_metric(logger.run_id, "train_images_per_second", metrics["train_images_per_second"])
+    with mlflow.start_run(run_id=logger.run_id):
+        version = log_model_version(model_dir, f"{cfg.registry.model_name}-{name}",
+                                    tags={"backbone": name, "classes": ",".join(classes),
+                                          "input_size": "x".join(map(str, input_spec["input_size"])),
+                                          "git_commit": tags["git_commit"]})
+    metrics["registered_version"] = int(version.version)
+    return metrics
+
+
+def pd_bytes(frame) -> bytes:
+    """Stable bytes of a manifest's paths and labels, for fingerprints."""
+    return "\n".join(f"{p}\t{l}" for p, l in zip(frame["path"], frame["label"])).encode()
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0

@@ -1,0 +1,240 @@
+"""Build the bad-input corpus for ingest tests on the fly (no committed binaries).
+
+Every ``make_*`` function writes one case into ``folder`` and returns the path
+to put in a manifest. ``write_manifest`` writes a CSV; ``snapshot`` records a
+folder tree so tests can prove ingest never modifies, creates or deletes inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("covid_rl", "normal")
+GOOD_SIZE = (96, 80)  # width, height: above the default min_size of 64
+
+
+# --------------------------------------------------------------------------- good images
+
+
+def make_rgb_jpeg(folder: Path, name: str = "good.jpg", *, size: tuple[int, int] = GOOD_SIZE, seed: int = 0) -> Path:
+    """A valid RGB JPEG with seeded noise (different seeds give different bytes)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    return path
+
+
+def make_png_with_alpha(folder: Path) -> Path:
+    """RGBA PNG: left half fully transparent, right half opaque (10, 20, 30)."""
+    pixels = np.zeros((80, 96, 4), dtype=np.uint8)
+    pixels[:, 48:] = (10, 20, 30, 255)
+    path = folder / "alpha.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_palette_with_transparency(folder: Path) -> Path:
+    """P-mode PNG whose palette index 0 is transparent (left half) and index 1 is red (right half)."""
+    indices = np.zeros((80, 96), dtype=np.uint8)
+    indices[:, 48:] = 1
+    image = Image.fromarray(indices).convert("P")
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    path = folder / "palette_transparent.png"
+    image.save(path, transparency=0)
+    return path
+
+
+def make_16bit_png(folder: Path) -> Path:
+    """16-bit grayscale PNG (I;16): thirds at 0, 32896 (=128*257) and 65535."""
+    pixels = np.zeros((80, 96), dtype=np.uint16)
+    pixels[:, 32:64] = 32896
+    pixels[:, 64:] = 65535
+    path = folder / "sixteen_bit.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_grayscale(folder: Path) -> Path:
+    """8-bit grayscale (L) PNG filled with 77."""
+    path = folder / "gray.png"
+    Image.new("L", GOOD_SIZE, 77).save(path)
+    return path
+
+
+def make_cmyk_jpeg(folder: Path) -> Path:
+    """CMYK JPEG of pure cyan (C=255), which is (0, 255, 255) in RGB."""
+    path = folder / "cmyk.jpg"
+    Image.new("CMYK", GOOD_SIZE, (255, 0, 0, 0)).save(path, "JPEG", quality=95)
+    return path
+
+
+def make_large(folder: Path, side: int = 3000) -> Path:
+    """A side x side PNG (9 Mpx for 3000): fine by default, too large under a low max_pixels."""
+    path = folder / "large.png"
+    Image.new("RGB", (side, side), (120, 30, 60)).save(path, compress_level=1)
+    return path
+
+
+def make_tiny(folder: Path) -> Path:
+    """A valid 10x10 JPEG (too small for min_size 64)."""
+    return make_rgb_jpeg(folder, "tiny.jpg", size=(10, 10))
+
+
+def make_exif_rotated(folder: Path) -> Path:
+    """Stored 120x80 with a red top stripe and EXIF Orientation=6.
+
+    Orientation 6 means "stored row 0 is the visual right-hand side", so after
+    exif_transpose the image is 80 wide x 120 high with the red stripe on the right.
+    """
+    pixels = np.zeros((80, 120, 3), dtype=np.uint8)
+    pixels[:12, :] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = folder / "exif_rotated.jpg"
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def make_non_ascii_name(folder: Path) -> Path:
+    """A valid JPEG under a folder and file name with spaces and non-ASCII characters."""
+    return make_rgb_jpeg(folder, "Blut ausstrich/Zelle ü ñ 01 – 血液.jpg", seed=11)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def make_zero_byte(folder: Path) -> Path:
+    path = folder / "empty.jpg"
+    path.write_bytes(b"")
+    return path
+
+
+def make_truncated_jpeg(folder: Path) -> Path:
+    """A noisy 200x200 JPEG cut to 60% of its bytes."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(3).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    path = folder / "truncated.jpg"
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    return path
+
+
+def make_text_as_jpg(folder: Path) -> Path:
+    path = folder / "notes.jpg"
+    path.write_text("this is a lab note, not an image\n", encoding="utf-8")
+    return path
+
+
+def make_huge_file(folder: Path, size: int = 17 * 2**20) -> Path:
+    """A sparse 17 MiB file named .jpg (too big for any image under a low max_pixels)."""
+    path = folder / "video.jpg"
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+    return path
+
+
+def make_directory(folder: Path) -> Path:
+    path = folder / "a_folder.jpg"
+    path.mkdir()
+    return path
+
+
+def make_symlink_loop(folder: Path) -> Path:
+    """loop_a.jpg -> loop_b.jpg -> loop_a.jpg."""
+    first, second = folder / "loop_a.jpg", folder / "loop_b.jpg"
+    os.symlink(second.name, first)
+    os.symlink(first.name, second)
+    return first
+
+
+def make_missing(folder: Path) -> Path:
+    return folder / "never_written.jpg"
+
+
+def make_unreadable(folder: Path) -> Path:
+    """A valid JPEG with mode 000 (root can still read it; see the tests)."""
+    path = make_rgb_jpeg(folder, "locked.jpg", seed=21)
+    path.chmod(0)
+    return path
+
+
+def permissions_are_enforced() -> bool:
+    """False when this process can read a chmod 000 file (root with CAP_DAC_OVERRIDE)."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder, "probe")
+        probe.write_bytes(b"x")
+        probe.chmod(0)
+        try:
+            probe.read_bytes()
+        except PermissionError:
+            return True
+        finally:
+            probe.chmod(0o600)
+    return False
+
+
+def make_bomb_png(folder: Path, width: int = 20_000, height: int = 20_000, name: str = "bomb.png") -> Path:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb shape)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 0).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr_start = 8 + 8  # signature, then chunk length + type
+    data[ihdr_start : ihdr_start + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr_start + 13]))
+    data[ihdr_start + 13 : ihdr_start + 17] = struct.pack(">I", crc)
+    path = folder / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+# --------------------------------------------------------------------------- manifests and snapshots
+
+
+def write_manifest(
+    csv_path: Path,
+    rows: Iterable[Mapping[str, str]],
+    columns: Sequence[str] = ("path", "label", "patient_id"),
+) -> Path:
+    """Write a manifest CSV with ``columns``; row values default to ''."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row.get(column, "") for column in columns])
+    return csv_path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder`` (symlinks not followed) -> kind plus content hash / link target / mode."""
+    entries: dict[str, str] = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs + files):
+            path = Path(root, name)
+            relative = str(path.relative_to(folder))
+            info = path.lstat()
+            if path.is_symlink():
+                entries[relative] = f"link:{os.readlink(path)}"
+            elif path.is_dir():
+                entries[relative] = f"dir:{oct(info.st_mode)}"
+            else:
+                try:
+                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                except PermissionError:
+                    digest = "unreadable"
+                entries[relative] = f"file:{digest}:{oct(info.st_mode)}:{info.st_mtime_ns}"
+    return entries

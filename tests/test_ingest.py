@@ -1,0 +1,587 @@
+"""validate_manifest / load_rgb / write_ingest_outputs against the generated bad-input corpus.
+
+Every ingest run goes through ``_run``, which also proves the input folder is
+byte-for-byte unchanged afterwards (no file modified, created or deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bad_inputs as corpus
+import pandas as pd
+import pytest
+from PIL import Image, ImageFile
+
+from smearnet.errors import SmearnetError
+from smearnet.ingest import IngestResult, load_rgb, validate_manifest, write_ingest_outputs
+from smearnet.io import read_table
+from smearnet.manifest import read_manifest
+
+CLASSES = corpus.CLASSES
+QUIET: dict[str, Any] = {"workers": 1, "progress": False}
+
+
+def _run(
+    data: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("path", "label", "patient_id"), **options: Any
+) -> IngestResult:
+    """Write data/manifest.csv, ingest it, and assert that nothing under ``data`` changed."""
+    csv_path = corpus.write_manifest(data / "manifest.csv", rows, columns)
+    before = corpus.snapshot(data)
+    try:
+        return validate_manifest(read_manifest(csv_path), CLASSES, **{**QUIET, **options})
+    finally:
+        assert corpus.snapshot(data) == before
+
+
+def _run_error(data: Path, rows: list[dict[str, str]], **options: Any) -> str:
+    """Like _run but expects one SmearnetError; returns its single-paragraph message."""
+    with pytest.raises(SmearnetError) as caught:
+        _run(data, rows, **options)
+    message = str(caught.value)
+    assert "\n" not in message and "Fix:" in message
+    return message
+
+
+def _good_row(data: Path) -> dict[str, str]:
+    corpus.make_rgb_jpeg(data, "good.jpg", seed=1)
+    return {"path": "good.jpg", "label": "normal", "patient_id": "patient-good"}
+
+
+def _reason(result: IngestResult, row: int) -> str:
+    return str(result.quarantined.set_index("row").at[row, "reason"])
+
+
+# --------------------------------------------------------------------------- one bad row, both policies
+
+
+@dataclass(frozen=True)
+class BadCase:
+    make: Callable[[Path], Path | str]
+    check: str
+    reason: str  # the exact reason, or its stable prefix when it ends with decoder details
+    label: str = "normal"
+    patient_id: str = "patient-bad"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+BAD_CASES: dict[str, BadCase] = {
+    "zero_byte": BadCase(corpus.make_zero_byte, "zero_byte", "zero-byte file"),
+    "truncated_jpeg": BadCase(
+        corpus.make_truncated_jpeg, "corrupt", "truncated or corrupt image (OSError: image file is truncated"
+    ),
+    "text_named_jpg": BadCase(
+        corpus.make_text_as_jpg, "not_image", "not an image (PIL cannot identify the file format)"
+    ),
+    "directory": BadCase(corpus.make_directory, "is_directory", "path is a directory"),
+    "symlink_loop": BadCase(corpus.make_symlink_loop, "symlink_loop", "symlink loop"),
+    "missing_file": BadCase(corpus.make_missing, "file_missing", "file missing"),
+    "too_small_10x10": BadCase(
+        corpus.make_tiny, "too_small", "too small (10x10 px; both sides must be at least 64 px)"
+    ),
+    "too_large_3000x3000": BadCase(
+        corpus.make_large,
+        "too_large",
+        "too large (3000x3000 = 9,000,000 px > max_pixels 1,000,000)",
+        options={"max_pixels": 1_000_000},
+    ),
+    "bomb_header_400mpx": BadCase(corpus.make_bomb_png, "too_large", "too large (more than max_pixels 40,000,000 px)"),
+    "bomb_header_100mpx": BadCase(
+        lambda folder: corpus.make_bomb_png(folder, 10_000, 10_000),
+        "too_large",
+        "too large (more than max_pixels 40,000,000 px)",
+    ),
+    "huge_file": BadCase(
+        corpus.make_huge_file,
+        "too_large",
+        "too large (file is 17.0 MiB, more than an image of max_pixels 10,000 can be)",
+        options={"max_pixels": 10_000},
+    ),
+    "unknown_label": BadCase(
+        lambda folder: corpus.make_rgb_jpeg(folder, "cell.jpg", seed=5),
+        "unknown_label",
+        "label 'eosinophil' not in classes (allowed: covid_rl, normal)",
+        label="eosinophil",
+    ),
+    "empty_patient_id": BadCase(
+        lambda folder: corpus.make_rgb_jpeg(folder, "cell.jpg", seed=5),
+        "empty_patient_id",
+        "empty patient_id",
+        patient_id="  ",
+    ),
+    "empty_path": BadCase(lambda folder: "", "empty_path", "empty path"),
+}
+
+
+def _bad_case_rows(data: Path, case: BadCase) -> tuple[list[dict[str, str]], str]:
+    data.mkdir(parents=True, exist_ok=True)
+    good = _good_row(data)
+    made = case.make(data)
+    written = os.path.relpath(made, data) if made else ""
+    return [good, {"path": written, "label": case.label, "patient_id": case.patient_id}], written
+
+
+@pytest.mark.parametrize("name", list(BAD_CASES))
+def test_bad_row_is_quarantined(tmp_path: Path, name: str) -> None:
+    case = BAD_CASES[name]
+    rows, written = _bad_case_rows(tmp_path / "data", case)
+
+    result = _run(tmp_path / "data", rows, on_bad_row="quarantine", **case.options)
+
+    assert result.accepted["row"].tolist() == [2]
+    assert result.quarantined["row"].tolist() == [3]
+    assert result.quarantined.at[0, "check"] == case.check
+    assert str(result.quarantined.at[0, "reason"]).startswith(case.reason)
+    assert result.report["per_reason"] == {case.check: 1}
+    assert result.report["counts"] == {"rows": 2, "accepted": 1, "quarantined": 1}
+    [listed] = result.report["quarantined_rows"]
+    assert listed["row"] == 3 and listed["file"] == (os.path.basename(written) or "<empty path>")
+    assert listed["reason"].startswith(case.reason)
+    assert "patient-bad" not in json.dumps(result.report)
+
+
+@pytest.mark.parametrize("name", list(BAD_CASES))
+def test_bad_row_raises_under_error_policy(tmp_path: Path, name: str) -> None:
+    case = BAD_CASES[name]
+    rows, written = _bad_case_rows(tmp_path / "data", case)
+
+    message = _run_error(tmp_path / "data", rows, on_bad_row="error", **case.options)
+
+    assert f"1 bad row(s) out of 2 in manifest {tmp_path / 'data' / 'manifest.csv'}" in message
+    assert f"row 3 ({written or '<empty>'}): {case.reason}" in message
+    assert "ingest.on_bad_row=quarantine" in message
+    assert "patient-bad" not in message
+
+
+# --------------------------------------------------------------------------- unreadable files (we run as root)
+
+
+def test_permission_denied_on_open_is_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    good = _good_row(data)
+    locked = corpus.make_rgb_jpeg(data, "locked.jpg", seed=2)
+    real_open = os.open
+
+    def open_denying_locked(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_denying_locked)
+    row = {"path": "locked.jpg", "label": "normal", "patient_id": "p2"}
+
+    result = _run(data, [good, row], on_bad_row="quarantine")
+    assert result.quarantined.at[0, "check"] == "unreadable"
+    assert _reason(result, 3) == "unreadable (permission denied)"
+
+    message = _run_error(data, [good, row])
+    assert "row 3 (locked.jpg): unreadable (permission denied)" in message
+
+
+@pytest.mark.skipif(
+    not corpus.permissions_are_enforced(), reason="root reads chmod 000 files; see the monkeypatched test"
+)
+def test_chmod_000_is_unreadable(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    good = _good_row(data)
+    locked = corpus.make_unreadable(data)
+    try:
+        result = _run(
+            data, [good, {"path": locked.name, "label": "normal", "patient_id": "p2"}], on_bad_row="quarantine"
+        )
+        assert _reason(result, 3) == "unreadable (permission denied)"
+    finally:
+        locked.chmod(0o644)
+
+
+def test_missing_file_hints_at_case_mismatch(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    corpus.make_rgb_jpeg(data, "Cell_01.JPG")
+    result = _run(data, [{"path": "cell_01.jpg", "label": "normal", "patient_id": "p1"}], on_bad_row="quarantine")
+    assert _reason(result, 2).startswith("file missing (but 'Cell_01.JPG' exists in the same folder")
+
+
+# --------------------------------------------------------------------------- accepted conversions
+
+
+def _rgb(image: Image.Image, x: int, y: int) -> tuple[int, int, int]:
+    red, green, blue = image.getpixel((x, y))  # type: ignore[misc]
+    return int(red), int(green), int(blue)
+
+
+def _accept_one(data: Path, path: Path, label: str = "normal", **options: Any) -> tuple[pd.Series, Image.Image]:
+    """Ingest a single image that must be accepted; return its accepted row and load_rgb output."""
+    result = _run(data, [{"path": os.path.relpath(path, data), "label": label, "patient_id": "p1"}], **options)
+    assert result.quarantined.empty, result.quarantined.to_dict("records")
+    accepted = result.accepted.iloc[0]
+    image = load_rgb(Path(accepted["path"]))
+    assert image.mode == "RGB" and image.size == (accepted["width"], accepted["height"])
+    return accepted, image
+
+
+def test_png_with_alpha_is_composited_on_white(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_png_with_alpha(_mkdir(tmp_path / "data")))
+    assert accepted["mode"] == "RGBA"
+    assert _rgb(image, 10, 40) == (255, 255, 255)
+    assert _rgb(image, 80, 40) == (10, 20, 30)
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_palette_with_transparency(_mkdir(tmp_path / "data")))
+    assert accepted["mode"] == "P"
+    assert _rgb(image, 10, 40) == (255, 255, 255)
+    assert _rgb(image, 80, 40) == (255, 0, 0)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_16bit_png(_mkdir(tmp_path / "data")))
+    assert accepted["mode"] == "I;16"
+    assert [_rgb(image, x, 40) for x in (10, 40, 80)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_grayscale(_mkdir(tmp_path / "data")))
+    assert accepted["mode"] == "L" and _rgb(image, 5, 5) == (77, 77, 77)
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_cmyk_jpeg(_mkdir(tmp_path / "data")))
+    assert accepted["mode"] == "CMYK"
+    red, green, blue = _rgb(image, 40, 40)
+    assert red < 20 and green > 235 and blue > 235  # cyan
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_exif_rotated(_mkdir(tmp_path / "data")))
+    assert (accepted["width"], accepted["height"]) == (80, 120)  # stored 120x80, Orientation=6
+    right_red, _, _ = _rgb(image, 76, 60)
+    left_red, _, _ = _rgb(image, 3, 60)
+    top_red, _, _ = _rgb(image, 40, 3)
+    assert right_red > 200 and left_red < 50 and top_red < 50
+
+
+def test_3000x3000_is_accepted_under_default_max_pixels(tmp_path: Path) -> None:
+    accepted, _ = _accept_one(tmp_path / "data", corpus.make_large(_mkdir(tmp_path / "data")))
+    assert (accepted["width"], accepted["height"]) == (3000, 3000)
+
+
+def test_non_ascii_path_with_spaces_is_accepted(tmp_path: Path) -> None:
+    path = corpus.make_non_ascii_name(_mkdir(tmp_path / "data"))
+    accepted, _ = _accept_one(tmp_path / "data", path)
+    assert accepted["source_path"] == "Blut ausstrich/Zelle ü ñ 01 – 血液.jpg"
+    assert accepted["path"] == str(path)
+
+
+def test_label_case_and_spaces_are_normalised_and_counted(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "a.jpg", seed=1)
+    corpus.make_rgb_jpeg(data, "b.jpg", seed=2)
+    rows = [
+        {"path": "a.jpg", "label": " Covid_RL ", "patient_id": "p1"},
+        {"path": "b.jpg", "label": "normal", "patient_id": "p2"},
+    ]
+    result = _run(data, rows)
+    assert result.accepted["label"].tolist() == ["covid_rl", "normal"]
+    assert result.accepted["label_raw"].tolist() == [" Covid_RL ", "normal"]
+    assert result.report["labels_fixed"] == {
+        "rows": 1,
+        "mapping": [{"label_as_written": " Covid_RL ", "label": "covid_rl", "rows": 1}],
+    }
+
+
+def test_label_aliases(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "a.jpg")
+    result = _run(
+        data, [{"path": "a.jpg", "label": "Healthy", "patient_id": "p1"}], label_aliases={"healthy": "normal"}
+    )
+    assert result.accepted["label"].tolist() == ["normal"]
+    message = _run_error(data, [{"path": "a.jpg", "label": "x", "patient_id": "p1"}], label_aliases={"x": "lymphocyte"})
+    assert "ingest.label_aliases maps 'x' to 'lymphocyte'" in message
+
+
+def test_modes_are_counted_in_report(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    files = [corpus.make_grayscale(data), corpus.make_cmyk_jpeg(data), corpus.make_rgb_jpeg(data, "rgb.jpg")]
+    rows = [{"path": f.name, "label": "normal", "patient_id": f"p{i}"} for i, f in enumerate(files)]
+    result = _run(data, rows)
+    assert result.report["modes"] == {"CMYK": 1, "L": 1, "RGB": 1}
+    assert result.report["converted_to_rgb"] == 2
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_same_content_same_label_keeps_the_first(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    first = corpus.make_rgb_jpeg(data, "first.jpg")
+    shutil.copyfile(first, data / "copy.jpg")
+    rows = [
+        {"path": "first.jpg", "label": "normal", "patient_id": "p1"},
+        {"path": "copy.jpg", "label": "Normal", "patient_id": "p1"},
+    ]
+    result = _run(data, rows, duplicates="quarantine")
+    assert result.accepted["row"].tolist() == [2]
+    assert _reason(result, 3) == "duplicate of row 2"
+    assert result.report["duplicates"]["duplicate_rows"] == 1
+
+    message = _run_error(data, rows, on_bad_row="quarantine")  # duplicates defaults to "error"
+    assert "row 3 (copy.jpg): duplicate of row 2" in message and "ingest.duplicates=quarantine" in message
+
+
+def test_same_path_listed_twice_is_a_duplicate(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "a.jpg")
+    row = {"path": "a.jpg", "label": "normal", "patient_id": "p1"}
+    result = _run(data, [row, row], duplicates="quarantine")
+    assert _reason(result, 3) == "duplicate of row 2"
+    assert result.report["duplicates"]["same_path_rows"] == 1
+    assert "row 3 (a.jpg): duplicate of row 2" in _run_error(data, [row, row], duplicates="error")
+
+
+def test_same_image_under_two_labels_quarantines_all_involved_rows(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    original = corpus.make_rgb_jpeg(data, "a.jpg")
+    shutil.copyfile(original, data / "b.jpg")
+    corpus.make_rgb_jpeg(data, "other.jpg", seed=9)
+    rows = [
+        {"path": "a.jpg", "label": "covid_rl", "patient_id": "p1"},
+        {"path": "other.jpg", "label": "normal", "patient_id": "p2"},
+        {"path": "b.jpg", "label": "normal", "patient_id": "p1"},
+    ]
+    result = _run(data, rows, duplicates="quarantine")
+    assert result.accepted["row"].tolist() == [3]
+    expected = "same image under labels covid_rl and normal (rows 2, 4)"
+    assert _reason(result, 2) == expected and _reason(result, 4) == expected
+    assert result.report["duplicates"]["conflicting_label_groups"] == 1
+
+    message = _run_error(data, rows)
+    assert "2 bad row(s) out of 3" in message and expected in message
+
+
+def test_duplicates_follow_their_own_policy(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "a.jpg")
+    row = {"path": "a.jpg", "label": "normal", "patient_id": "p1"}
+    result = _run(data, [row, row], on_bad_row="error", duplicates="quarantine")
+    assert result.quarantined["check"].tolist() == ["duplicate"]
+
+
+# --------------------------------------------------------------------------- policy and options
+
+
+@pytest.mark.parametrize("key", ["on_bad_row", "duplicates"])
+def test_unknown_policy_names_the_key_and_allowed_values(tmp_path: Path, key: str) -> None:
+    data = _mkdir(tmp_path / "data")
+    message = _run_error(data, [_good_row(data)], **{key: "skip"})
+    assert f"ingest.{key} is 'skip'" in message and "allowed: error, quarantine" in message
+
+
+@pytest.mark.parametrize("key", ["min_size", "max_pixels", "workers"])
+def test_invalid_numbers_name_the_key(tmp_path: Path, key: str) -> None:
+    data = _mkdir(tmp_path / "data")
+    assert f"ingest.{key} is 0" in _run_error(data, [_good_row(data)], **{key: 0})
+
+
+def test_error_lists_first_rows_and_total(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    rows = [{"path": f"missing_{i}.jpg", "label": "normal", "patient_id": f"patient-{i}"} for i in range(8)]
+    message = _run_error(data, rows)
+    assert "8 bad row(s) out of 8" in message and "(file_missing 8)" in message
+    assert "row 2 (missing_0.jpg): file missing" in message and "row 6 (missing_4.jpg)" in message
+    assert "missing_5.jpg" not in message and "and 3 more" in message
+    assert "patient-" not in message
+
+
+def test_patient_id_in_file_name_is_redacted(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    rows = [{"path": "PAT-0042_cell.jpg", "label": "normal", "patient_id": "PAT-0042"}]
+    assert "PAT-0042" not in _run_error(data, rows)
+    result = _run(data, rows, on_bad_row="quarantine")
+    assert result.report["quarantined_rows"][0]["file"] == "<patient_id>_cell.jpg"
+
+
+def test_dataframe_built_in_code_is_accepted(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    image = corpus.make_rgb_jpeg(data, "a.jpg")
+    frame = pd.DataFrame([{"path": str(image), "label": "normal", "patient_id": "p1"}] * 2)
+    result = validate_manifest(frame, CLASSES, duplicates="quarantine", **QUIET)
+    assert result.accepted["row"].tolist() == [2] and _reason(result, 3) == "duplicate of row 2"
+    assert result.accepted.at[0, "site"] == "default" and result.accepted.at[0, "smear_id"] == "p1"
+    with pytest.raises(SmearnetError, match=r"lacks the required column\(s\) patient_id; columns found: 'path'"):
+        validate_manifest(frame[["path", "label"]], CLASSES, **QUIET)
+
+
+# --------------------------------------------------------------------------- report content
+
+
+def test_patient_in_two_sites_is_accepted_but_flagged(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "a.jpg", seed=1)
+    corpus.make_rgb_jpeg(data, "b.jpg", seed=2)
+    rows = [
+        {"path": "a.jpg", "label": "normal", "patient_id": "patient-77", "site": "north"},
+        {"path": "b.jpg", "label": "covid_rl", "patient_id": "patient-77", "site": "south"},
+    ]
+    result = _run(data, rows, columns=("path", "label", "patient_id", "site"))
+    assert len(result.accepted) == 2
+    assert result.report["patients_in_multiple_sites"] == 1
+    assert result.report["per_site"] == {"north": 1, "south": 1}
+    assert any("more than one site" in message for message in result.report["warnings"])
+    assert "patient-77" not in json.dumps(result.report)
+
+
+def test_patient_in_both_cohorts_is_flagged(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "a.jpg", seed=1)
+    corpus.make_rgb_jpeg(data, "b.jpg", seed=2)
+    rows = [
+        {"path": "a.jpg", "label": "normal", "patient_id": "p1", "cohort": "development"},
+        {"path": "b.jpg", "label": "normal", "patient_id": "p1", "cohort": "assessment"},
+    ]
+    result = _run(data, rows, columns=("path", "label", "patient_id", "cohort"))
+    assert result.report["patients_in_multiple_cohorts"] == 1
+
+
+def test_classes_without_images_are_listed(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    result = _run(data, [_good_row(data)])
+    assert result.report["per_class"] == {"covid_rl": 0, "normal": 1}
+    assert result.report["empty_classes"] == ["covid_rl"]
+
+
+# --------------------------------------------------------------------------- the whole corpus at once
+
+
+def _whole_corpus(data: Path) -> list[dict[str, str]]:
+    rows = []
+    for index, (name, case) in enumerate(BAD_CASES.items()):
+        if case.options:
+            continue
+        folder = _mkdir(data / name)
+        made = case.make(folder)
+        written = os.path.relpath(made, data) if made else ""
+        rows.append({"path": written, "label": case.label, "patient_id": case.patient_id or f"p{index}"})
+    for index, make in enumerate(
+        [
+            corpus.make_png_with_alpha,
+            corpus.make_16bit_png,
+            corpus.make_grayscale,
+            corpus.make_cmyk_jpeg,
+            corpus.make_exif_rotated,
+            corpus.make_non_ascii_name,
+            corpus.make_large,
+        ]
+    ):
+        made = make(_mkdir(data / f"good_{index}"))
+        rows.append({"path": os.path.relpath(made, data), "label": "covid_rl", "patient_id": f"good-{index}"})
+    return rows
+
+
+def test_process_pool_gives_the_same_result_as_in_process(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    rows = _whole_corpus(data)
+    serial = _run(data, rows, on_bad_row="quarantine", workers=1)
+    pooled = _run(data, rows, on_bad_row="quarantine", workers=2)
+    pd.testing.assert_frame_equal(serial.accepted, pooled.accepted)
+    pd.testing.assert_frame_equal(serial.quarantined, pooled.quarantined)
+    assert serial.report == pooled.report
+    assert len(serial.accepted) == 7 and len(serial.quarantined) == len(rows) - 7
+    assert serial.quarantined["row"].is_monotonic_increasing
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485 and not ImageFile.LOAD_TRUNCATED_IMAGES  # globals restored
+
+
+# --------------------------------------------------------------------------- load_rgb
+
+
+def test_load_rgb_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(SmearnetError, match=r"Cannot load image .*nothing\.jpg: file missing\. Fix: re-run the ingest"):
+        load_rgb(tmp_path / "nothing.jpg")
+    truncated = corpus.make_truncated_jpeg(tmp_path)
+    with pytest.raises(SmearnetError, match=r"truncated\.jpg: truncated or corrupt image"):
+        load_rgb(truncated)
+
+
+def test_load_rgb_refuses_load_truncated_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(SmearnetError, match=r"LOAD_TRUNCATED_IMAGES is True"):
+        load_rgb(corpus.make_rgb_jpeg(tmp_path))
+
+
+def test_load_rgb_respects_max_pixels(tmp_path: Path) -> None:
+    path = corpus.make_rgb_jpeg(tmp_path, size=(100, 100))
+    assert load_rgb(path, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(SmearnetError, match=r"too large \(100x100 = 10,000 px > max_pixels 9,999\)"):
+        load_rgb(path, max_pixels=9_999)
+
+
+# --------------------------------------------------------------------------- write_ingest_outputs
+
+
+def test_write_ingest_outputs_writes_four_files_without_patient_ids(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    rows = _whole_corpus(data)
+    result = _run(data, rows, on_bad_row="quarantine")
+    out = tmp_path / "out"
+    before = corpus.snapshot(data)
+
+    write_ingest_outputs(result, out)
+    write_ingest_outputs(result, out)  # re-running replaces the outputs
+
+    assert corpus.snapshot(data) == before
+    assert sorted(os.listdir(out)) == ["manifest.csv", "quarantine.csv", "validation.json", "validation.md"]
+    report_text = (out / "validation.json").read_text(encoding="utf-8")
+    markdown = (out / "validation.md").read_text(encoding="utf-8")
+    assert json.loads(report_text) == result.report
+    assert "# Ingest validation report" in markdown and "| symlink_loop | 1 |" in markdown
+    assert "symlink loop" in markdown and "loop_a.jpg" in markdown
+    for patient_id in {row["patient_id"] for row in rows if len(row["patient_id"].strip()) >= 3}:
+        assert patient_id not in report_text and patient_id not in markdown
+    quarantine = pd.read_csv(out / "quarantine.csv", dtype=str, keep_default_na=False)
+    assert quarantine["reason"].tolist() == result.quarantined["reason"].tolist()
+
+    written_paths = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)["path"]
+    assert not any(os.path.isabs(path) for path in written_paths)  # portable: relative to the output folder
+    assert read_table(out / "manifest.csv")["path"].tolist() == result.accepted["path"].tolist()
+    reread = read_manifest(out / "manifest.csv")  # the accepted manifest is itself a valid manifest
+    assert reread["path"].tolist() == result.accepted["path"].tolist()
+    again = validate_manifest(reread, CLASSES, **QUIET)
+    assert again.accepted["sha256"].tolist() == result.accepted["sha256"].tolist()
+
+
+def test_write_ingest_outputs_refuses_to_overwrite_the_input_manifest(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    result = _run(data, [_good_row(data)])
+    before = corpus.snapshot(data)
+    with pytest.raises(SmearnetError, match=r"would overwrite the input file .*manifest\.csv"):
+        write_ingest_outputs(result, data)
+    assert corpus.snapshot(data) == before
+
+
+def test_write_ingest_outputs_leaves_no_temporary_files_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _mkdir(tmp_path / "data")
+    result = _run(data, [_good_row(data)])
+    out = _mkdir(tmp_path / "out")
+
+    def failing_replace(source: str, target: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(SmearnetError, match=r"Cannot write the ingest outputs .*No space left on device"):
+        write_ingest_outputs(result, out)
+    assert os.listdir(out) == []
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,186 @@
+"""Known-answer tests for smearnet.metrics (cell level)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import precision_recall_fscore_support
+
+from smearnet.errors import SmearnetError
+from smearnet.metrics import (
+    binary_counts,
+    binary_summary,
+    bootstrap_interval,
+    cell_metrics,
+    json_safe,
+    wilson_interval,
+)
+
+PAPER_FIGURE_7 = {"tp": 57, "fn": 1, "tn": 33, "fp": 1}
+
+
+def test_binary_summary_reproduces_paper_figure_7():
+    summary = binary_summary(PAPER_FIGURE_7)
+    assert round(summary["sensitivity"]["value"], 3) == 0.983
+    assert round(summary["specificity"]["value"], 3) == 0.971
+    assert round(summary["precision"]["value"], 3) == 0.983
+    assert round(summary["accuracy"]["value"], 3) == 0.978
+    assert summary["npv"]["value"] == pytest.approx(33 / 34)
+    for rate in summary.values():
+        assert rate["low"] <= rate["value"] <= rate["high"]
+
+
+def test_wilson_interval_matches_hand_computed_reference():
+    # z = 1.959964, p = 57/58: centre (p + z^2/2n)/(1 + z^2/n), half z/(1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    low, high = wilson_interval(57, 58)
+    assert low == pytest.approx(0.90859, abs=1e-4)
+    assert high == pytest.approx(0.99695, abs=1e-4)
+    assert binary_summary(PAPER_FIGURE_7)["sensitivity"]["low"] == pytest.approx(low)
+
+
+def test_wilson_interval_known_values_and_symmetry():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    low, high = wilson_interval(3, 10)
+    mirror_low, mirror_high = wilson_interval(7, 10)
+    assert (low, high) == pytest.approx((1 - mirror_high, 1 - mirror_low))
+    wide = wilson_interval(3, 10, confidence=0.99)
+    assert wide[0] < low and wide[1] > high
+
+
+def test_wilson_interval_empty_and_invalid():
+    assert all(math.isnan(bound) for bound in wilson_interval(0, 0))
+    with pytest.raises(SmearnetError):
+        wilson_interval(5, 3)
+    with pytest.raises(SmearnetError):
+        wilson_interval(1, 3, confidence=1.5)
+
+
+def test_binary_counts():
+    truth = np.array([1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    predicted = np.array([1, 1, 0, 1, 0, 0, 0], dtype=bool)
+    assert binary_counts(truth, predicted) == {"tp": 2, "fp": 1, "tn": 3, "fn": 1}
+    assert binary_counts(np.array([], dtype=bool), np.array([], dtype=bool)) == {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    with pytest.raises(SmearnetError):
+        binary_counts(truth, predicted[:-1])
+
+
+def test_binary_summary_undefined_rates_are_nan():
+    summary = binary_summary({"tp": 0, "fn": 0, "tn": 5, "fp": 0})
+    assert math.isnan(summary["sensitivity"]["value"])
+    assert math.isnan(summary["precision"]["low"])
+    assert summary["specificity"]["value"] == 1.0
+    with pytest.raises(SmearnetError):
+        binary_summary({"tp": 1})
+
+
+def test_bootstrap_interval_coverage_of_a_mean():
+    rng = np.random.default_rng(12345)
+    repetitions, covered = 200, 0
+    for repetition in range(repetitions):
+        sample = (rng.random(100) < 0.3).astype(float)
+        low, high = bootstrap_interval(np.mean, (sample,), n_resamples=300, seed=repetition)
+        covered += low <= 0.3 <= high
+    assert 0.88 <= covered / repetitions <= 0.99
+
+
+def test_bootstrap_interval_skips_undefined_resamples_and_keeps_strata():
+    values = np.arange(10, dtype=float)
+    rare = np.zeros(10, dtype=bool)
+    rare[0] = True
+
+    def mean_if_rare_present(x: np.ndarray, flag: np.ndarray) -> float:
+        return float(x.mean()) if flag.any() else float("nan")
+
+    low, high = bootstrap_interval(mean_if_rare_present, (values, rare), n_resamples=200)
+    assert math.isfinite(low) and math.isfinite(high) and low <= high
+    # stratified: every resample keeps exactly one rare row
+    assert bootstrap_interval(lambda flag: flag.sum(), (rare,), n_resamples=50, stratify=rare) == (1.0, 1.0)
+    assert all(math.isnan(b) for b in bootstrap_interval(lambda x: float("nan"), (values,), n_resamples=10))
+    with pytest.raises(SmearnetError):
+        bootstrap_interval(np.mean, (values, values[:3]))
+
+
+CLASSES = ["lymphocyte", "covid_rl", "neutrophil", "monocyte"]  # monocyte absent
+
+
+def _one_hot(predicted: list[int], n_classes: int = len(CLASSES)) -> np.ndarray:
+    return np.eye(n_classes)[predicted] * 0.7 + 0.3 / n_classes
+
+
+def test_cell_metrics_three_present_classes_one_absent():
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    predicted = [0, 0, 1, 1, 1, 2, 2, 0]
+    metrics = cell_metrics(y_true, _one_hot(predicted), CLASSES, "covid_rl")
+
+    assert metrics["n_cells"] == 8
+    assert metrics["confusion_matrix"] == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    assert metrics["confusion_matrix_normalised"][0] == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])
+    assert metrics["confusion_matrix_normalised"][1] == [0.0, 1.0, 0.0, 0.0]
+    assert all(math.isnan(v) for v in metrics["confusion_matrix_normalised"][3])
+    assert metrics["accuracy"]["value"] == 0.75
+    assert metrics["accuracy"]["low"] == pytest.approx(wilson_interval(6, 8)[0])
+
+    per_class = metrics["per_class"]
+    assert per_class["lymphocyte"]["f1"] == pytest.approx(2 / 3, abs=1e-6)
+    expected_covid = {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
+    expected_neutrophil = {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3}
+    assert per_class["covid_rl"] == pytest.approx(expected_covid, abs=1e-6)
+    assert per_class["neutrophil"] == pytest.approx(expected_neutrophil, abs=1e-6)
+    assert per_class["monocyte"]["support"] == 0
+    assert all(math.isnan(per_class["monocyte"][key]) for key in ("precision", "recall", "f1"))
+    # macro F1 averages the classes that occur: (2/3 + 0.8 + 0.8) / 3
+    assert metrics["macro_f1"]["value"] == pytest.approx((2 / 3 + 1.6) / 3, abs=1e-6)
+    assert metrics["macro_f1"]["low"] <= metrics["macro_f1"]["value"] <= metrics["macro_f1"]["high"]
+
+    positive = metrics["positive"]
+    assert positive["class"] == "covid_rl"
+    assert positive["counts"] == {"tp": 2, "fp": 1, "tn": 5, "fn": 0}
+    assert positive["sensitivity"]["value"] == 1.0
+    assert positive["specificity"]["value"] == pytest.approx(5 / 6)
+    json.dumps(json_safe(metrics), allow_nan=False)
+
+
+def test_cell_metrics_class_predicted_but_absent_from_truth():
+    y_true = np.array([0, 0, 1, 1])
+    metrics = cell_metrics(y_true, _one_hot([0, 3, 1, 1]), CLASSES, "covid_rl")
+    monocyte = metrics["per_class"]["monocyte"]
+    assert monocyte["precision"] == 0.0 and monocyte["f1"] == 0.0 and math.isnan(monocyte["recall"])
+    # F1: lymphocyte 2/3, covid_rl 1, monocyte 0 (neutrophil neither true nor predicted: left out)
+    assert metrics["macro_f1"]["value"] == pytest.approx((2 / 3 + 1.0 + 0.0) / 3, abs=1e-6)
+
+
+def test_cell_metrics_agrees_with_sklearn_on_random_data():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 300)
+    probabilities = rng.dirichlet(np.ones(4), 300)
+    probabilities[np.arange(150), y_true[:150]] += 1.0  # half the cells predicted right
+    metrics = cell_metrics(y_true, probabilities, CLASSES, "covid_rl", n_resamples=50)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, probabilities.argmax(1), labels=range(4))
+    for index, name in enumerate(CLASSES):
+        assert metrics["per_class"][name]["precision"] == pytest.approx(precision[index], abs=1e-6)
+        assert metrics["per_class"][name]["recall"] == pytest.approx(recall[index], abs=1e-6)
+        assert metrics["per_class"][name]["f1"] == pytest.approx(f1[index], abs=1e-6)
+        assert metrics["per_class"][name]["support"] == support[index]
+    assert metrics["macro_f1"]["value"] == pytest.approx(f1.mean(), abs=1e-6)
+
+
+def test_cell_metrics_input_errors():
+    with pytest.raises(SmearnetError, match="No cells"):
+        cell_metrics(np.array([], dtype=int), np.zeros((0, 4)), CLASSES, "covid_rl")
+    with pytest.raises(SmearnetError, match="shape"):
+        cell_metrics(np.array([0, 1]), np.zeros((2, 3)), CLASSES, "covid_rl")
+    with pytest.raises(SmearnetError, match="not one of"):
+        cell_metrics(np.array([0, 1]), _one_hot([0, 1]), CLASSES, "blast")
+    with pytest.raises(SmearnetError, match="class indices"):
+        cell_metrics(np.array([0, 7]), _one_hot([0, 1]), CLASSES, "covid_rl")
+
+
+def test_json_safe_replaces_non_finite_values():
+    assert json_safe({"a": float("nan"), "b": [np.float64(1.5), float("inf")], "c": np.int64(3)}) == {
+        "a": None,
+        "b": [1.5, None],
+        "c": 3,
+    }
