@@ -25,7 +25,7 @@ def main() -> None:
     metrics, table = evaluate_cells(model, test, positive, batch_size=int(cfg.evaluation.batch_size),
                                     confidence=float(cfg.evaluation.confidence), out_dir=OUT)
     write_text(table.to_csv(index=False), OUT / "predictions.csv")
-    cells, source = smear_cells(split_manifest)
+    cells, source = smear_cells(split_manifest, cfg.smear.compose, positive_class=positive, seed=int(cfg.seed))
     probabilities = predict_probabilities(model, cells, batch_size=int(cfg.evaluation.batch_size), desc="smear cells")
     write_text(predictions_table(cells, probabilities, model.classes).to_csv(index=False), OUT / "smear_cells.csv")
     write_json({"model": selected, "smear_cells_from": source, **metrics}, Path("metrics/cell.json"))

@@ -98,7 +98,8 @@ def test_full_scale_plan_matches_the_paper() -> None:
     specs = plan_cohort(1.0, seed=0)
     development = Counter(s.label for s in specs if s.cohort == "development")
     assert development == {"covid_rl": 187, "normal": 4928, "classic_rl": 2340}
-    dev_patients = Counter(label for label, _ in {(s.label, s.patient_id) for s in specs if s.cohort == "development"})
+    dev_patient_labels = {(s.patient_id, s.label) for s in specs if s.cohort == "development"}
+    dev_patients = Counter(label for _, label in dev_patient_labels)
     assert dev_patients == {"covid_rl": 18, "normal": 40, "classic_rl": 20}
 
     mixes = _smears(specs, "assessment")

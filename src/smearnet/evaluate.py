@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from smearnet.compose import compose_smears
 from smearnet.inference import TrainedModel, predict_probabilities, predictions_table
 from smearnet.metrics import cell_metrics
 from smearnet.plots import confusion_matrix_png
 
 
-def smear_cells(split_manifest: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Cells whose smears are classified blind: the assessment cohort, else the test split's smears."""
+def smear_cells(split_manifest: pd.DataFrame, compose: Mapping | None = None, *, positive_class: str = "",
+                seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """Cells whose smears are classified blind, and where they came from.
+
+    The assessment cohort when the data has one; else, with `smear.compose.enabled`, smears simulated from
+    the test split (see smearnet.compose); else the test split's own smears.
+    """
     assessment = split_manifest[split_manifest["split"] == "assessment"]
     if not assessment.empty:
         return assessment, "assessment"
-    return split_manifest[split_manifest["split"] == "test"], "test"
+    test = split_manifest[split_manifest["split"] == "test"]
+    if compose and compose.get("enabled"):
+        target = str(compose.get("target_class") or positive_class)
+        return compose_smears(test, target, seed=seed), f"composed from test cells (target {target})"
+    return test, "test"
 
 
 def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str, *, batch_size: int,

@@ -23,9 +23,10 @@ import hashlib
 import io
 import math
 import multiprocessing
+import numbers
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFilter
+from PIL import Image
 from tqdm import tqdm
 
 from smearnet.errors import SmearnetError
@@ -172,7 +173,7 @@ APPEARANCES: dict[str, ClassAppearance] = {
 
 
 def _check_positive_finite(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise SmearnetError(f"Parameter `{name}` must be a finite number, got {value!r}.",
                             f"pass a positive number for `{name}`.")
     if value <= 0:
@@ -307,14 +308,15 @@ def plan_cohort(scale: float, seed: int, *, site: str = "hospital_a", id_prefix:
         smear_id = f"{id_prefix}S{smear_number:04d}"
         stain_offset = (shift + rng.normal(0.0, SMEAR_STAIN_COLOUR_SD, 3)
                         + rng.normal(0.0, SMEAR_STAIN_INTENSITY_SD))
-        stain = tuple(round(float(v), 6) for v in stain_offset)
+        red, green, blue = (round(float(v), 6) for v in stain_offset)
+        stain = (red, green, blue)
         labels = [label for label in CLASSES for _ in range(mix.get(label, 0))]
         labels = [labels[i] for i in rng.permutation(len(labels))]  # index in smear hides label
         for cell_index, label in enumerate(labels):
             specs.append(CellSpec(
                 file_name=f"{cohort}/{smear_id}/{cell_index:04d}.jpg",
                 label=label, patient_id=patient_id, smear_id=smear_id, cohort=cohort,
-                site=site, seed=cell_seeds[len(specs)], stain=stain,  # type: ignore[arg-type]
+                site=site, seed=cell_seeds[len(specs)], stain=stain,
             ))
     return specs
 
@@ -616,7 +618,7 @@ def render_cell(spec: CellSpec, image_size: int = REFERENCE_SIZE) -> np.ndarray:
 def _encode_jpeg(pixels: np.ndarray, jpeg_quality: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="RGB").save(buffer, format="JPEG", quality=jpeg_quality,
-                                             subsampling=0, optimize=False)
+                                             subsampling="4:2:0", optimize=False)
     return buffer.getvalue()
 
 
@@ -637,6 +639,13 @@ def _render_all(specs: list[CellSpec], images_dir: Path, workers: int, image_siz
     chunk_size = max(1, min(64, len(specs) // (workers * 8)))
     with multiprocessing.get_context().Pool(workers) as pool:
         yield from pool.imap(job, specs, chunksize=chunk_size)
+
+
+def _fresh_sibling(out_dir: Path, purpose: str) -> Path:
+    """Create a new hidden folder next to ``out_dir`` (same filesystem, so ``os.replace`` works)."""
+    sibling = out_dir.parent / f".{out_dir.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sibling.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+    return sibling
 
 
 def manifest_frame(specs: Sequence[CellSpec]) -> pd.DataFrame:
@@ -666,7 +675,7 @@ def generate_cohort(out_dir: Path, scale: float, seed: int, *, workers: int = 2,
 
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = _fresh_sibling(out_dir, "partial")
     try:
         images_dir = staging / "images"
         images_dir.mkdir()
@@ -676,7 +685,7 @@ def generate_cohort(out_dir: Path, scale: float, seed: int, *, workers: int = 2,
         manifest = manifest_frame(specs)
         manifest.to_csv(staging / "manifest.csv", index=False, lineterminator="\n")
         if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            retired = _fresh_sibling(out_dir, "old")
             os.replace(out_dir, retired / out_dir.name)
             os.replace(staging, out_dir)
             shutil.rmtree(retired, ignore_errors=True)
