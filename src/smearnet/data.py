@@ -16,8 +16,9 @@ class CellImages(Dataset):
     """Cells of a manifest as (image tensor CxHxW, class index)."""
 
     def __init__(self, manifest: pd.DataFrame, classes: Sequence[str], input_spec: Mapping, *,
-                 cache: bool = False):
+                 cache: bool = False, dihedral: bool = False):
         self.paths = list(manifest["path"])
+        self.dihedral = dihedral
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         index = {name: i for i, name in enumerate(classes)}
         self.targets = [index.get(label, -1) for label in manifest["label"]] if "label" in manifest else [-1] * len(self.paths)
@@ -31,11 +32,13 @@ class CellImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         from smearnet.ingest import load_rgb
 
-        if self.cache is not None and i in self.cache:
-            return self.cache[i], self.targets[i]
-        tensor = self.to_tensor(load_rgb(Path(self.paths[i])))
-        if self.cache is not None:
-            self.cache[i] = tensor
+        tensor = self.cache.get(i) if self.cache is not None else None
+        if tensor is None:
+            tensor = self.to_tensor(load_rgb(Path(self.paths[i])))
+            if self.cache is not None:
+                self.cache[i] = tensor
+        if self.dihedral:
+            tensor = random_dihedral(tensor)
         return tensor, self.targets[i]
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
@@ -45,16 +48,31 @@ class CellImages(Dataset):
         return (array - self.mean) / self.std
 
 
+def random_dihedral(image: torch.Tensor) -> torch.Tensor:
+    """One of the 8 flips/right-angle rotations, drawn from torch's global RNG (seeded by Lightning).
+
+    A cell on a slide has no up or left, so these are label-preserving; square inputs keep their shape,
+    non-square ones (lightcnn's 80x100) only get flips.
+    """
+    if torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    if torch.rand(()) < 0.5:
+        image = image.flip(-2)
+    if image.shape[-1] == image.shape[-2]:
+        image = torch.rot90(image, int(torch.randint(0, 4, ())), dims=(-2, -1))
+    return image
+
+
 def make_loader(manifest: pd.DataFrame, classes: Sequence[str], input_spec: Mapping, *, batch_size: int,
                 shuffle: bool, num_workers: int = 0, seed: int = 0, drop_last: bool = False,
-                cache: bool = False) -> DataLoader:
+                cache: bool = False, dihedral: bool = False) -> DataLoader:
     """A deterministic loader (seeded shuffling) over one manifest.
 
     `cache` keeps decoded, resized tensors in memory after the first epoch (decoding a 363 px JPEG costs
     about as much as a small backbone's forward pass at 64 px); it only pays with `num_workers=0`.
     """
     generator = torch.Generator().manual_seed(seed)
-    dataset = CellImages(manifest, classes, input_spec, cache=cache and num_workers == 0)
+    dataset = CellImages(manifest, classes, input_spec, cache=cache and num_workers == 0, dihedral=dihedral)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       num_workers=num_workers, generator=generator, drop_last=drop_last,
                       persistent_workers=num_workers > 0)

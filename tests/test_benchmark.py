@@ -1,0 +1,56 @@
+import pytest
+
+from conftest import colour_cells
+from smearnet.benchmark import PeakMemory, benchmark_model, markdown_table, select_model
+from smearnet.errors import SmearnetError
+from smearnet.inference import TrainedModel
+from smearnet.models import build_model, model_input_spec
+
+CFG = {"name": "tiny", "arch": "lightcnn", "input_size": [80, 100], "pretrained": False, "weights_path": None,
+       "allow_random_init": True}
+
+
+@pytest.fixture
+def tiny_model():
+    net = build_model(CFG, num_classes=2).eval()
+    return TrainedModel(net=net, name="tiny", classes=["a", "b"], input_spec=model_input_spec(CFG),
+                        meta={"model_cfg": CFG})
+
+
+def test_benchmark_row_names_device_precision_time_memory(tiny_model, tmp_path):
+    manifest = colour_cells(tmp_path, ["a", "b"] * 5, [f"p{i}" for i in range(10)], size=64)
+    row = benchmark_model(tiny_model, manifest, batch_size=4, warmup=1, repeats=2)
+    assert row["device"].startswith("cpu") and row["precision"] == "fp32" and row["images"] == 10
+    assert row["total_seconds"] > 0 and row["ms_per_image"] == pytest.approx(1000 * row["total_seconds"] / 10, rel=1e-2)
+    assert row["peak_memory_mb"] >= 0 and row["memory_kind"] == "process_rss_increase"
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["input_size"] == "80x100"
+    bf16 = benchmark_model(tiny_model, manifest, batch_size=4, warmup=0, repeats=1, precision="bf16")
+    assert bf16["precision"] == "bf16"
+
+
+def test_peak_memory_sees_an_allocation():
+    import numpy as np
+
+    with PeakMemory() as memory:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB, touched
+        block[::4096] = 2
+        import time
+        time.sleep(0.05)
+    assert memory.peak_mb > 40
+
+
+def test_selection_highest_accuracy_then_shorter_time():
+    rows = [{"model": "a", "accuracy": 0.9, "total_seconds": 5.0}, {"model": "b", "accuracy": 0.95, "total_seconds": 9.0},
+            {"model": "c", "accuracy": 0.95, "total_seconds": 3.0}]
+    name, reason = select_model(rows)
+    assert name == "c" and "tied" in reason and "b" in reason
+    assert select_model(rows[:2])[0] == "b"
+    with pytest.raises(SmearnetError):
+        select_model([])
+    with pytest.raises(SmearnetError, match="select_by"):
+        select_model(rows, "fastest")
+
+
+def test_markdown_table_has_header_and_rows():
+    text = markdown_table([{"model": "a", "accuracy": 0.9}], ["model", "accuracy"])
+    assert text.splitlines() == ["| model | accuracy |", "|---|---|", "| a | 0.9 |"]
