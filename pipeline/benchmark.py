@@ -19,6 +19,7 @@ def main() -> None:
     import mlflow
 
     cfg = load_params()
+    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
     split_manifest = read_table(Path("data/split/manifest.csv"))
     test = split_manifest[split_manifest["split"] == "test"]
     if cfg.benchmark.max_images:
@@ -38,7 +39,6 @@ def main() -> None:
     write_json({"selected": selected, "models": {r["model"]: {k: r[k] for k in
                 ("accuracy", "ms_per_image", "peak_memory_mb", "total_seconds")} for r in rows}},
                Path("metrics/benchmark.json"))
-    setup_mlflow(cfg.mlflow)
     for row in rows:
         with mlflow.start_run(run_name=f"benchmark-{row['model']}",
                               tags={**revision_tags(experiment=str(cfg.mlflow.experiment)), "stage": "benchmark",

@@ -17,6 +17,7 @@ def main() -> None:
     import mlflow
 
     cfg = load_params()
+    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
     selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
     model = load_trained(Path("models") / selected)
     split_manifest = read_table(Path("data/split/manifest.csv"))
@@ -31,7 +32,6 @@ def main() -> None:
     write_json({"model": selected, "smear_cells_from": source, **metrics}, Path("metrics/cell.json"))
     print(f"evaluate {selected}: cell accuracy {metrics['accuracy']['value']:.4f} on {len(test)} test cells")
 
-    setup_mlflow(cfg.mlflow)
     with mlflow.start_run(run_name=f"evaluate-{selected}", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
                                                                  "stage": "evaluate", "backbone": selected}):
         mlflow.log_params({"positive_class": positive, "test_cells": len(test), "smear_cells_from": source})

@@ -4,13 +4,17 @@ from pathlib import Path
 
 from smearnet.config import load_params
 from smearnet.errors import run_cli
+from smearnet.io import remove_stale_siblings
 from smearnet.synthetic import generate_cohort
+
+OUT = Path("data/synthetic")
 
 
 def main() -> None:
     cfg = load_params()
     synthetic = cfg.data.synthetic
-    generate_cohort(Path("data/synthetic"), scale=float(synthetic.scale), seed=int(cfg.seed),
+    remove_stale_siblings(OUT)  # staging folders of a killed earlier run (generate_cohort names them alike)
+    generate_cohort(OUT, scale=float(synthetic.scale), seed=int(cfg.seed),
                     workers=int(synthetic.workers), image_size=int(synthetic.image_size),
                     jpeg_quality=int(synthetic.jpeg_quality),
                     min_patients_per_group=int(synthetic.min_patients_per_group))

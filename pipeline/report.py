@@ -14,13 +14,13 @@ def main() -> None:
     import mlflow
 
     cfg = load_params()
+    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
     report = build_report(Path("reports/benchmark/table1.md").read_text(),
                           json.loads(Path("reports/benchmark/selection.json").read_text()),
                           json.loads(Path("metrics/cell.json").read_text()),
                           json.loads(Path("metrics/smear.json").read_text()))
     path = write_text(report, Path("reports/report.md"))
     print(f"report: {path}")
-    setup_mlflow(cfg.mlflow)
     with mlflow.start_run(run_name="report", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
                                                    "stage": "report"}):
         mlflow.log_artifact(str(path))

@@ -18,6 +18,7 @@ def main() -> None:
     import mlflow
 
     cfg = load_params()
+    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
     cells = pd.read_csv("reports/evaluate/smear_cells.csv", dtype={"smear_id": str, "label": str, "predicted": str})
     table = smear_table(cells, str(cfg.evaluation.positive_class))
     s = cfg.smear
@@ -35,7 +36,6 @@ def main() -> None:
     print(f"smear: AUC {result['auc']['value']:.3f}, threshold {result['threshold']:.4f} "
           f"({s.threshold_selection}, {s.rule})")
 
-    setup_mlflow(cfg.mlflow)
     with mlflow.start_run(run_name="smear", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
                                                   "stage": "smear"}):
         mlflow.log_params({k: str(v) for k, v in s.items()})

@@ -3,15 +3,18 @@
 import sys
 from pathlib import Path
 
-from smearnet.config import load_params
-from smearnet.errors import run_cli
+from smearnet.config import load_params, model_config
+from smearnet.errors import SmearnetError, run_cli
 from smearnet.io import read_table, write_json
 from smearnet.training import train_backbone
 
 
 def main() -> None:
+    if len(sys.argv) != 2:
+        raise SmearnetError("Usage: python pipeline/train.py <backbone>.", "name one of `train.models`.")
     name = sys.argv[1]
     cfg = load_params()
+    model_config(cfg, name)  # an unknown backbone fails before any data is read
     train_manifest = read_table(Path("data/upsampled/manifest.csv"))
     split_manifest = read_table(Path("data/split/manifest.csv"))
     val_manifest = split_manifest[split_manifest["split"] == "val"]

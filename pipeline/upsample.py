@@ -1,5 +1,6 @@
 """DVC stage `upsample`: augment every class of the training split up to `augment.per_class` images."""
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,13 +16,21 @@ def main() -> None:
     split_manifest = read_table(Path("data/split/manifest.csv"))
     train = split_manifest[split_manifest["split"] == "train"]
     classes = list(cfg.data.classes)
-    plan = plan_upsampling(train, classes, int(cfg.augment.per_class), seed=int(cfg.seed))
+    per_class = int(cfg.augment.per_class)
+    plan = plan_upsampling(train, classes, per_class, seed=int(cfg.seed))
     with atomic_directory(Path("data/upsampled")) as out_dir:
         created = materialise(plan, out_dir, cfg.augment, workers=int(cfg.augment.workers))
         originals = train.assign(augmented_from="")[list(created.columns)]
         upsampled = pd.concat([originals, created], ignore_index=True)
         write_manifest(upsampled, out_dir / "manifest.csv")
-    write_json(upsample_summary(train, upsampled, classes, int(cfg.augment.per_class)), Path("metrics/upsample.json"))
+    summary = upsample_summary(train, upsampled, classes, per_class)
+    write_json(summary, Path("metrics/upsample.json"))
+    if summary["above_target"]:
+        counts = ", ".join(f"{c}: {summary['classes'][c]['originals']}" for c in summary["above_target"])
+        print(f"smearnet: warning: class(es) {summary['above_target']} already have more training images than "
+              f"augment.per_class={per_class} ({counts}); all their originals are kept and none are created, so "
+              "the training set stays imbalanced. Raise augment.per_class to at least the largest class to "
+              "balance it (listed as `above_target` in metrics/upsample.json).", file=sys.stderr)
 
 
 if __name__ == "__main__":

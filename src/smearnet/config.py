@@ -13,8 +13,10 @@ from smearnet.errors import SmearnetError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
 
-# Keys whose numeric values must be finite and >= 0 (NaN or negative breaks a stage later, obscurely).
-_NON_NEGATIVE_SECTIONS = ("split", "train", "augment", "ingest", "evaluation", "benchmark", "smear", "data")
+# Every number in the configuration must be finite; in these sections (and `seed`) also >= 0.
+# NaN or a negative value would break a stage later, obscurely (or silently change a comparison).
+_NON_NEGATIVE_SECTIONS = ("seed", "split", "train", "augment", "ingest", "evaluation", "benchmark", "smear", "aggregate",
+                          "data", "model")
 
 
 def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
@@ -28,8 +30,9 @@ def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> 
             cfg = compose("config", overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
+        detail = " ".join(str(err).split("Config search path")[0].split())  # Hydra's search path is noise here
         raise SmearnetError(
-            f"The configuration override(s) {list(overrides)} could not be composed: {err}".replace("\n", " "),
+            f"The configuration override(s) {list(overrides)} could not be composed: {detail}",
             "check the key names and option names against the files under conf/ "
             "(e.g. `model=resnet18`, `experiment=demo`, `trainer=cpu`).",
         ) from None
@@ -42,31 +45,43 @@ def load_params(path: Path | str = "params.yaml") -> DictConfig:
     if not path.is_file():
         raise SmearnetError(
             f"{path} was not found.",
-            "run stages from the repository root, or compose it with `dvc exp run` / `make params`.",
+            "run stages from the repository root, or compose it with `smearnet compose-params` "
+            "(or `dvc exp run` / `make params`).",
         )
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml.YAMLError, UnicodeDecodeError, ...
+        raise SmearnetError(
+            f"{path} is not a readable YAML file ({type(err).__name__}: {err}).".replace("\n", " "),
+            "recompose it from conf/ with `smearnet compose-params` (or `dvc exp run`); never edit it by hand.",
+        ) from None
+    if not isinstance(cfg, DictConfig) or not cfg:
+        raise SmearnetError(f"{path} holds no parameters (it is empty or not a mapping).",
+                            "recompose it from conf/ with `smearnet compose-params` (or `dvc exp run`).")
     check_numbers(cfg)
     return cfg
 
 
 def check_numbers(cfg: DictConfig) -> None:
-    """Refuse NaN, infinite or negative numbers anywhere in the numeric sections."""
-    for section in _NON_NEGATIVE_SECTIONS:
-        if section in cfg:
-            for key, value in _walk(cfg[section], section):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                if math.isnan(value) or math.isinf(value) or value < 0:
-                    raise SmearnetError(
-                        f"Parameter `{key}` is {value}; it must be a finite number >= 0.",
-                        f"set it in conf/ (or `dvc exp run -S {key}=<value>`) and recompose params.yaml.",
-                    )
+    """Refuse NaN or infinite numbers anywhere, and negative numbers in the non-negative sections."""
+    for key, value in _walk(cfg, ""):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        must_be_non_negative = key.split(".")[0].split("[")[0] in _NON_NEGATIVE_SECTIONS
+        if math.isnan(value) or math.isinf(value) or (must_be_non_negative and value < 0):
+            raise SmearnetError(
+                f"Parameter `{key}` is {value}; it must be a finite number"
+                f"{' >= 0' if must_be_non_negative else ''}.",
+                f"set it in conf/ (or `dvc exp run -S {key}=<value>`) and recompose params.yaml.",
+            )
 
 
 def _walk(node, prefix: str):
     if isinstance(node, (DictConfig, Mapping)):
         for key in node:
-            yield from _walk(node[key], f"{prefix}.{key}")
+            if isinstance(node, DictConfig) and OmegaConf.is_missing(node, key):
+                continue  # `???`: reported by the stage that needs it
+            yield from _walk(node[key], f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(node, (ListConfig, list, tuple)):
         for index, item in enumerate(node):
             yield from _walk(item, f"{prefix}[{index}]")

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import albumentations as A
-import cv2
-import numpy as np
-import pandas as pd
-from PIL import Image
-from tqdm import tqdm
+# albumentations asks PyPI for a newer version on import (up to 2 s, a network call from a clinical
+# pipeline, a warning when offline); the user can still opt in by setting the variable to 0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from smearnet.errors import SmearnetError
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from smearnet.errors import SmearnetError  # noqa: E402
 
 
 def paper_augmentation(augment_cfg: Mapping, seed: int | None = None) -> A.Compose:
