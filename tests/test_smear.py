@@ -64,6 +64,26 @@ def test_empty_and_single_cell_smears():
     assert set(SMEAR_SCORES) == {"share", "mean_prob", "top3_mean", "noisy_or", "expected_positive"}
 
 
+def test_which_scores_rank_a_confident_positive_above_many_weak_false_positives():
+    positive = np.array([0.99] + [0.01] * 29)  # one confident target cell, clean background
+    weak_negative = np.full(30, 0.3)  # no cell called positive, every cell a weak false positive
+    ranks_positive_first = {name: score(positive) > score(weak_negative) for name, score in SMEAR_SCORES.items()}
+    # share and top-3 look at confident cells; mean, sum and noisy-OR add up the weak evidence
+    assert ranks_positive_first == {"share": True, "top3_mean": True, "mean_prob": False,
+                                    "expected_positive": False, "noisy_or": False}
+
+
+def test_one_cell_smear_against_a_large_smear_with_two_positive_cells():
+    one_cell = np.array([0.6])
+    large = np.array([0.97, 0.97] + [0.02] * 28)
+    # a single borderline cell makes a 100% share: shares (and means) over-trust tiny smears
+    assert share_of_calls(one_cell) == 1.0 > share_of_calls(large)
+    assert mean_probability(one_cell) > mean_probability(large)
+    # scores that count evidence rank the large smear higher
+    assert expected_positive(large) > expected_positive(one_cell)
+    assert noisy_or(large) > noisy_or(one_cell) and top_k_mean(large) > top_k_mean(one_cell)
+
+
 def test_smear_scores_reject_invalid_probabilities():
     with pytest.raises(SmearnetError, match="within"):
         mean_probability(np.array([0.2, 1.5]))

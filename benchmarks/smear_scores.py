@@ -1,0 +1,119 @@
+"""Smear AUC of every smear score under stated cell-classifier confusions, and on the demo cohort.
+
+    .venv/bin/python benchmarks/smear_scores.py [--smears 200] [--resamples 1000] [--seed 0]
+
+Each setting simulates ``--smears`` positive and ``--smears`` negative smears of 20-40 cells
+(``smearnet.smear_scores.simulate_smear_probabilities``): positive smears carry 1-3 target
+cells, and a share of smears of both classes carries 1-4 look-alike negatives.  The cell
+classifier is described by the chance that a cell is called positive at p >= 0.5: target
+cells (sensitivity), background cells (false-positive rate) and look-alikes.  The MIL
+aggregator sees each cell's logit(p) only (no embeddings in a simulation) and is trained on
+a separate simulated set of the same setting.  With ``reports/evaluate/smear_cells.csv``
+present (``dvc repro evaluate``), the fixed scores are also computed on the demo cohort's
+assessment smears (no MIL: that file holds no embeddings; see ``dvc repro aggregate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from smearnet.mil import MILConfig, logit_features, train_mil
+from smearnet.smear import smear_table
+from smearnet.smear_scores import (
+    FIXED_SCORES,
+    MIL_SCORE,
+    SCORES,
+    implied_cell_auc,
+    score_aucs,
+    simulate_smear_probabilities,
+)
+
+PAPER_LIKE = {"sensitivity": 0.8, "false_positive_rate": 0.01, "lookalike_false_positive_rate": 0.3}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "clean classifier": {"sensitivity": 0.95, "false_positive_rate": 0.001, "lookalike_false_positive_rate": 0.05},
+    "paper-like": PAPER_LIKE,
+    "one target cell": {**PAPER_LIKE, "target_cells": 1},
+    "background FP 5%": {**PAPER_LIKE, "false_positive_rate": 0.05},
+    "many weak FPs (FP 5%, logit sd 0.7)": {**PAPER_LIKE, "false_positive_rate": 0.05, "spread": 0.7},
+    "look-alikes in 80% of smears, FP 60%": {**PAPER_LIKE, "lookalike_false_positive_rate": 0.6,
+                                             "lookalike_smears": 0.8},
+    "weak classifier": {"sensitivity": 0.6, "false_positive_rate": 0.05, "lookalike_false_positive_rate": 0.5},
+}
+SHORT = {"share_predicted_positive": "share (paper)", "score_share": "share p>=.5", "score_top3_mean": "top-3 mean",
+         "score_mean_prob": "mean p", "score_expected_positive": "sum p", "score_noisy_or": "noisy-OR",
+         MIL_SCORE: "MIL"}
+MIL_FOR_LOGITS = MILConfig(hidden=16, attention=8, dropout=0.0, epochs=25, batch_size=16, lr=3e-3)
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if not np.isfinite(entry["value"]):
+        return "n/a"
+    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def simulated_row(name: str, setting: dict[str, Any], n_smears: int, resamples: int, seed: int) -> dict[str, str]:
+    """AUC with interval of every score for one setting."""
+    test = simulate_smear_probabilities(n_smears, n_smears, seed=seed, **setting)
+    train = simulate_smear_probabilities(n_smears, n_smears, seed=seed + 10_000, **setting)
+    table = smear_table(test.cells(), "covid_rl")  # smear ids sim00000... keep the simulation's order
+    aggregator = train_mil(logit_features(train.probabilities), train.truth, MIL_FOR_LOGITS, seed=seed)
+    table[MIL_SCORE] = aggregator.score(logit_features(test.probabilities))
+    aucs = score_aucs(table, SCORES, confidence=0.95, n_resamples=resamples, seed=seed)
+    rates = {key: float(setting.get(key, PAPER_LIKE[key])) for key in PAPER_LIKE}
+    cell_auc = implied_cell_auc(rates["sensitivity"], rates["false_positive_rate"])
+    return {"setting": name, "cell AUC (target vs background)": f"{cell_auc:.3f}",
+            **{SHORT[score]: _cell(aucs[score]) for score in SCORES}}
+
+
+def demo_row(path: Path, resamples: int, seed: int) -> dict[str, str] | None:
+    """Fixed scores on the demo cohort's assessment smears (uncalibrated probabilities of the evaluate stage)."""
+    if not path.is_file():
+        return None
+    cells = pd.read_csv(path, dtype={"smear_id": str, "label": str, "predicted": str})
+    table = smear_table(cells, "covid_rl")
+    aucs = score_aucs(table, FIXED_SCORES, confidence=0.95, n_resamples=resamples, seed=seed)
+    n_positive = int(table["truth_positive"].sum())
+    return {"setting": f"demo cohort ({n_positive}+ / {len(table) - n_positive}- smears)",
+            "cell AUC (target vs background)": "n/a",
+            **{SHORT[score]: _cell(aucs[score]) for score in FIXED_SCORES}, SHORT[MIL_SCORE]: "n/a (no embeddings)"}
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(column, "") for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smears", type=int, default=200, help="positive and negative smears per setting")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per AUC interval")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cells", type=Path, default=Path("reports/evaluate/smear_cells.csv"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    rows = [simulated_row(name, setting, args.smears, args.resamples, args.seed) for name, setting in SETTINGS.items()]
+    demo = demo_row(args.cells, args.resamples, args.seed)
+    if demo is not None:
+        rows.append(demo)
+    print(f"Smear AUC [95% bootstrap interval]; {args.smears} positive + {args.smears} negative simulated smears "
+          f"per setting, 20-40 cells, 1-3 target cells, look-alikes (1-4 cells) in 30% of smears unless stated.\n")
+    print(markdown(rows))
+    print("\nSettings (P(cell called positive at p >= 0.5) by cell kind; logit(p) sd 2 unless `spread`):")
+    for name, setting in SETTINGS.items():
+        print(f"- {name}: " + ", ".join(f"{key}={value}" for key, value in {**PAPER_LIKE, **setting}.items()))
+    if demo is None:
+        print(f"\n({args.cells} not found: run `dvc repro evaluate` for the demo cohort's row.)")
+    print(f"\n{time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
