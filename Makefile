@@ -30,3 +30,12 @@ test-fast: $(STAMP)
 
 params: $(STAMP)
 	$(BIN)/python -m smearnet.cli compose-params
+
+# CI retraining (.github/workflows/retrain.yml, deploy/README.md): dvc pull, optionally a new site
+# (SITE=<name> SITE_DIR=<folder>), dvc repro (the register stage is the promotion gate), dvc push, and the
+# metrics/params/plots diff against BASE plus the gate decision into $GITHUB_STEP_SUMMARY (else stdout).
+.PHONY: retrain
+retrain: $(STAMP)
+	test -d .dvc || $(BIN)/dvc init --quiet
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/smearnet retrain --base "$(or $(BASE),main)" \
+		$(if $(SITE_DIR),--site-folder "$(SITE_DIR)" --site "$(SITE)")

@@ -15,13 +15,53 @@ SOURCES = ("synthetic", "manifest", "folder")
 
 
 def load_dataset_manifest(data_cfg: Mapping) -> pd.DataFrame:
-    """The dataset's manifest as read_manifest returns it, whichever `data.source` is configured."""
+    """The dataset's manifest as read_manifest returns it, whichever `data.source` is configured, followed by
+    the rows of every `data.extra_manifests` entry (more sites; see `with_extra_manifests`)."""
     source = str(data_cfg["source"])
     if source in ("synthetic", "manifest"):
-        return read_configured_manifest(data_cfg)
-    if source == "folder":
-        return manifest_from_folder(Path(str(data_cfg["root"])), data_cfg.get("classes"))
-    raise SmearnetError(f"Unknown `data.source` `{source}`.", f"use one of {list(SOURCES)}.")
+        base = read_configured_manifest(data_cfg)
+    elif source == "folder":
+        base = manifest_from_folder(Path(str(data_cfg["root"])), data_cfg.get("classes"))
+    else:
+        raise SmearnetError(f"Unknown `data.source` `{source}`.", f"use one of {list(SOURCES)}.")
+    return with_extra_manifests(base, data_cfg.get("extra_manifests") or [])
+
+
+def with_extra_manifests(base: pd.DataFrame, entries: Sequence) -> pd.DataFrame:
+    """`base` followed by the rows of each extra manifest (a CSV path, or {manifest, sha256}).
+
+    A `sha256` entry (written by `smearnet ingest-site`) must match the site's content digest
+    (`smearnet.sites.site_digest`), so changed or half-pulled site data is refused rather than ingested.
+    Rows keep their order: an extra manifest's `row` numbers continue after the previous manifest's
+    (row - offset = its CSV line). Patient ids shared by two manifests are refused (they would merge two
+    hospitals' patients into one in the split).
+    """
+    if not entries:
+        return base
+    from smearnet.manifest import read_manifest
+    from smearnet.sites import site_digest
+
+    frames, offset = [base], int(base["row"].max())
+    for entry in entries:
+        path = Path(str(entry["manifest"] if isinstance(entry, Mapping) else entry))
+        expected = entry.get("sha256") if isinstance(entry, Mapping) else None
+        if expected and site_digest(path) != expected:
+            raise SmearnetError(f"The site data of {path} changed since it was ingested (content digest differs).",
+                                "pull it again (`dvc pull`) or re-run `smearnet ingest-site` for that site.")
+        extra = read_manifest(path)
+        shared = set(extra["patient_id"]) & set().union(*(set(f["patient_id"]) for f in frames))
+        if shared:
+            raise SmearnetError(f"{len(shared)} patient id(s) of {path} also appear in an earlier manifest.",
+                                "give each site its own ids (`smearnet ingest-site --id-prefix <site>-`).")
+        extra["row"] = extra["row"] + offset - 1
+        offset = int(extra["row"].max())
+        frames.append(extra)
+    combined = pd.concat(frames, ignore_index=True)
+    for column in combined.columns:
+        if column != "row":
+            combined[column] = combined[column].fillna("")
+    combined.attrs["manifest_path"] = base.attrs.get("manifest_path")
+    return combined
 
 
 def manifest_from_folder(root: Path, classes: Sequence[str] | None = None) -> pd.DataFrame:

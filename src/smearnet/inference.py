@@ -87,10 +87,24 @@ def predictions_table(manifest: pd.DataFrame, probabilities: np.ndarray, classes
     return table
 
 
+def decode_image_bytes(data: bytes, *, max_pixels: int = 40_000_000):
+    """Decode image bytes to 8-bit RGB exactly as the pipeline decodes files (`smearnet.ingest.load_rgb`).
+
+    Raises SmearnetError with the reason (not an image, truncated, too large, ...).
+    """
+    from smearnet.ingest import _decode_rgb, _ImageProblem
+
+    if not data:
+        raise SmearnetError("Cannot decode image: zero bytes.", "send the image file's bytes, base64-encoded.")
+    try:
+        return _decode_rgb(data, max_pixels)[0]
+    except _ImageProblem as problem:
+        raise SmearnetError(f"Cannot decode image: {problem.reason}.", "send a JPEG, PNG, BMP or TIFF file.") from None
+
+
 @torch.inference_mode()
-def classify_images(model: TrainedModel, images: list, smear_ids: Sequence[str], serving: Mapping,
-                    errors: Sequence[str] | None = None) -> pd.DataFrame:
-    """Classify decoded PIL images (None = undecodable) and call each smear with the stored threshold."""
+def image_probabilities(model: TrainedModel, images: Sequence) -> np.ndarray:
+    """Softmax probabilities for decoded PIL images; rows of NaN for `None` (undecodable) entries."""
     from smearnet.data import CellImages
 
     to_tensor = CellImages(pd.DataFrame({"path": []}), model.classes, model.input_spec).to_tensor
@@ -99,15 +113,34 @@ def classify_images(model: TrainedModel, images: list, smear_ids: Sequence[str],
     if good:
         batch = torch.stack([to_tensor(images[i]) for i in good])
         probabilities[good] = torch.softmax(model.net(batch).float(), dim=1).numpy()
-    table = pd.DataFrame({"smear_id": list(smear_ids)})
-    table["predicted"] = [model.classes[int(np.argmax(p))] if not np.isnan(p).any() else "" for p in probabilities]
-    for index, name in enumerate(model.classes):
-        table[f"prob_{name}"] = probabilities[:, index]
-    positive = serving.get("positive_class", model.classes[-1])
+    return probabilities
+
+
+def call_smears(smear_ids: Sequence[str], probabilities: np.ndarray, classes: Sequence[str], serving: Mapping,
+                errors: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per cell: predicted class, `prob_<class>`, its smear's share of positive cells and the smear call.
+
+    A smear is `positive` when the share of its decodable cells predicted as `serving["positive_class"]`
+    reaches `serving["smear_threshold"]` (the `>=` convention of `smearnet.smear.classify`); a smear whose
+    cells all failed to decode gets a NaN share and the call `undetermined`.
+    """
+    table = pd.DataFrame({"smear_id": [str(s) for s in smear_ids]})
+    valid = ~np.isnan(probabilities).any(axis=1) if len(probabilities) else np.zeros(0, dtype=bool)
+    table["predicted"] = [classes[int(np.argmax(p))] if ok else "" for p, ok in zip(probabilities, valid, strict=True)]
+    for index, name in enumerate(classes):
+        table[f"prob_{name}"] = probabilities[:, index] if len(probabilities) else np.zeros(0, dtype=np.float32)
+    positive = str(serving.get("positive_class", classes[-1]))
     threshold = float(serving.get("smear_threshold", 0.02))
-    valid = table["predicted"] != ""
-    share = (table[valid]["predicted"] == positive).groupby(table[valid]["smear_id"]).mean()
+    share = (table.loc[valid, "predicted"] == positive).groupby(table.loc[valid, "smear_id"]).mean()
     table["smear_share_positive"] = table["smear_id"].map(share).astype(float)
-    table["smear_call"] = np.where(table["smear_share_positive"] >= threshold, "positive", "negative")
+    called = table["smear_share_positive"] >= threshold
+    table["smear_call"] = np.where(table["smear_share_positive"].isna(), "undetermined",
+                                   np.where(called, "positive", "negative"))
     table["error"] = list(errors) if errors is not None else ""
     return table
+
+
+def classify_images(model: TrainedModel, images: list, smear_ids: Sequence[str], serving: Mapping,
+                    errors: Sequence[str] | None = None) -> pd.DataFrame:
+    """Classify decoded PIL images (None = undecodable) and call each smear with the stored threshold."""
+    return call_smears(smear_ids, image_probabilities(model, images), model.classes, serving, errors)

@@ -1,23 +1,25 @@
 """MLflow pyfunc model (models-from-code: no pickle): base64 cell images in, classes and a smear call out.
 
 Request rows: `image` (base64-encoded image bytes) and optional `smear_id`. Response rows, one per cell:
-`smear_id, predicted, prob_<class>..., smear_share_positive, smear_call`, plus `error` for an image that
-could not be decoded (reported, never fatal).
+`smear_id, predicted, prob_<class>..., smear_share_positive, smear_call, error`; `error` is non-empty for an
+image that could not be decoded (reported in its row, never fatal; its smear is called on the other cells).
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import binascii
 import json
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+SERVING_FILE = "serving.json"
 
 
-class SmearnetPyfunc(mlflow.pyfunc.PythonModel):
+class SmearnetPyfunc(PythonModel):
     """Serves a trained smearnet model directory (weights.safetensors + model.json + serving.json)."""
 
     def load_context(self, context) -> None:
@@ -25,27 +27,31 @@ class SmearnetPyfunc(mlflow.pyfunc.PythonModel):
 
         model_dir = Path(context.artifacts["model_dir"])
         self.model = load_trained(model_dir)
-        serving_file = model_dir / "serving.json"
+        serving_file = model_dir / SERVING_FILE
         self.serving = json.loads(serving_file.read_text()) if serving_file.is_file() else {}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from PIL import Image, ImageOps
-
-        from smearnet.inference import classify_images
+        from smearnet.errors import SmearnetError
+        from smearnet.inference import classify_images, decode_image_bytes
 
         if "image" not in model_input:
             raise ValueError("request rows need an `image` column of base64-encoded image bytes")
-        smear_ids = model_input["smear_id"].astype(str) if "smear_id" in model_input else pd.Series(["smear"] * len(model_input))
+        if "smear_id" in model_input:
+            smear_ids = [str(s) if s is not None and s == s else "smear" for s in model_input["smear_id"]]
+        else:
+            smear_ids = ["smear"] * len(model_input)
         images, errors = [], []
         for encoded in model_input["image"]:
             try:
-                image = Image.open(io.BytesIO(base64.b64decode(encoded)))
-                images.append(ImageOps.exif_transpose(image).convert("RGB"))
+                images.append(decode_image_bytes(base64.b64decode(str(encoded), validate=True)))
                 errors.append("")
-            except Exception as err:  # noqa: BLE001 - a bad image is reported in its row
+            except (binascii.Error, ValueError):
                 images.append(None)
-                errors.append(f"undecodable image: {type(err).__name__}")
-        return classify_images(self.model, images, list(smear_ids), self.serving, errors)
+                errors.append("undecodable image: not valid base64")
+            except SmearnetError as err:
+                images.append(None)
+                errors.append(err.what)
+        return classify_images(self.model, images, smear_ids, self.serving, errors)
 
 
 mlflow.models.set_model(SmearnetPyfunc())

@@ -1,0 +1,44 @@
+"""DVC stage `register`: log the selected model as a pyfunc version (alias challenger), run the promotion gate."""
+
+import json
+from pathlib import Path
+
+from smearnet.config import load_params
+from smearnet.errors import run_cli
+from smearnet.io import read_table, write_json, write_text
+from smearnet.metrics import json_safe
+from smearnet.registry import (GATE_METRICS, PromotionCriteria, RegisterInputs, decision_markdown, dvc_revision_tags,
+                               register_and_gate)
+from smearnet.tracking import revision_tags, setup_mlflow
+
+OUT = Path("reports/register")
+
+
+def main() -> None:
+    cfg = load_params()
+    selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
+    smear = json.loads(Path("metrics/smear.json").read_text())
+    registry = cfg.registry
+    setup_mlflow(cfg.mlflow)
+    tags = {**revision_tags(experiment=str(cfg.mlflow.experiment)), **dvc_revision_tags(Path("dvc.lock"), selected)}
+    blind = smear.get("blind_smear_ids") if str(registry.sensitivity_smears) == "blind" else None
+    decision = register_and_gate(RegisterInputs(
+        model_dir=Path("models") / selected, backbone=selected, model_name=str(registry.model_name),
+        experiment=str(cfg.mlflow.experiment), positive_class=str(cfg.evaluation.positive_class),
+        smear_threshold=float(smear["threshold"]), criteria=PromotionCriteria.from_config(registry.promote_if),
+        split_manifest=read_table(Path("data/split/manifest.csv")), blind_smear_ids=blind, smear_cfg=cfg.smear,
+        batch_size=int(cfg.evaluation.batch_size), confidence=float(cfg.evaluation.confidence),
+        n_resamples=int(cfg.smear.bootstrap_resamples), seed=int(cfg.seed), extra_tags=tags))
+    write_json(json_safe(decision), OUT / "decision.json")
+    write_text(decision_markdown(decision), OUT / "decision.md")
+    write_json(json_safe({"version": int(decision["version"]), "promoted": decision["promoted"],
+                          **{role: {k: decision[role][k] for k in (*GATE_METRICS, "threshold")}
+                             for role in ("challenger", "champion") if decision.get(role)}}),
+               Path("metrics/register.json"))
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    print(f"register: {registry.model_name} version {decision['version']} {verdict}; "
+          f"champion is version {decision['champion_after']} (report: {OUT / 'decision.md'})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

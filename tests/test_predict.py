@@ -1,0 +1,136 @@
+"""`smearnet predict`: folders and manifests, bad images, JSON + Markdown outputs, registry URIs, speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import colour_cells
+from smearnet.cli import main as smearnet
+from smearnet.errors import SmearnetError
+from smearnet.predict import collect_cells, load_model, predict_cells
+from workspace import CLASSES, POSITIVE, random_model
+
+
+def serving_model(folder: Path, threshold: float = 0.25, size: int = 32) -> Path:
+    """A random resnet18 with a serving.json, as the register stage packages it."""
+    model_dir = random_model(folder, seed=0, size=size)
+    (model_dir / "serving.json").write_text(json.dumps({"positive_class": POSITIVE, "smear_threshold": threshold}))
+    return model_dir
+
+
+@pytest.fixture
+def smear_folder(tmp_path) -> Path:
+    """One smear: 12 cells, a corrupt JPEG and a text file."""
+    folder = tmp_path / "S-17"
+    colour_cells(folder, (CLASSES * 4), ["p"] * 12, size=40, seed=5)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("slide scanned twice")
+    return folder
+
+
+def test_folder_is_one_smear_with_bad_image_reported(tmp_path, smear_folder, capsys):
+    model = serving_model(tmp_path / "model")
+    out_json, out_md = tmp_path / "out.json", tmp_path / "out.md"
+    smearnet(["predict", str(smear_folder), "--model", str(model), "--json", str(out_json), "--report", str(out_md)])
+    printed = capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert len(result["cells"]) == 13 and result["errors"] == 1 and result["skipped_files"][0].endswith("notes.txt")
+    assert sum(result["cells_per_class"].values()) == 12 and set(result["cells_per_class"]) == set(CLASSES)
+    broken = [c for c in result["cells"] if c["error"]]
+    assert broken[0]["path"].endswith("broken.jpg") and broken[0]["predicted"] == ""
+    assert broken[0]["prob_blue"] is None and "corrupt" in broken[0]["error"]
+    [smear] = result["smears"]
+    share = result["cells_per_class"][POSITIVE] / 12
+    assert smear["smear_id"] == "S-17" and smear["cells"] == 12 and smear["errors"] == 1
+    assert smear["share_positive"] == pytest.approx(share)
+    assert smear["call"] == ("positive" if share >= 0.25 else "negative")
+    for cell in result["cells"]:
+        if not cell["error"]:
+            assert sum(cell[f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
+            assert cell["max_probability"] == pytest.approx(max(cell[f"prob_{c}"] for c in CLASSES))
+    report = out_md.read_text()
+    for needle in ("## Smears", "## Cells per class", "## Least certain images", "broken.jpg", ">= 0.2500"):
+        assert needle in report
+    assert f"smear S-17: {smear['call'].upper()}" in printed
+
+
+def test_least_certain_images_are_the_lowest_max_probability(tmp_path, smear_folder):
+    from smearnet.predict import least_sure
+
+    loaded = load_model(str(serving_model(tmp_path / "model")))
+    cells, skipped = collect_cells(smear_folder)
+    prediction = predict_cells(loaded, cells, progress=False, skipped_files=skipped)
+    listed = least_sure(prediction, 3)["max_probability"].tolist()
+    others = prediction.cells.loc[prediction.cells["error"] == "", "max_probability"]
+    assert listed == sorted(listed) and listed[-1] <= others.nsmallest(4).iloc[-1]
+
+
+def test_manifest_is_many_smears_and_threshold_decides(tmp_path):
+    cells = colour_cells(tmp_path / "cells", CLASSES * 4, ["x"] * 12, size=40, seed=6)
+    manifest = pd.DataFrame({"path": [os.path.relpath(p, tmp_path) for p in cells["path"]],
+                             "smear_id": ["A"] * 6 + ["B"] * 6})
+    manifest.to_csv(tmp_path / "batch.csv", index=False)
+    model = str(serving_model(tmp_path / "model"))
+    for threshold, call in ((0.0, "positive"), (1.01, "negative")):
+        loaded = load_model(model, threshold=threshold)
+        frame, _ = collect_cells(tmp_path / "batch.csv")
+        result = predict_cells(loaded, frame, progress=False)
+        assert list(result.smears["smear_id"]) == ["A", "B"] and set(result.smears["call"]) == {call}
+        assert loaded.threshold_source == "--threshold"
+
+
+def test_train_stage_folder_needs_a_threshold(tmp_path, monkeypatch):
+    model = random_model(tmp_path / "models" / "resnet18", seed=0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SmearnetError, match="--threshold"):
+        load_model(str(model))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "smear.json").write_text(json.dumps({"threshold": 0.125}))
+    loaded = load_model(str(model))
+    assert loaded.serving["smear_threshold"] == 0.125 and loaded.threshold_source == "metrics/smear.json"
+
+
+def test_registry_uri_gives_the_same_calls_as_the_local_folder(tmp_path, smear_folder, mlflow_uri):
+    import mlflow
+
+    from smearnet.registry import log_model_version
+
+    name = f"predict-{uuid.uuid4().hex[:8]}"
+    model = serving_model(tmp_path / "model", threshold=0.3)
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("predict-test")
+    with mlflow.start_run():
+        version = log_model_version(model, name)
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", str(version.version))
+
+    cells, _ = collect_cells(smear_folder)
+    remote = predict_cells(load_model(f"models:/{name}@champion"), cells, progress=False)
+    local = predict_cells(load_model(str(model)), cells, progress=False)
+    assert remote.loaded.serving["smear_threshold"] == 0.3 and remote.loaded.threshold_source == "serving.json"
+    pd.testing.assert_frame_equal(remote.cells, local.cells)
+    with pytest.raises(SmearnetError, match="Could not fetch"):
+        load_model(f"models:/{name}@no_such_alias")
+
+
+def test_cli_prints_the_call_within_30_seconds_for_30_cells(tmp_path):
+    """The demo model's architecture and size (resnet18 @ 64 px) on a folder of 30 cells, as a user runs it."""
+    folder = tmp_path / "smear"
+    colour_cells(folder, CLASSES * 10, ["p"] * 30, size=363, seed=7)
+    model = serving_model(tmp_path / "model", size=64)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "smearnet.cli", "predict", str(folder), "--model", str(model)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "smear smear: " in result.stdout and "classify cells" in result.stderr  # the call, a progress bar
+    assert elapsed < 30, f"predict took {elapsed:.1f} s"

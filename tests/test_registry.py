@@ -1,0 +1,256 @@
+"""The registry: pure promotion gate, register + gate against a real sqlite store, crash safety, privacy."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import uuid
+from pathlib import Path
+
+import pytest
+
+from smearnet.errors import SmearnetError
+from smearnet.registry import (CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG, PromotionCriteria, RegisterInputs,
+                               frozen_set, model_fingerprint, promotion_decision, register_and_gate)
+from workspace import POSITIVE, colour_split, make_register_workspace, patient_ids, random_model, scan_mlflow_for
+
+REPO_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
+
+
+def metrics(accuracy: float, auc: float, sensitivity: float) -> dict[str, float]:
+    return {"cell_accuracy": accuracy, "smear_auc": auc, "sensitivity": sensitivity}
+
+
+# ------------------------------------------------------------------------------------------- pure gate
+
+
+def test_first_model_becomes_champion():
+    promoted, reasons = promotion_decision(metrics(0.1, 0.2, 0.0), None, PromotionCriteria())
+    assert promoted and "first" in reasons[0]
+
+
+def test_better_on_every_criterion_is_promoted():
+    promoted, reasons = promotion_decision(metrics(0.92, 0.95, 1.0), metrics(0.90, 0.90, 1.0),
+                                           {"min_cell_accuracy_gain": 0.01, "min_smear_auc_gain": 0.0,
+                                            "max_sensitivity_drop": 0.0})
+    assert promoted and len(reasons) == 3 and all(r.endswith("pass") for r in reasons)
+
+
+def test_identical_models_pass_zero_gain_criteria():
+    same = metrics(0.9, 0.8, 0.75)
+    assert promotion_decision(same, dict(same), PromotionCriteria())[0]
+
+
+@pytest.mark.parametrize("challenger, failing", [
+    (metrics(0.905, 0.95, 1.0), "cell accuracy"),      # gain 0.005 < required 0.01
+    (metrics(0.95, 0.89, 1.0), "smear AUC"),           # AUC dropped
+    (metrics(0.95, 0.95, 0.80), "sensitivity"),        # drop 0.2 > allowed 0.1
+    (metrics(0.95, float("nan"), 1.0), "smear AUC"),   # undefined: cannot be shown to hold
+])
+def test_each_failed_criterion_blocks_promotion(challenger, failing):
+    criteria = PromotionCriteria(min_cell_accuracy_gain=0.01, min_smear_auc_gain=0.0, max_sensitivity_drop=0.1)
+    promoted, reasons = promotion_decision(challenger, metrics(0.90, 0.90, 1.0), criteria)
+    failed = [r for r in reasons if r.endswith("fail")]
+    assert not promoted and len(failed) == 1 and failing in failed[0]
+
+
+def test_sensitivity_drop_within_allowance_passes():
+    criteria = PromotionCriteria(max_sensitivity_drop=0.25)
+    assert promotion_decision(metrics(0.9, 0.9, 0.8), metrics(0.9, 0.9, 1.0), criteria)[0]
+
+
+def test_unknown_criterion_is_an_error():
+    with pytest.raises(SmearnetError, match="min_recall"):
+        PromotionCriteria.from_config({"min_recall": 0.1})
+
+
+def test_fingerprint_follows_content_and_serving(tmp_path):
+    model = random_model(tmp_path / "a", seed=0)
+    first = model_fingerprint(model, {"smear_threshold": 0.1})
+    assert first == model_fingerprint(model, {"smear_threshold": 0.1})
+    assert first != model_fingerprint(model, {"smear_threshold": 0.2})
+    assert first != model_fingerprint(random_model(tmp_path / "b", seed=1), {"smear_threshold": 0.1})
+
+
+def test_frozen_set_leaves_out_patients_a_model_was_trained_on(tmp_path):
+    from smearnet.registry import training_patients
+    from smearnet.tracking import hash_patient_id
+
+    split = colour_split(tmp_path)
+    trained_on = split.assign(split=split["split"].where(split["patient_id"] != "P0001", "train"))
+    seen = training_patients(trained_on)
+    assert seen == [hash_patient_id("P0001")]
+    frozen = frozen_set(split, exclude_patients=seen)
+    assert frozen.excluded_test_cells == 6 and len(frozen.test) == 18 and "P0001" not in set(frozen.test["patient_id"])
+    assert frozen.fingerprint != frozen_set(split).fingerprint
+    with pytest.raises(SmearnetError, match="No test cells"):
+        frozen_set(split, exclude_patients=[hash_patient_id(p) for p in split["patient_id"]])
+
+
+def test_frozen_set_fingerprint_ignores_paths_but_not_cells(tmp_path):
+    split = colour_split(tmp_path / "one")
+    moved = split.assign(path=[p.replace("one", "two") for p in split["path"]])
+    assert frozen_set(split).fingerprint == frozen_set(moved).fingerprint
+    fewer = split.drop(index=split.index[split["split"] == "test"][0])
+    assert frozen_set(fewer).fingerprint != frozen_set(split).fingerprint
+
+
+# ------------------------------------------------------------------------------- register + gate in MLflow
+
+
+def _inputs(root: Path, name: str, model_dir: Path, *, criteria: PromotionCriteria | None = None,
+            threshold: float = 0.25) -> RegisterInputs:
+    from smearnet.io import read_table
+
+    return RegisterInputs(model_dir=model_dir, backbone="resnet18", model_name=name, experiment="registry-test",
+                          positive_class=POSITIVE, smear_threshold=threshold, criteria=criteria or PromotionCriteria(),
+                          split_manifest=read_table(root / "data/split/manifest.csv"), n_resamples=50)
+
+
+@pytest.fixture
+def store(mlflow_uri):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("registry-test")
+    return mlflow.MlflowClient()
+
+
+def _alias(client, name: str, alias: str) -> str:
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def test_register_gate_aliases_and_idempotent_rerun(tmp_path, store):
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    root = make_register_workspace(tmp_path / "ws", name)
+    # The first model was trained on a split that had patient P0001 in train.
+    inputs = _inputs(root, name, root / "models/resnet18")
+    inputs.split_manifest = inputs.split_manifest.assign(
+        split=inputs.split_manifest["split"].where(inputs.split_manifest["patient_id"] != "P0001", "train"))
+    first = register_and_gate(inputs)
+    assert first["promoted"] and first["version"] == "1" and first["champion"] is None
+    assert _alias(store, name, CHAMPION) == "1"
+    assert _alias(store, name, CHALLENGER) == "1"
+    version = store.get_model_version(name, "1")
+    assert version.tags["gate.promoted"] == "true" and version.tags["smear_threshold"] == "0.25"
+    assert version.tags["classes"] == "red,green,blue" and version.tags["input_size"] == "32x32"
+
+    again = register_and_gate(inputs)
+    assert again["reused_version"] and again["reused_decision"] and again["version"] == "1"
+    assert len(store.search_model_versions(f"name = '{name}'")) == 1
+
+    # A second model that must gain 100 points of accuracy: evaluated against the champion, not promoted.
+    other = random_model(tmp_path / "other" / "resnet18", seed=1)
+    strict = PromotionCriteria(min_cell_accuracy_gain=1.0)
+    second = register_and_gate(_inputs(root, name, other, criteria=strict))
+    assert not second["promoted"] and second["version"] == "2" and second["champion_before"] == "1"
+    assert second["champion"] is not None and second["champion"]["threshold"] == 0.25
+    # Today's split has P0001 in test: its 6 cells are left out for both models (the champion trained on them).
+    assert second["challenger"]["n_test_cells"] == second["champion"]["n_test_cells"] == 18
+    assert second["evaluation_set"]["excluded_test_cells"] == 6
+    assert second["evaluation_set"]["champion_training_patients"] == "excluded"
+    assert any("cell accuracy" in r and r.endswith("fail") for r in second["reasons"])
+    assert _alias(store, name, CHAMPION) == "1"
+    assert _alias(store, name, CHALLENGER) == "2"
+    assert store.get_model_version(name, "2").tags["gate.promoted"] == "false"
+
+    # Same model, relaxed criteria: the version is reused, the decision re-made, champion moves.
+    relaxed = PromotionCriteria(min_cell_accuracy_gain=-1.0, min_smear_auc_gain=-1.0, max_sensitivity_drop=1.0)
+    third = register_and_gate(_inputs(root, name, other, criteria=relaxed))
+    assert third["promoted"] and third["version"] == "2" and not third["reused_decision"]
+    assert _alias(store, name, CHAMPION) == "2"
+    assert len(store.search_model_versions(f"name = '{name}'")) == 2
+    statuses = {r.info.status for r in store.search_runs(
+        [store.get_experiment_by_name("registry-test").experiment_id], f"params.model_name = '{name}'")}
+    assert statuses == {"FINISHED"}
+
+
+def test_crash_after_registration_leaves_no_duplicate_and_no_running_run(tmp_path, store, monkeypatch):
+    import mlflow
+
+    name = f"crash-{uuid.uuid4().hex[:8]}"
+    root = make_register_workspace(tmp_path / "ws", name)
+    inputs = _inputs(root, name, root / "models/resnet18")
+    experiment_id = store.get_experiment_by_name("registry-test").experiment_id
+
+    # A run abandoned by a SIGKILLed attempt (still RUNNING, same model fingerprint).
+    from smearnet.inference import load_trained
+    from smearnet.registry import serving_config
+
+    serving = serving_config(load_trained(inputs.model_dir).meta, POSITIVE, 0.25)
+    fingerprint = model_fingerprint(inputs.model_dir, serving)
+    tags = {"stage": "register", MODEL_NAME_TAG: name, FINGERPRINT_TAG: fingerprint}
+    abandoned = store.create_run(experiment_id, tags=tags).info.run_id
+    runs_of_this_model = f"tags.`{MODEL_NAME_TAG}` = '{name}'"
+
+    # This attempt dies right after the version was created (before any alias is set).
+    original = mlflow.MlflowClient.set_registered_model_alias
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", crash)
+    with pytest.raises(KeyboardInterrupt):
+        register_and_gate(inputs)
+    assert store.get_run(abandoned).info.status == "KILLED"
+    assert len(store.search_model_versions(f"name = '{name}'")) == 1
+    assert "RUNNING" not in {r.info.status for r in store.search_runs([experiment_id], runs_of_this_model)}
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", original)
+    decision = register_and_gate(inputs)
+    assert decision["reused_version"] and decision["promoted"] and decision["version"] == "1"
+    assert len(store.search_model_versions(f"name = '{name}'")) == 1
+    runs = store.search_runs([experiment_id], runs_of_this_model)
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "KILLED"]
+
+
+def test_champion_with_other_classes_is_not_replaced_automatically(tmp_path, store):
+    name = f"classes-{uuid.uuid4().hex[:8]}"
+    root = make_register_workspace(tmp_path / "ws", name)
+    assert register_and_gate(_inputs(root, name, root / "models/resnet18"))["promoted"]
+    other = random_model(tmp_path / "other" / "resnet18", seed=2)
+    meta = json.loads((other / "model.json").read_text())
+    split = _inputs(root, name, other).split_manifest
+    relabelled = split.assign(label=split["label"].replace({"red": "purple"}))
+    meta["classes"] = ["purple", "green", "blue"]
+    (other / "model.json").write_text(json.dumps(meta))
+    inputs = _inputs(root, name, other)
+    inputs.split_manifest = relabelled
+    decision = register_and_gate(inputs)
+    assert not decision["promoted"] and "cannot be compared" in decision["reasons"][0]
+    assert _alias(store, name, CHAMPION) == "1"
+
+
+def test_register_stage_writes_reports_and_leaks_no_patient_ids(tmp_path, store, monkeypatch):
+    from smearnet.io import read_table
+
+    name = f"stage-{uuid.uuid4().hex[:8]}"
+    root = make_register_workspace(tmp_path / "ws", name, extra=("mlflow.experiment=registry-test",))
+    monkeypatch.chdir(root)
+    runpy.run_path(str(REPO_PIPELINE / "register.py"), run_name="__main__")
+
+    decision = json.loads((root / "reports/register/decision.json").read_text())
+    assert decision["promoted"] and decision["model_name"] == name
+    assert "PROMOTED" in (root / "reports/register/decision.md").read_text()
+    register_metrics = json.loads((root / "metrics/register.json").read_text())
+    assert register_metrics["version"] == 1 and math.isfinite(register_metrics["challenger"]["cell_accuracy"])
+    # Sensitivity was measured on the smear stage's blind smears only (4 of the 8).
+    assert decision["challenger"]["n_sensitivity_smears"] == 4 and decision["challenger"]["n_smears"] == 8
+
+    identifiers = patient_ids(read_table(root / "data/split/manifest.csv"))
+    assert "P0001" in identifiers and len(identifiers) > 10
+    assert scan_mlflow_for(identifiers, tmp_path / "download") == []
+
+
+def test_privacy_scan_finds_a_planted_patient_id(tmp_path, store):
+    """The scan itself can fail: an id logged as a tag and in an artifact is found in both places."""
+    import mlflow
+
+    with mlflow.start_run(tags={"leak": "cells of P0777"}) as run:
+        mlflow.log_text("smear S0777 of patient P0777", "leak.txt")
+    try:
+        hits = scan_mlflow_for({"P0777", "S0777"}, tmp_path / "download")
+    finally:  # the store is shared by the session: leave no leak for other scans
+        store.delete_run(run.info.run_id)
+    assert any("tags" in h and "P0777" in h for h in hits) and any("leak.txt" in h for h in hits)
