@@ -20,7 +20,8 @@ repro: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc config --local hydra.enabled true
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	@echo; echo "== cell and smear results (reports/report.md; all metrics: .venv/bin/dvc metrics show) =="
+	@sed -n '/^## 2/,/^!\[smear ROC\]/p' reports/report.md
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -35,7 +35,7 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "",
         "## 1. Backbones (paper Table 1)",
         "",
-        table1_markdown.split("\n", 2)[-1].strip(),
+        "\n".join(line for line in table1_markdown.splitlines() if line.startswith("|")),
         "",
         f"Selected **{selection.get('selected')}**: {selection.get('reason')}.",
         "",

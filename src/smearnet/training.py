@@ -1,4 +1,13 @@
-"""Fine-tuning with Lightning: Adam + triangular cyclical LR (paper 1, Sections 2.4 and 3.2)."""
+"""Fine-tuning with Lightning: Adam + triangular cyclical LR (paper 1, Sections 2.4 and 3.2).
+
+Single-process and data-parallel (``trainer.strategy=ddp``) runs train the same way:
+
+- ``train.batch_size`` is per process; the global batch is ``batch_size * world_size``.
+- Training images are shuffled by a per-epoch permutation seeded with ``seed + epoch`` (what DistributedSampler
+  does), so N processes with batch B/N see the same images per step as one process with batch B, and a run
+  resumed from ``last.ckpt`` sees the epochs in the order an uninterrupted run would.
+- Global rank 0 alone resets the checkpoint folder, writes files and owns the (single) MLflow run.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +16,21 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 
 import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, RandomSampler
 
+from smearnet.errors import SmearnetError
 from smearnet.models import build_model
+
+RUN_ID_FILE = "mlflow_run_id.txt"
 
 
 class CellClassifier(L.LightningModule):
@@ -75,28 +89,87 @@ def triangular_cyclic_lr(optimizer: torch.optim.Optimizer, lr_min: float, lr_max
                                              cycle_momentum=False)
 
 
-def build_trainer(trainer_cfg: Mapping, train_cfg: Mapping, checkpoint_dir: Path, *, logger=None,
+class EpochShuffleSampler(RandomSampler):
+    """A new permutation each epoch from ``seed + epoch``, the order torch's DistributedSampler draws.
+
+    Lightning calls ``set_epoch`` every epoch (also after resuming) and, being a RandomSampler, under DDP this
+    is replaced by ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, which deals the same permutation
+    round-robin to the ranks: with equal global batches, every step trains on the same images either way.
+    """
+
+    def __init__(self, data_source: Sized, seed: int):
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class TimmSyncBatchNorm(TorchSyncBatchNorm):
+    """Lightning's sync-BatchNorm plugin, converting with timm so BatchNormAct2d keeps its activation.
+
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (Lightning's default) replaces timm's BatchNormAct2d by a
+    bare SyncBatchNorm and silently drops the activation fused into it (every BN+SiLU of EfficientNet-B8).
+    """
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: torch.nn.Module) -> torch.nn.Module:
+        from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+        if not isinstance(model, SyncBatchNormAct):
+            return super().revert(model)  # plain SyncBatchNorm; recurses into children through this method
+        reverted = BatchNormAct2d(model.num_features, model.eps, model.momentum, model.affine,
+                                  model.track_running_stats, apply_act=False)
+        if model.affine:
+            reverted.weight, reverted.bias = model.weight, model.bias
+        reverted.running_mean, reverted.running_var = model.running_mean, model.running_var
+        reverted.num_batches_tracked = model.num_batches_tracked
+        for name, child in model.named_children():  # the original `drop` and `act`
+            reverted.add_module(name, self.revert(child))
+        return reverted.train(model.training)
+
+
+def build_trainer(trainer_cfg: Mapping, train_cfg: Mapping, checkpoint_dir: Path | None, *, logger=None,
                   enable_progress_bar: bool = True, callbacks: Sequence = ()) -> L.Trainer:
-    """A Lightning Trainer from `trainer` config: devices, nodes, strategy, precision, checkpoints."""
-    checkpoints = [
-        ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                        save_last=True, every_n_epochs=1, auto_insert_metric_name=False),
-    ]
-    if train_cfg.get("patience"):
-        checkpoints.append(EarlyStopping(monitor="val/loss", patience=int(train_cfg["patience"])))
+    """A Lightning Trainer from `trainer` config: devices, nodes, strategy, precision, checkpoints.
+
+    ``checkpoint_dir=None`` turns checkpointing and early stopping off (benchmarks, tests without validation).
+    """
+    accelerator = str(trainer_cfg["accelerator"])
+    sync_batchnorm = bool(trainer_cfg["sync_batchnorm"])
+    if sync_batchnorm and accelerator == "cpu":
+        raise SmearnetError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm refuses CPU tensors.",
+                            "set trainer.sync_batchnorm=false for CPU runs (each process then normalises with "
+                            "its own batch statistics).")
+    own_callbacks: list[L.Callback] = []
+    if checkpoint_dir is not None:
+        own_callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min",
+                                             save_top_k=1, save_last=True, every_n_epochs=1,
+                                             auto_insert_metric_name=False))
+        if train_cfg.get("patience"):
+            own_callbacks.append(EarlyStopping(monitor="val/loss", patience=int(train_cfg["patience"])))
     strategy = str(trainer_cfg["strategy"])
-    if strategy == "ddp" and trainer_cfg["accelerator"] == "cpu":
+    if strategy == "ddp" and accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend="gloo")
     return L.Trainer(
-        accelerator=str(trainer_cfg["accelerator"]), devices=trainer_cfg["devices"],
+        accelerator=accelerator, devices=trainer_cfg["devices"],
         num_nodes=int(trainer_cfg["num_nodes"]), strategy=strategy, precision=str(trainer_cfg["precision"]),
-        sync_batchnorm=bool(trainer_cfg["sync_batchnorm"]), deterministic=bool(trainer_cfg["deterministic"]),
+        plugins=[TimmSyncBatchNorm()] if sync_batchnorm else None, deterministic=bool(trainer_cfg["deterministic"]),
         max_epochs=int(train_cfg["cycles"]), limit_train_batches=train_cfg.get("limit_train_batches") or 1.0,
-        callbacks=[*checkpoints, *callbacks], logger=logger if logger is not None else False,
-        enable_progress_bar=enable_progress_bar, enable_model_summary=False, log_every_n_steps=10,
-        num_sanity_val_steps=0,
+        callbacks=[*own_callbacks, *callbacks], logger=logger if logger is not None else False,
+        enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0,
     )
 
 
@@ -127,21 +200,36 @@ def reset_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> None:
 
 
 class Stopwatch(L.Callback):
-    """Wall time and images seen during training, for images/s."""
+    """Wall time of the training loop (validation and checkpointing excluded) and images trained, for images/s."""
 
     def __init__(self):
         self.seconds = 0.0
         self.images = 0
-        self._start = 0.0
+        self._started: float | None = None
+
+    def _resume(self) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def _pause(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._start = time.perf_counter()
+        self._resume()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._resume()  # after a mid-epoch validation
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += int(batch[0].shape[0]) * trainer.world_size
 
+    def on_validation_start(self, trainer, pl_module):
+        self._pause()
+
     def on_train_epoch_end(self, trainer, pl_module):
-        self.seconds += time.perf_counter() - self._start
+        self._pause()
 
 
 def _plain(value):
@@ -156,15 +244,16 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
                    *, progress: bool = True) -> dict:
     """Train one configured backbone; write weights + model.json to `model_dir`; log to MLflow (rank 0).
 
-    Resumes from `checkpoint_dir/last.ckpt` when the previous attempt had the same configuration and data.
-    Returns the metrics written to metrics/train/<name>.json.
+    Resumes from `checkpoint_dir/last.ckpt`, continuing its MLflow run, when the previous attempt had the same
+    configuration and data. Returns the metrics written to metrics/train/<name>.json ({} on ranks other than 0).
     """
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
     from smearnet.config import model_config
-    from smearnet.data import make_loader
+    from smearnet.data import CellImages, make_loader
     from smearnet.inference import save_trained
+    from smearnet.io import write_text
     from smearnet.models import model_input_spec
     from smearnet.registry import log_model_version
     from smearnet.tracking import revision_tags, setup_mlflow, tracking_uri
@@ -176,34 +265,43 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
     L.seed_everything(seed, workers=True)
     data_hash = hashlib.sha256(pd_bytes(train_manifest) + pd_bytes(val_manifest)).hexdigest()[:16]
     fingerprint = run_fingerprint(model_cfg, cfg.train, cfg.trainer, classes, seed, data_hash)
+    # Every rank decides before any rank writes (rank 0 resets only after this, and checkpoints only once all
+    # ranks have joined the process group), so all ranks agree on resuming.
     resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
-    if resume_from is None and _is_rank_zero():
-        reset_checkpoint_dir(checkpoint_dir, fingerprint)
+    run_id_file = checkpoint_dir / RUN_ID_FILE
+    run_id = None
+    if resume_from is not None and run_id_file.is_file():
+        run_id = run_id_file.read_text().strip() or None
 
     batch_size = int(cfg.train.batch_size)
     workers = int(cfg.trainer.num_workers)
-    train_loader = make_loader(train_manifest, classes, input_spec, batch_size=batch_size, shuffle=True,
-                               num_workers=workers, seed=seed)
+    cache = bool(cfg.train.get("cache_images", True))
+    train_images = CellImages(train_manifest, classes, input_spec, cache=cache and workers == 0,
+                              dihedral=bool(cfg.train.get("dihedral_augment", False)))
+    train_loader = DataLoader(train_images, batch_size=batch_size, sampler=EpochShuffleSampler(train_images, seed),
+                              num_workers=workers, persistent_workers=workers > 0)
     val_loader = make_loader(val_manifest, classes, input_spec, batch_size=batch_size, shuffle=False,
-                             num_workers=workers)
+                             num_workers=workers, cache=cache)
 
     setup_mlflow(cfg.mlflow)
-    run_id_file = checkpoint_dir / "mlflow_run_id.txt"
-    run_id = run_id_file.read_text().strip() if resume_from and run_id_file.is_file() else None
     tags = {**revision_tags(experiment=str(cfg.mlflow.experiment)), "stage": "train", "backbone": name}
     logger = MLFlowLogger(experiment_name=str(cfg.mlflow.experiment), run_name=f"train-{name}",
                           tracking_uri=tracking_uri(cfg.mlflow), tags=tags, run_id=run_id)
     stopwatch = Stopwatch()
     trainer = build_trainer(cfg.trainer, cfg.train, checkpoint_dir, logger=logger, enable_progress_bar=progress,
                             callbacks=[stopwatch])
-    module = CellClassifier(model_cfg, cfg.train, classes)
-    if trainer.is_global_zero:
-        run_id_file.write_text(logger.run_id + "\n")
+    if trainer.is_global_zero:  # the global rank is known from the environment before fit launches any process
+        if resume_from is None:
+            _end_abandoned_run(run_id_file)
+            reset_checkpoint_dir(checkpoint_dir, fingerprint)
+        write_text(logger.run_id + "\n", run_id_file)  # creates the run (rank 0 only; other ranks get a dummy)
         logger.log_hyperparams({"backbone": name, "arch": model_cfg.arch, "input_size": list(model_cfg.input_size),
                                 "pretrained": model_cfg.pretrained, "train_images": len(train_manifest),
                                 "val_images": len(val_manifest), "world_size": trainer.world_size,
+                                "global_batch_size": batch_size * trainer.world_size,
                                 **{f"train.{k}": v for k, v in _plain(cfg.train).items() if k != "models"},
                                 **{f"trainer.{k}": v for k, v in _plain(cfg.trainer).items()}})
+    module = CellClassifier(model_cfg, cfg.train, classes)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero:
         return {}
@@ -236,11 +334,24 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
 
 
 def pd_bytes(frame) -> bytes:
-    """Stable bytes of a manifest's paths and labels, for fingerprints."""
-    return "\n".join(f"{p}\t{l}" for p, l in zip(frame["path"], frame["label"])).encode()
-
-
-def _is_rank_zero() -> bool:
+    """Stable bytes of a manifest's paths (relative to the project, so a moved clone still resumes) and labels."""
     import os
 
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    root = Path.cwd().resolve()
+    return "\n".join(f"{os.path.relpath(p, root)}\t{l}" for p, l in zip(frame["path"], frame["label"])).encode()
+
+
+def _end_abandoned_run(run_id_file: Path) -> None:
+    """Mark the MLflow run of an attempt that left no resumable checkpoint KILLED instead of RUNNING forever."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else ""
+    if not run_id:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+    except MlflowException:  # the run lives in another tracking store, or was deleted
+        pass

@@ -1,0 +1,266 @@
+"""Training at scale: DDP on CPU processes, resuming a killed run, and the pieces that make them agree.
+
+The slow tests run the real stage script (``pipeline/train.py``) in temporary projects, because Lightning's
+``strategy=ddp`` re-launches the calling script for the other ranks.
+
+"Same to tolerance" for DDP: 2 processes with ``train.batch_size=4`` against 1 process with ``batch_size=8``
+(same global batch, same data, same seed). The shuffling makes every step train on the same 8 images, so the
+step counts must be identical, and with no BatchNorm (lightcnn, dropout off) the runs differ only by float
+rounding (val loss within 1e-4). resnet18 has BatchNorm, and on CPU BatchNorm cannot be synchronised (torch's
+SyncBatchNorm is GPU-only), so each process normalises with statistics of 4 images instead of 8 and the runs take different paths: both
+must learn the colour task (val accuracy >= 0.9 and within 0.1 of each other, best val loss < 0.25 where chance
+is ln 3 = 1.10) in the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from conftest import REPO_ROOT, colour_cells
+from smearnet.errors import SmearnetError
+from smearnet.inference import load_trained
+from smearnet.training import EpochShuffleSampler, TimmSyncBatchNorm, build_trainer
+
+TRAIN_SCRIPT = REPO_ROOT / "pipeline" / "train.py"
+CLASSES = ["red", "green", "blue"]
+TRAIN_IMAGES, VAL_IMAGES, GLOBAL_BATCH, CYCLES = 48, 12, 8, 3
+STEPS_PER_EPOCH = TRAIN_IMAGES // GLOBAL_BATCH
+COMMON = [f"data.classes=[{','.join(CLASSES)}]", f"train.cycles={CYCLES}", "trainer.num_workers=0",
+          "trainer.precision=32-true", "trainer.sync_batchnorm=false", "trainer.deterministic=true"]
+RESNET = ["model=resnet18", "model.resnet18.input_size=[32,32]"]
+LIGHTCNN = ["model=lightcnn", "model.lightcnn.input_size=[32,40]", "model.lightcnn.drop_rate=0.0"]
+ONE_PROCESS = [f"train.batch_size={GLOBAL_BATCH}", "trainer.devices=1", "trainer.strategy=auto"]
+TWO_PROCESSES = [f"train.batch_size={GLOBAL_BATCH // 2}", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+# ------------------------------------------------------------------------------------------- fast tests
+
+
+def test_epoch_shuffle_gives_ddp_ranks_the_same_images_per_step():
+    dataset = list(range(TRAIN_IMAGES))
+    single = EpochShuffleSampler(dataset, seed=42)
+    ranks = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=42) for r in range(2)]
+    orders = []
+    for epoch in range(3):
+        for sampler in (single, *ranks):
+            sampler.set_epoch(epoch)
+        order = list(single)
+        rank_orders = [list(rank) for rank in ranks]
+        for step in range(STEPS_PER_EPOCH):
+            half = GLOBAL_BATCH // 2
+            ddp_step = set(rank_orders[0][step * half:(step + 1) * half] + rank_orders[1][step * half:(step + 1) * half])
+            assert ddp_step == set(order[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
+        assert sorted(order) == dataset and list(single) == order  # a permutation, repeatable within the epoch
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_sync_batchnorm_plugin_keeps_timm_activations():
+    import timm
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=3).eval()  # BatchNormAct2d(+SiLU) throughout
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        plugin = TimmSyncBatchNorm()
+        synced = plugin.apply(model).eval()  # eval mode: SyncBatchNorm does not communicate, so it runs on CPU
+        assert sum(isinstance(m, SyncBatchNormAct) for m in synced.modules()) > 40
+        torch.testing.assert_close(synced(images), expected)
+        reverted = plugin.revert(synced).eval()
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in reverted.modules())
+        assert sum(isinstance(m, BatchNormAct2d) for m in reverted.modules()) > 40
+        torch.testing.assert_close(reverted(images), expected)
+
+
+def test_sync_batchnorm_on_cpu_is_refused_with_a_fix():
+    trainer_cfg = {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "strategy": "ddp", "precision": "32-true",
+                   "sync_batchnorm": True, "deterministic": False}
+    with pytest.raises(SmearnetError, match="sync_batchnorm=false"):
+        build_trainer(trainer_cfg, {"cycles": 1}, None)
+
+
+def test_cpu_ddp_trainer_uses_gloo_and_knows_ranks_before_fit():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer_cfg = {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "strategy": "ddp", "precision": "32-true",
+                   "sync_batchnorm": False, "deterministic": False}
+    trainer = build_trainer(trainer_cfg, {"cycles": 1}, None, enable_progress_bar=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._process_group_backend == "gloo"
+    assert trainer.world_size == 2 and trainer.is_global_zero  # what train_backbone gates its writes on
+
+
+# ------------------------------------------------------------------------------------- script-level runs
+
+
+@dataclass
+class Project:
+    """A temporary project folder with params.yaml and manifests, trained by `pipeline/train.py <backbone>`."""
+
+    root: Path
+    backbone: str
+    experiment: str
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints" / self.backbone
+
+    def metrics(self) -> dict:
+        return json.loads((self.root / "metrics" / "train" / f"{self.backbone}.json").read_text())
+
+    def start(self, env: dict) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), self.backbone], cwd=self.root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def train(self, env: dict) -> dict:
+        process = self.start(env)
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, f"training failed:\n{output[-4000:]}"
+        return self.metrics()
+
+    def train_runs(self) -> list:
+        import mlflow
+
+        return mlflow.search_runs(experiment_names=[self.experiment], filter_string="tags.stage = 'train'",
+                                  output_format="list")
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training manifest, split manifest with the validation cells) of learnable colour cells."""
+    folder = tmp_path_factory.mktemp("cells")
+    train = colour_cells(folder / "train", CLASSES * (TRAIN_IMAGES // 3), [f"t{i}" for i in range(TRAIN_IMAGES)],
+                         size=32, seed=1)
+    val = colour_cells(folder / "val", CLASSES * (VAL_IMAGES // 3), [f"v{i}" for i in range(VAL_IMAGES)],
+                       size=32, seed=2)
+    split = pd.concat([train.assign(split="train"), val.assign(split="val")], ignore_index=True)
+    return train, split
+
+
+@pytest.fixture(scope="module")
+def train_env(_mlflow_store) -> dict:
+    """The environment of the training scripts: offline hub, the session's private MLflow store."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=_mlflow_store, PYTHONHASHSEED="0")
+
+
+@pytest.fixture(scope="module")
+def make_project(tmp_path_factory, manifests):
+    from smearnet.cli import compose_params
+    from smearnet.io import write_manifest
+
+    def make(name: str, backbone: str, overrides: list[str]) -> Project:
+        root = tmp_path_factory.mktemp(name)
+        experiment = f"scale-{root.name}"
+        compose_params([*COMMON, *overrides, f"mlflow.experiment={experiment}", f"registry.model_name={experiment}"],
+                       root / "params.yaml")
+        train, split = manifests
+        write_manifest(train, root / "data" / "upsampled" / "manifest.csv")
+        write_manifest(split, root / "data" / "split" / "manifest.csv")
+        return Project(root, backbone, experiment)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def resnet_one_process(make_project, train_env) -> Project:
+    """An uninterrupted single-process resnet18 run: the reference for DDP and for resuming."""
+    project = make_project("one", "resnet18", [*RESNET, *ONE_PROCESS])
+    project.train(train_env)
+    return project
+
+
+def assert_one_finished_run(project: Project, *, world_size: int) -> None:
+    runs = project.train_runs()
+    assert len(runs) == 1, f"expected one MLflow training run, got {len(runs)}"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == str(world_size) and run.data.params["global_batch_size"] == str(GLOBAL_BATCH)
+    assert (project.checkpoints / "mlflow_run_id.txt").read_text().strip() == run.info.run_id
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(make_project, train_env, resnet_one_process, mlflow_uri):
+    project = make_project("ddp", "resnet18", [*RESNET, *TWO_PROCESSES])
+    ddp = project.train(train_env)
+    one = resnet_one_process.metrics()
+    for key in ("epochs", "global_steps", "resumed"):
+        assert ddp[key] == one[key], key
+    assert ddp["global_steps"] == CYCLES * STEPS_PER_EPOCH
+    assert ddp["val_accuracy"] >= 0.9 and one["val_accuracy"] >= 0.9
+    assert abs(ddp["val_accuracy"] - one["val_accuracy"]) <= 0.1
+    assert max(ddp["best_val_loss"], one["best_val_loss"]) < 0.25  # chance level is ln 3 = 1.10
+    assert_one_finished_run(project, world_size=2)
+    assert load_trained(project.root / "models" / "resnet18").meta["metrics"]["global_steps"] == ddp["global_steps"]
+
+
+@pytest.mark.slow
+def test_ddp_without_batchnorm_equals_one_process(make_project, train_env, mlflow_uri):
+    one_project = make_project("lightcnn-one", "lightcnn", [*LIGHTCNN, *ONE_PROCESS])
+    one = one_project.train(train_env)
+    project = make_project("lightcnn-ddp", "lightcnn", [*LIGHTCNN, *TWO_PROCESSES])
+    ddp = project.train(train_env)
+    assert (ddp["epochs"], ddp["global_steps"]) == (one["epochs"], one["global_steps"]) == (CYCLES, CYCLES * STEPS_PER_EPOCH)
+    assert ddp["best_val_loss"] == pytest.approx(one["best_val_loss"], rel=1e-3)
+    assert ddp["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=1e-6)
+    assert ddp["val_macro_f1"] == pytest.approx(one["val_macro_f1"], abs=1e-6)
+    one_weights = load_trained(one_project.root / "models" / "lightcnn").net.state_dict()
+    ddp_weights = load_trained(project.root / "models" / "lightcnn").net.state_dict()
+    for name, weight in one_weights.items():  # the same model, up to float rounding
+        torch.testing.assert_close(ddp_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    assert_one_finished_run(project, world_size=2)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint_and_its_mlflow_run(make_project, train_env, resnet_one_process,
+                                                                  mlflow_uri):
+    import mlflow
+
+    project = make_project("resume", "resnet18", [*RESNET, *ONE_PROCESS])
+    # A previous attempt with other settings, killed before its first checkpoint: its run must not stay RUNNING.
+    client = mlflow.MlflowClient()
+    stale = client.create_run(client.create_experiment(project.experiment), tags={"stage": "train"})
+    project.checkpoints.mkdir(parents=True)
+    (project.checkpoints / "fingerprint.txt").write_text("other-settings\n")
+    (project.checkpoints / "mlflow_run_id.txt").write_text(stale.info.run_id + "\n")
+
+    process = project.start(train_env)
+    last = project.checkpoints / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"training ended before it was killed:\n{output[-3000:]}"
+    assert last.is_file() and not (project.root / "metrics" / "train" / "resnet18.json").exists()
+    first_run_id = (project.checkpoints / "mlflow_run_id.txt").read_text().strip()
+    assert first_run_id != stale.info.run_id
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert client.get_run(first_run_id).info.status == "RUNNING"  # SIGKILL: nothing could close it
+
+    resumed = project.train(train_env)
+    assert resumed["resumed"] is True
+    assert (resumed["epochs"], resumed["global_steps"]) == (CYCLES, CYCLES * STEPS_PER_EPOCH)
+    # Restored weights, optimizer, LR schedule and per-epoch shuffling: the same result as never stopping.
+    uninterrupted = resnet_one_process.metrics()
+    assert resumed["best_val_loss"] == pytest.approx(uninterrupted["best_val_loss"], rel=1e-4)
+    assert resumed["val_accuracy"] == pytest.approx(uninterrupted["val_accuracy"], abs=1e-6)
+    resumed_weights = load_trained(project.root / "models" / "resnet18").net.state_dict()
+    for name, weight in load_trained(resnet_one_process.root / "models" / "resnet18").net.state_dict().items():
+        torch.testing.assert_close(resumed_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    runs = {run.info.run_id: run for run in project.train_runs()}
+    assert set(runs) == {stale.info.run_id, first_run_id}  # continued, not a new run
+    assert runs[first_run_id].info.status == "FINISHED"
+    assert json.loads((project.root / "models" / "resnet18" / "model.json").read_text())["mlflow_run_id"] == first_run_id
