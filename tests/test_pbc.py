@@ -1,0 +1,55 @@
+"""Real CellaVision images (../shared/data/pbc): a small sample, skipped cleanly when the folder is absent."""
+
+import shutil
+
+import pytest
+
+from conftest import PBC_DIR
+from smearnet.compose import compose_smears
+from smearnet.config import compose_config
+from smearnet.datasets import load_dataset_manifest, manifest_from_folder
+from smearnet.ingest import load_rgb, validate_manifest
+
+pytestmark = [pytest.mark.pbc,
+              pytest.mark.skipif(not PBC_DIR.is_dir(), reason=f"PBC images not present at {PBC_DIR}")]
+
+
+@pytest.fixture
+def pbc_sample(tmp_path):
+    """Four images of each class, copied into a temporary class-per-folder tree (never into the repo)."""
+    for folder in sorted(p for p in PBC_DIR.iterdir() if p.is_dir()):
+        (tmp_path / folder.name).mkdir()
+        for image in sorted(folder.glob("*.jpg"))[:4]:
+            shutil.copy2(image, tmp_path / folder.name / image.name)
+    return tmp_path
+
+
+def test_folder_tree_becomes_a_manifest_each_image_its_own_patient(pbc_sample):
+    manifest = manifest_from_folder(pbc_sample)
+    assert len(manifest) == 32 and manifest["label"].nunique() == 8
+    assert manifest["patient_id"].is_unique  # no donor ids in PBC: one image, one patient
+
+
+def test_real_images_pass_ingest_and_decode_to_rgb(pbc_sample):
+    classes = sorted(p.name for p in pbc_sample.iterdir())
+    result = validate_manifest(manifest_from_folder(pbc_sample), classes, workers=1, progress=False)
+    assert len(result.accepted) == 32 and result.quarantined.empty
+    image = load_rgb(result.accepted["path"].iloc[0])
+    assert image.mode == "RGB" and min(image.size) >= 360
+
+
+def test_experiment_pbc_points_at_the_shared_folder_and_composes_smears(pbc_sample):
+    cfg = compose_config(["experiment=pbc", f"data.root={pbc_sample}"])
+    assert cfg.data.source == "folder" and cfg.smear.compose.enabled and len(cfg.data.classes) == 8
+    manifest = load_dataset_manifest(cfg.data)
+    smears = compose_smears(manifest, str(cfg.data.positive_class), seed=0,
+                            mix={"positive_smears": 3, "negative_smears": 3})
+    per_smear = smears.groupby("smear_id")["label"].apply(lambda s: (s == "erythroblast").sum())
+    assert (per_smear[per_smear.index.str.startswith("S-pos")] >= 1).all()
+    assert (per_smear[per_smear.index.str.startswith("S-neg")] == 0).all()
+
+
+def test_wbc4_selects_the_four_white_cell_types_for_lightcnn():
+    cfg = compose_config(["experiment=wbc4"])
+    assert list(cfg.data.classes) == ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    assert cfg.train.models == ["lightcnn"] and list(cfg.model.lightcnn.input_size) == [80, 100]
