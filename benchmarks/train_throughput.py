@@ -11,7 +11,9 @@ Each step is timed end to end, so Lightning's hooks, metrics and logging count. 
 median step time and peak RSS of a separate run of each loop, and Lightning's overhead over the plain loop.
 Other jobs on a shared machine shift timings by 10-20% within a minute, more than the 5% overhead target, so
 where a step is quick the overhead is also measured *paired*: one run alternates a Lightning step and a plain
-step (two models), and the overhead is the median of the per-pair ratios. Last, the time one cycle of
+step (two models), and the overhead is the median of the per-pair ratios. Lightning's fixed cost per step is
+measured the same way on a model with almost no compute (lightcnn at 8x10 px, batch 2); divided by each
+model's plain step time it gives the overhead least disturbed by other jobs. Last, the time one cycle of
 ``experiment=paper`` (12,750 images) would take on this CPU per paper backbone.
 
 Each backbone runs in its own subprocess (clean peak memory, survives an out-of-memory kill), by default with
@@ -36,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +50,8 @@ PAPER_MODELS = ["xception71", "repvgg_b3g4", "efficientnet_b8"]
 DEFAULT_BATCH = {"resnet18": 32, "lightcnn": 32, "xception71": 4, "repvgg_b3g4": 4, "efficientnet_b8": 1}
 MODES = {"fp32": ("32-true", False), "fp32+cl": ("32-true", True), "bf16": ("bf16-mixed", False),
          "bf16+cl": ("bf16-mixed", True)}
+# Lightning's fixed per-step cost: a model whose step is nearly all framework (paired measurement).
+FIXED_COST_PROBE = {"model": "lightcnn", "size": (8, 10), "batch_size": 2, "modes": ["fp32"], "seconds": 3.0}
 PAPER_CYCLE_IMAGES = 12_750
 PAPER_CYCLES = 36
 CLASSES = ["normal", "classic_rl", "covid_rl"]
@@ -171,6 +175,7 @@ class PlainLoop:
 
 
 def run_plain(spec: RunSpec, clock: StepClock) -> None:
+    """The bare loop until `clock` has timed enough steps."""
     import torch
 
     torch.use_deterministic_algorithms(bool(spec.trainer_cfg["deterministic"]))  # as the Trainer sets it
@@ -182,8 +187,8 @@ def run_plain(spec: RunSpec, clock: StepClock) -> None:
             break
 
 
-def run_lightning(spec: RunSpec, after_step) -> None:
-    """The project's module and Trainer; `after_step(trainer)` runs after every step and may stop it."""
+def run_lightning(spec: RunSpec, after_step: Callable[[], bool]) -> None:
+    """The project's module and Trainer; `after_step()` runs after every step and stops training by returning True."""
     import lightning as L
     import torch
 
@@ -301,15 +306,21 @@ def worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- the driver
 
 
-def run_model(name: str, args: argparse.Namespace, timeout: float) -> tuple[list[ModeResult], str | None]:
-    """Run one model's worker for at most `timeout` seconds; its results and a note when it did not finish."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--modes", *args.modes,
-               "--warmup", str(args.warmup), "--min-steps", str(args.min_steps), "--seconds", str(args.seconds),
-               "--max-steps", str(args.max_steps), "--paired-below", str(args.paired_below)]
-    if args.size:
-        command += ["--size", "x".join(map(str, args.size))]
-    if args.batch_size:
-        command += ["--batch-size", str(args.batch_size)]
+def run_model(name: str, args: argparse.Namespace, timeout: float, *, size: tuple[int, int] | None = None,
+              batch_size: int | None = None, modes: list[str] | None = None,
+              seconds: float | None = None) -> tuple[list[ModeResult], str | None]:
+    """Run one model's worker for at most `timeout` seconds; its results and a note when it did not finish.
+
+    `size`, `batch_size`, `modes` and `seconds` override the command line's.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--modes", *(modes or args.modes),
+               "--warmup", str(args.warmup), "--min-steps", str(args.min_steps),
+               "--seconds", str(seconds or args.seconds), "--max-steps", str(args.max_steps),
+               "--paired-below", str(args.paired_below)]
+    if size or args.size:
+        command += ["--size", "x".join(map(str, size or args.size))]
+    if batch_size or args.batch_size:
+        command += ["--batch-size", str(batch_size or args.batch_size)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -342,17 +353,19 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def throughput_table(results: list[ModeResult]) -> str:
+def throughput_table(results: list[ModeResult], fixed_cost_ms: float | None) -> str:
     rows = []
     for r in results:
         separate = r.lightning.median_step_seconds / r.plain.median_step_seconds - 1
+        paired = f"{r.paired.overhead:+.1%} ({r.paired.extra_ms:+.0f} ms, {r.paired.pairs} pairs)" if r.paired else "-"
         rows.append([r.model, r.size, str(r.batch), r.mode, f"{r.plain.images_per_second:.2f}",
-                     f"{r.lightning.images_per_second:.2f}", f"{separate:+.1%}",
-                     f"{r.paired.overhead:+.1%} ({r.paired.extra_ms:+.0f} ms, {r.paired.pairs} pairs)" if r.paired else "-",
+                     f"{r.lightning.images_per_second:.2f}", f"{separate:+.1%}", paired,
+                     f"{fixed_cost_ms / 1000 / r.plain.median_step_seconds:+.1%}" if fixed_cost_ms is not None else "-",
                      f"{r.plain.peak_rss_gb:.2f}", f"{r.lightning.peak_rss_gb:.2f}",
                      f"{r.plain.timed_steps}/{r.lightning.timed_steps}"])
     return format_table(["model", "size", "batch", "mode", "plain img/s", "lightning img/s", "overhead (separate)",
-                         "overhead (paired)", "plain RSS GB", "lightning RSS GB", "steps p/l"], rows)
+                         "overhead (paired)", "overhead (fixed cost)", "plain RSS GB", "lightning RSS GB",
+                         "steps p/l"], rows)
 
 
 def paper_cost_table(results: list[ModeResult], cycle_images: int) -> str:
@@ -361,7 +374,8 @@ def paper_cost_table(results: list[ModeResult], cycle_images: int) -> str:
         modes = [r for r in results if r.model == model]
         if not modes:
             continue
-        runs = [(f"{loop} {r.mode}", getattr(r, loop).images_per_second) for r in modes for loop in ("plain", "lightning")]
+        runs = [(f"{loop} {r.mode}", getattr(r, loop).images_per_second)
+                for r in modes for loop in ("plain", "lightning")]
         configured = next(((label, speed) for label, speed in runs if label == "lightning fp32"), None)
         cells = [model, modes[0].size, str(modes[0].batch)]
         for run in (configured, max(runs, key=lambda run: run[1])):
@@ -390,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help=f"per-step batch for every model (default: {DEFAULT_BATCH})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before measuring, per run (>= 1)")
     parser.add_argument("--min-steps", type=int, default=2, help="timed steps per run at least")
-    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per run at least (unless --max-steps)")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="timed seconds per run at least (unless --max-steps)")
     parser.add_argument("--max-steps", type=int, default=40, help="timed steps per run at most")
     parser.add_argument("--paired-below", type=float, default=1.5,
                         help="measure the paired overhead when a plain step takes less than this many seconds")
@@ -398,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OMP_WAIT_POLICY of the workers (inherit: this environment's)")
     parser.add_argument("--model-timeout", type=float, default=300.0, help="seconds per model before giving up")
     parser.add_argument("--budget", type=float, default=570.0, help="seconds for all models; later ones are skipped")
+    parser.add_argument("--no-fixed-cost", action="store_true", help="skip measuring Lightning's fixed step cost")
     parser.add_argument("--paper-cycle-images", type=int, default=PAPER_CYCLE_IMAGES)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=ALL_MODELS, help=argparse.SUPPRESS)
@@ -415,6 +431,18 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     results: list[ModeResult] = []
     notes: list[str] = []
+    fixed_cost_ms = None
+    if not args.no_fixed_cost:
+        probe = dict(FIXED_COST_PROBE)
+        probe_results, note = run_model(probe.pop("model"), args, args.model_timeout, **probe)
+        if probe_results and probe_results[0].paired:
+            fixed = probe_results[0].paired
+            fixed_cost_ms = fixed.extra_ms
+            print(f"[Lightning's fixed cost: {fixed.extra_ms:+.1f} ms a step (median of {fixed.pairs} pairs, "
+                  f"lightcnn 8x10 batch 2, {probe_results[0].plain.median_step_seconds * 1000:.1f} ms a plain step)]",
+                  flush=True)
+        else:
+            notes.append(f"Lightning's fixed cost was not measured ({note or 'no paired result'})")
     for name in args.models:
         remaining = args.budget - (time.perf_counter() - started)
         if remaining < 10:
@@ -427,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{name}: {len(model_results)} modes in {time.perf_counter() - model_started:.0f} s, "
               f"load average {os.getloadavg()[0]:.1f}]", flush=True)
     print()
-    print(throughput_table(results) if results else "no results")
+    print(throughput_table(results, fixed_cost_ms) if results else "no results")
     if any(r.model in PAPER_MODELS for r in results):
         print(f"\nexperiment=paper on this CPU: one cycle = {args.paper_cycle_images:,} images (at the batch measured; "
               "'as configured' = the Lightning pipeline in fp32, as trainer=cpu runs it)")
@@ -435,8 +463,11 @@ def main(argv: list[str] | None = None) -> None:
     for note in notes:
         print(f"note: {note}")
     cores = os.cpu_count() or 1
-    print(f"\noverhead = Lightning step time / plain step time - 1; paired: median over alternating steps. "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy}, "
+    wait_policy = (os.environ.get("OMP_WAIT_POLICY", "unset") if args.omp_wait_policy == "inherit"
+                   else args.omp_wait_policy)
+    print(f"\noverhead = Lightning step time / plain step time - 1; paired: median over alternating steps; fixed "
+          "cost: Lightning's fixed cost / plain step time. "
+          f"OMP_WAIT_POLICY={wait_policy}, "
           f"torch threads {_torch_threads()}, {cores} cores, load average {load_before:.1f} at the start and "
           f"{os.getloadavg()[0]:.1f} at the end, {time.perf_counter() - started:.0f} s in all.")
     if max(load_before, os.getloadavg()[0]) > cores:

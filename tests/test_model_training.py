@@ -30,6 +30,16 @@ def colour_batch(per_class: int, height: int, width: int, seed: int = 0) -> tupl
     return images, targets
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these small steps gain little from two, and on a shared 2-core machine a busy
+    neighbour stalls OpenMP's spinning threads (measured: this file 140 s with two threads, 28 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class LossRecorder(L.Callback):
     """The training loss of every step, as computed before that step's update."""
 
@@ -41,7 +51,8 @@ class LossRecorder(L.Callback):
 
 
 def fit_fixed_batch(model_cfg: dict, images: torch.Tensor, targets: torch.Tensor, steps: int,
-                    precision: str = "32-true", callbacks: tuple[L.Callback, ...] = ()) -> tuple[CellClassifier, list[float]]:
+                    precision: str = "32-true",
+                    callbacks: tuple[L.Callback, ...] = ()) -> tuple[CellClassifier, list[float]]:
     """`steps` optimizer steps of CellClassifier on the same batch; returns the module and the loss per step."""
     L.seed_everything(0)
     module = CellClassifier(model_cfg, TRAIN_CFG, CLASSES)
@@ -57,7 +68,7 @@ def fit_fixed_batch(model_cfg: dict, images: torch.Tensor, targets: torch.Tensor
 
 @pytest.mark.parametrize(("arch", "size", "steps"), [
     ("xception71", (64, 64), 4),
-    pytest.param("tf_efficientnet_b8", (64, 64), 3, marks=pytest.mark.slow),  # 87M parameters: ~10 s a step
+    ("tf_efficientnet_b8", (64, 64), 3),
     ("repvgg_b3g4", (64, 64), 4),
     ("lightcnn", (80, 100), 6),
 ])
