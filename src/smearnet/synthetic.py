@@ -24,9 +24,6 @@ import io
 import math
 import multiprocessing
 import numbers
-import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from smearnet.errors import SmearnetError
+from smearnet.io import atomic_directory
 
 CLASSES: tuple[str, ...] = ("normal", "classic_rl", "covid_rl")
 
@@ -641,13 +639,6 @@ def _render_all(specs: list[CellSpec], images_dir: Path, workers: int, image_siz
         yield from pool.imap(job, specs, chunksize=chunk_size)
 
 
-def _fresh_sibling(out_dir: Path, purpose: str) -> Path:
-    """Create a new hidden folder next to ``out_dir`` (same filesystem, so ``os.replace`` works)."""
-    sibling = out_dir.parent / f".{out_dir.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    sibling.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
-    return sibling
-
-
 def manifest_frame(specs: Sequence[CellSpec]) -> pd.DataFrame:
     """The manifest rows for ``specs`` (paths relative to the manifest's folder)."""
     return pd.DataFrame(
@@ -673,10 +664,7 @@ def generate_cohort(out_dir: Path, scale: float, seed: int, *, workers: int = 2,
                             "pass a JPEG quality such as 90.")
     specs = plan_cohort(scale, seed, **plan_kwargs)
 
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_sibling(out_dir, "partial")
-    try:
+    with atomic_directory(Path(out_dir).resolve()) as staging:
         images_dir = staging / "images"
         images_dir.mkdir()
         rendered = _render_all(specs, images_dir, workers, image_size, jpeg_quality)
@@ -684,14 +672,4 @@ def generate_cohort(out_dir: Path, scale: float, seed: int, *, workers: int = 2,
             pass
         manifest = manifest_frame(specs)
         manifest.to_csv(staging / "manifest.csv", index=False, lineterminator="\n")
-        if out_dir.exists():
-            retired = _fresh_sibling(out_dir, "old")
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
