@@ -31,3 +31,17 @@ def test_deterministic_by_seed():
 def test_missing_target_class_is_a_clear_error():
     with pytest.raises(SmearnetError, match="target class `ig`"):
         compose_smears(cells(), "ig", seed=0)
+
+
+def test_composed_smear_cells_reuse_the_test_predictions_without_the_network():
+    import numpy as np
+
+    from smearnet.evaluate import smear_cell_probabilities
+
+    test = cells(n_target=10, n_other=40).set_index(np.arange(100, 150))
+    table = pd.DataFrame({"prob_erythroblast": np.linspace(0, 1, 50), "prob_neutrophil": np.linspace(1, 0, 50)})
+    model = type("Model", (), {"classes": ["erythroblast", "neutrophil"]})()  # no network: must not be called
+    smears = compose_smears(test, "erythroblast", seed=0)
+    probabilities = smear_cell_probabilities(model, smears, test, table, batch_size=4)
+    expected = table["prob_erythroblast"].to_numpy()[smears["cell_index"].to_numpy() - 100]
+    assert np.allclose(probabilities[:, 0], expected)

@@ -45,6 +45,20 @@ def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str
     return metrics, table
 
 
+def smear_cell_probabilities(model: TrainedModel, cells: pd.DataFrame, test: pd.DataFrame,
+                             test_table: pd.DataFrame, *, batch_size: int) -> np.ndarray:
+    """Probabilities for the smear cells; cells drawn from the test split reuse the test predictions.
+
+    Composed smears repeat test cells across smears, so predicting them again would cost more than the
+    test split itself; only assessment cells (never seen by `evaluate_cells`) go through the network.
+    """
+    rows = cells["cell_index"] if "cell_index" in cells else cells.index
+    positions = test.index.get_indexer(rows)
+    if (positions >= 0).all():
+        return test_table[[f"prob_{name}" for name in model.classes]].to_numpy()[positions]
+    return predict_probabilities(model, cells, batch_size=batch_size, desc="smear cells")
+
+
 def class_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """Class names to indices into `classes`."""
     index = {name: i for i, name in enumerate(classes)}
