@@ -22,9 +22,7 @@ class CellImages(Dataset):
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         index = {name: i for i, name in enumerate(classes)}
         self.targets = [index.get(label, -1) for label in manifest["label"]] if "label" in manifest else [-1] * len(self.paths)
-        self.height, self.width = (int(v) for v in input_spec["input_size"])
-        self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(input_spec["std"], dtype=torch.float32).view(3, 1, 1)
+        self.input_spec = input_spec
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -34,18 +32,24 @@ class CellImages(Dataset):
 
         tensor = self.cache.get(i) if self.cache is not None else None
         if tensor is None:
-            tensor = self.to_tensor(load_rgb(Path(self.paths[i])))
+            tensor = cell_tensor(load_rgb(Path(self.paths[i])), self.input_spec)
             if self.cache is not None:
                 self.cache[i] = tensor
         if self.dihedral:
             tensor = random_dihedral(tensor)
         return tensor, self.targets[i]
 
-    def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """Resize (bilinear, antialiased) and normalise one RGB image."""
-        image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
-        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        return (array - self.mean) / self.std
+
+
+def cell_tensor(image: Image.Image, input_spec: Mapping) -> torch.Tensor:
+    """Resize (bilinear) and normalise one RGB image to the model's input: the one preprocessing route
+    shared by training, evaluation, prediction and serving."""
+    height, width = (int(v) for v in input_spec["input_size"])
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(input_spec["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(input_spec["std"], dtype=torch.float32).view(3, 1, 1)
+    return (array - mean) / std
 
 
 def random_dihedral(image: torch.Tensor) -> torch.Tensor:

@@ -105,13 +105,12 @@ def decode_image_bytes(data: bytes, *, max_pixels: int = 40_000_000):
 @torch.inference_mode()
 def image_probabilities(model: TrainedModel, images: Sequence) -> np.ndarray:
     """Softmax probabilities for decoded PIL images; rows of NaN for `None` (undecodable) entries."""
-    from smearnet.data import CellImages
+    from smearnet.data import cell_tensor
 
-    to_tensor = CellImages(pd.DataFrame({"path": []}), model.classes, model.input_spec).to_tensor
     good = [i for i, image in enumerate(images) if image is not None]
     probabilities = np.full((len(images), len(model.classes)), np.nan, dtype=np.float32)
     if good:
-        batch = torch.stack([to_tensor(images[i]) for i in good])
+        batch = torch.stack([cell_tensor(images[i], model.input_spec) for i in good])
         probabilities[good] = torch.softmax(model.net(batch).float(), dim=1).numpy()
     return probabilities
 
