@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from conftest import colour_cells
@@ -11,6 +12,20 @@ def test_images_are_resized_normalised_and_labelled(tmp_path):
     dataset = CellImages(manifest, ["a", "b"], SPEC)
     image, target = dataset[1]
     assert image.shape == (3, 16, 16) and target == 1 and -1.0 <= image.min() and image.max() <= 1.0
+
+
+def test_center_crop_keeps_the_middle_of_the_frame():
+    from PIL import Image
+
+    from smearnet.data import cell_tensor
+
+    pixels = np.zeros((90, 120, 3), dtype=np.uint8)
+    pixels[30:60, 45:75] = 255  # a white 30x30 "cell" in the middle of a black frame
+    image = Image.fromarray(pixels)
+    whole = cell_tensor(image, SPEC)
+    cropped = cell_tensor(image, {**SPEC, "center_crop": 0.25})  # 22 px of the 90 px shorter side
+    assert whole.min() == -1.0 and whole.max() == 1.0
+    assert cropped.shape == (3, 16, 16) and torch.allclose(cropped, torch.ones_like(cropped))
 
 
 def test_cache_returns_the_same_tensor_without_decoding_again(tmp_path):

@@ -6,8 +6,11 @@ import torch
 from conftest import colour_cells
 from smearnet.config import compose_config
 from smearnet.inference import load_trained, predict_probabilities
-from smearnet.training import (reset_checkpoint_dir, resumable_checkpoint, run_fingerprint, train_backbone,
-                               triangular_cyclic_lr)
+from smearnet.errors import SmearnetError
+from smearnet.training import (CellClassifier, build_optimizer, build_schedule, reset_checkpoint_dir,
+                               resumable_checkpoint, run_fingerprint, train_backbone, triangular_cyclic_lr)
+
+RECIPE = {"lr_min": 1e-4, "lr_max": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}
 
 
 def test_cyclic_lr_hits_bounds_at_the_right_steps():
@@ -21,6 +24,41 @@ def test_cyclic_lr_hits_bounds_at_the_right_steps():
     assert lrs[0] == pytest.approx(1e-3) and lrs[5] == pytest.approx(1e-2)
     assert lrs[10] == pytest.approx(1e-3) and lrs[15] == pytest.approx(1e-2) and lrs[20] == pytest.approx(1e-3)
     assert max(lrs) == pytest.approx(1e-2) and min(lrs) == pytest.approx(1e-3)
+
+
+def test_onecycle_warms_up_to_lr_max_then_anneals_to_lr_min():
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**RECIPE, "optimizer": "adamw",
+                                                                        "weight_decay": 0.05})
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.05
+    scheduler = build_schedule(optimizer, {**RECIPE, "schedule": "onecycle", "warmup_fraction": 0.2},
+                               steps_per_cycle=10, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-2) and lrs.index(max(lrs)) in (19, 20)
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+
+
+def test_sgd_uses_nesterov_momentum_and_unknown_names_fail():
+    sgd = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**RECIPE, "optimizer": "sgd"})
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
+    adam = build_optimizer([torch.nn.Parameter(torch.zeros(1))], RECIPE)  # the paper's default
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["weight_decay"] == 0.0
+    with pytest.raises(SmearnetError, match="train.optimizer"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**RECIPE, "optimizer": "lamb"})
+    with pytest.raises(SmearnetError, match="train.schedule"):
+        build_schedule(adam, {**RECIPE, "schedule": "cosine"}, 10, 100)
+
+
+def test_label_smoothing_and_channels_last_reach_the_module():
+    model_cfg = {"name": "r", "arch": "resnet18", "input_size": [32, 32], "pretrained": False,
+                 "allow_random_init": True}
+    module = CellClassifier(model_cfg, {**RECIPE, "label_smoothing": 0.1, "channels_last": True}, ["a", "b"])
+    assert module.loss.label_smoothing == 0.1
+    assert module.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 2)
 
 
 def test_checkpoint_is_resumed_only_for_the_same_run(tmp_path):

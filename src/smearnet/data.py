@@ -42,10 +42,17 @@ class CellImages(Dataset):
 
 
 def cell_tensor(image: Image.Image, input_spec: Mapping) -> torch.Tensor:
-    """Resize (bilinear) and normalise one RGB image to the model's input: the one preprocessing route
-    shared by training, evaluation, prediction and serving."""
+    """Centre-crop (``input_spec["center_crop"]``, a fraction of the shorter side; 1 keeps the whole image),
+    resize (bilinear) and normalise one RGB image to the model's input: the one preprocessing route shared by
+    training, evaluation, prediction and serving, so a served model sees what it was trained on."""
     height, width = (int(v) for v in input_spec["input_size"])
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    fraction = float(input_spec.get("center_crop", 1.0))
+    if fraction < 1.0:
+        side = min(image.size) * fraction
+        left, top = (image.size[0] - side) / 2, (image.size[1] - side) / 2
+        image = image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    else:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(input_spec["mean"], dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(input_spec["std"], dtype=torch.float32).view(3, 1, 1)

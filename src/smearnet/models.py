@@ -186,7 +186,10 @@ def build_model(model_cfg: Mapping, num_classes: int) -> nn.Module:
 
 
 def model_input_spec(model_cfg: Mapping) -> dict[str, Any]:
-    """Input size ``(H, W)``, ``mean``, ``std``, ``interpolation`` and ``crop_pct`` the model expects.
+    """Input size ``(H, W)``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``center_crop`` the model expects.
+
+    ``center_crop`` (``model_cfg.center_crop``, default 1) is the fraction of the image's shorter side kept
+    around its centre before resizing: CellaVision cells sit in the middle of the frame.
 
     For timm models these are the default pretrained weights' values (ImageNet or Inception statistics, as
     the weights were trained); ``model_cfg.input_size`` overrides the size.
@@ -203,6 +206,11 @@ def model_input_spec(model_cfg: Mapping) -> dict[str, Any]:
         data_cfg["input_size"] = tuple(resolved["input_size"][1:])
     if model_cfg.get("input_size") is not None:
         data_cfg["input_size"] = _input_size(model_cfg)
+    crop = float(model_cfg.get("center_crop") or 1.0)
+    if not 0.0 < crop <= 1.0:
+        raise SmearnetError(f"model.center_crop must be in (0, 1], got {crop} for model {_name(model_cfg)}.",
+                            "It is the fraction of the image's shorter side kept around the centre (1 = all).")
+    data_cfg["center_crop"] = crop
     data_cfg["mean"] = tuple(float(v) for v in data_cfg["mean"])
     data_cfg["std"] = tuple(float(v) for v in data_cfg["std"])
     return data_cfg

@@ -43,13 +43,18 @@ class CellClassifier(L.LightningModule):
         self.classes = list(classes)
         self.train_cfg = _plain(train_cfg)
         self.net = build_model(model_cfg, num_classes=len(classes))
-        self.loss = torch.nn.CrossEntropyLoss()
+        self.loss = torch.nn.CrossEntropyLoss(label_smoothing=float(self.train_cfg.get("label_smoothing") or 0.0))
+        self.channels_last = bool(self.train_cfg.get("channels_last", False))
+        if self.channels_last:  # NHWC: oneDNN's fast convolution layout on CPU (about 2x with bf16 here)
+            self.net = self.net.to(memory_format=torch.channels_last)
         n = len(classes)
         self.train_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
         self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(num_classes=n, average="macro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     def training_step(self, batch, batch_idx):
@@ -73,11 +78,30 @@ class CellClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.train_cfg
-        optimizer = torch.optim.Adam(self.parameters(), lr=float(cfg["lr_min"]),
-                                     betas=tuple(float(b) for b in cfg["betas"]), eps=float(cfg["eps"]))
         steps_per_cycle = max(2, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)))
-        scheduler = triangular_cyclic_lr(optimizer, float(cfg["lr_min"]), float(cfg["lr_max"]), steps_per_cycle)
+        optimizer = build_optimizer(self.parameters(), cfg)
+        scheduler = build_schedule(optimizer, cfg, steps_per_cycle, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("triangular", "onecycle")
+
+
+def build_optimizer(parameters, train_cfg: Mapping) -> torch.optim.Optimizer:
+    """`train.optimizer`: adam (the paper's, with `betas`/`eps`), adamw, or sgd (Nesterov momentum `betas[0]`);
+    `train.weight_decay` (default 0). The starting learning rate is `lr_min`; the schedule moves it."""
+    name = str(train_cfg.get("optimizer", "adam"))
+    decay = float(train_cfg.get("weight_decay") or 0.0)
+    lr = float(train_cfg["lr_min"])
+    betas = tuple(float(b) for b in train_cfg["betas"])
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=float(train_cfg["eps"]), weight_decay=decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=betas, eps=float(train_cfg["eps"]), weight_decay=decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=betas[0], nesterov=True, weight_decay=decay)
+    raise SmearnetError(f"Unknown train.optimizer `{name}`.", f"use one of {', '.join(OPTIMIZERS)}.")
 
 
 def triangular_cyclic_lr(optimizer: torch.optim.Optimizer, lr_min: float, lr_max: float,
@@ -87,6 +111,22 @@ def triangular_cyclic_lr(optimizer: torch.optim.Optimizer, lr_min: float, lr_max
     return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lr_min, max_lr=lr_max, step_size_up=up,
                                              step_size_down=max(1, steps_per_cycle - up), mode="triangular",
                                              cycle_momentum=False)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, train_cfg: Mapping, steps_per_cycle: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """`train.schedule`: triangular (the paper's: one lr_min -> lr_max -> lr_min cycle per pass) or onecycle
+    (a single warm-up to lr_max over `warmup_fraction` of all steps, then cosine annealing to lr_min)."""
+    name = str(train_cfg.get("schedule", "triangular"))
+    lr_min, lr_max = float(train_cfg["lr_min"]), float(train_cfg["lr_max"])
+    if name == "triangular":
+        return triangular_cyclic_lr(optimizer, lr_min, lr_max, steps_per_cycle)
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr_max, total_steps=max(2, total_steps),
+            pct_start=float(train_cfg.get("warmup_fraction") or 0.15), anneal_strategy="cos",
+            div_factor=lr_max / lr_min, final_div_factor=1.0, cycle_momentum=False)
+    raise SmearnetError(f"Unknown train.schedule `{name}`.", f"use one of {', '.join(SCHEDULES)}.")
 
 
 class EpochShuffleSampler(RandomSampler):
