@@ -6,7 +6,7 @@ from pathlib import Path
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.evaluate import evaluate_cells, smear_cell_probabilities, smear_cells
-from smearnet.inference import load_trained, predictions_table
+from smearnet.inference import load_for_inference, predictions_table
 from smearnet.io import read_table, write_json, write_text
 from smearnet.tracking import flatten_metrics, revision_tags, setup_mlflow
 
@@ -19,8 +19,9 @@ def main() -> None:
     cfg = load_params()
     setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
     selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
-    model = load_trained(Path("models") / selected)
     split_manifest = read_table(Path("data/split/manifest.csv"))
+    model = load_for_inference(Path("models") / selected, cfg.inference,
+                               split_manifest[split_manifest["split"] == "train"], seed=int(cfg.seed))
     test = split_manifest[split_manifest["split"] == "test"]
     positive = str(cfg.evaluation.positive_class)
     metrics, table = evaluate_cells(model, test, positive, batch_size=int(cfg.evaluation.batch_size),
@@ -34,7 +35,8 @@ def main() -> None:
 
     with mlflow.start_run(run_name=f"evaluate-{selected}", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
                                                                  "stage": "evaluate", "backbone": selected}):
-        mlflow.log_params({"positive_class": positive, "test_cells": len(test), "smear_cells_from": source})
+        mlflow.log_params({"positive_class": positive, "test_cells": len(test), "smear_cells_from": source,
+                           "inference_engine": model.engine.spec.label})
         mlflow.log_metrics(flatten_metrics(metrics, "cell"))
         mlflow.log_artifacts(str(OUT), artifact_path="evaluate")
 

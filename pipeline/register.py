@@ -28,7 +28,8 @@ def main() -> None:
         smear_threshold=float(smear["threshold"]), criteria=PromotionCriteria.from_config(registry.promote_if),
         split_manifest=read_table(Path("data/split/manifest.csv")), blind_smear_ids=blind, smear_cfg=cfg.smear,
         batch_size=int(cfg.evaluation.batch_size), confidence=float(cfg.evaluation.confidence),
-        n_resamples=int(cfg.smear.bootstrap_resamples), seed=int(cfg.seed), extra_tags=tags))
+        n_resamples=int(cfg.smear.bootstrap_resamples), seed=int(cfg.seed), extra_tags=tags,
+        inference=cfg.inference))
     write_json(json_safe(decision), OUT / "decision.json")
     write_text(decision_markdown(decision), OUT / "decision.md")
     write_json(json_safe({"version": int(decision["version"]), "promoted": decision["promoted"],

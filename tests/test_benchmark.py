@@ -3,7 +3,8 @@ import pytest
 from conftest import colour_cells
 from smearnet.benchmark import PeakMemory, benchmark_model, markdown_table, select_model
 from smearnet.errors import SmearnetError
-from smearnet.inference import TrainedModel
+from smearnet.engines import EngineSpec
+from smearnet.inference import TrainedModel, with_engine
 from smearnet.models import build_model, model_input_spec
 
 CFG = {"name": "tiny", "arch": "lightcnn", "input_size": [80, 100], "pretrained": False, "weights_path": None,
@@ -19,13 +20,16 @@ def tiny_model():
 
 def test_benchmark_row_names_device_precision_time_memory(tiny_model, tmp_path):
     manifest = colour_cells(tmp_path, ["a", "b"] * 5, [f"p{i}" for i in range(10)], size=64)
-    row = benchmark_model(tiny_model, manifest, batch_size=4, warmup=1, repeats=2)
+    row = benchmark_model(tiny_model, manifest, warmup=1, repeats=2)
     assert row["device"].startswith("cpu") and row["precision"] == "fp32" and row["images"] == 10
+    assert row["engine"] == "eager" and row["preprocess_ms_per_image"] > 0
     assert row["total_seconds"] > 0 and row["ms_per_image"] == pytest.approx(1000 * row["total_seconds"] / 10, rel=1e-2)
     assert row["peak_memory_mb"] >= 0 and row["memory_kind"] == "process_rss_increase"
     assert 0.0 <= row["accuracy"] <= 1.0 and row["input_size"] == "80x100"
-    bf16 = benchmark_model(tiny_model, manifest, batch_size=4, warmup=0, repeats=1, precision="bf16")
-    assert bf16["precision"] == "bf16"
+    bf16_model = with_engine(tiny_model, EngineSpec(precision="bf16", channels_last=True, batch_size=4))
+    bf16 = benchmark_model(bf16_model, manifest, warmup=0, repeats=1, reference=row["probabilities"])
+    assert bf16["precision"] == "bf16" and bf16["channels_last"] and bf16["batch_size"] == 4
+    assert 0.5 <= bf16["agreement"] <= 1.0 and 0 < bf16["max_probability_difference"] < 0.1
 
 
 def test_peak_memory_sees_an_allocation():

@@ -45,16 +45,24 @@ class PeakMemory:
         return False
 
 
-def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int, warmup: int, repeats: int,
-                    precision: str = "fp32", channels_last: bool = False) -> dict:
-    """Accuracy and time over every cell of `manifest`: `warmup` untimed passes, then `repeats` timed passes."""
+def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int, repeats: int,
+                    reference: np.ndarray | None = None, build_seconds: float = 0.0) -> dict:
+    """Accuracy and time over every cell of `manifest` through the model's engine (eager fp32 when none):
+    `warmup` untimed passes over one batch, then `repeats` timed passes over all cells (median kept).
+
+    `reference`, the fp32 eager probabilities of the same cells, gives the share of cells whose predicted class
+    agrees with it and the largest probability difference. Decoding and resizing are timed with the model (as a
+    user waits for them) and also alone (`preprocess_ms_per_image`), so a slow image pipeline shows.
+    """
+    from smearnet.engines import EngineSpec
+
     if manifest.empty:
         raise SmearnetError("The benchmark split holds no cells.", "check data/split/manifest.csv (test split).")
+    spec = model.engine.spec if model.engine is not None else EngineSpec()
     targets = np.array([model.classes.index(label) for label in manifest["label"]])
-    options = dict(batch_size=batch_size, precision=precision, channels_last=channels_last, progress=False)
-    warm = manifest.iloc[: max(batch_size, 1)]
+    options = dict(batch_size=spec.batch_size, progress=False)
     for _ in range(warmup):
-        predict_probabilities(model, warm, **options)
+        predict_probabilities(model, manifest.iloc[: max(spec.batch_size, 1)], **options)
     times = []
     with PeakMemory() as memory:
         for _ in range(max(1, repeats)):
@@ -63,22 +71,43 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: 
             times.append(time.perf_counter() - start)
     total = float(np.median(times))
     accuracy = float((probabilities.argmax(axis=1) == targets).mean())
-    return {
+    row = {
         "model": model.name,
         "arch": model.meta["model_cfg"]["arch"],
         "input_size": "x".join(str(v) for v in model.input_spec["input_size"]),
         "device": device_name(),
-        "precision": precision,
+        "engine": spec.engine,
+        "precision": spec.precision,
+        "channels_last": spec.channels_last,
+        "batch_size": spec.batch_size,
         "images": int(len(manifest)),
         "accuracy": round(accuracy, 4),
         "total_seconds": round(total, 3),
         "ms_per_image": round(1000 * total / len(manifest), 3),
         "images_per_second": round(len(manifest) / total, 2),
+        "preprocess_ms_per_image": round(1000 * preprocess_seconds(model, manifest) / len(manifest), 3),
+        "build_seconds": round(build_seconds, 2),
         "peak_memory_mb": round(memory.peak_mb, 1),
         "memory_kind": "cuda_peak" if torch.cuda.is_available() else "process_rss_increase",
         "parameters_m": round(sum(p.numel() for p in model.net.parameters()) / 1e6, 2),
         "threads": torch.get_num_threads(),
     }
+    if reference is not None:
+        row["agreement"] = round(float((probabilities.argmax(axis=1) == reference.argmax(axis=1)).mean()), 5)
+        row["max_probability_difference"] = round(float(np.abs(probabilities - reference).max()), 5)
+    row["probabilities"] = probabilities
+    return row
+
+
+def preprocess_seconds(model: TrainedModel, manifest: pd.DataFrame) -> float:
+    """Time to decode, crop, resize and normalise every cell of `manifest` (the loader alone, no network)."""
+    from smearnet.data import make_loader
+
+    loader = make_loader(manifest, model.classes, model.input_spec, batch_size=32, shuffle=False)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - start
 
 
 def select_model(rows: Sequence[dict], rule: str = "accuracy_then_time") -> tuple[str, str]:
@@ -121,3 +150,41 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame, inference_cfg, benchmark_cfg, *,
+                      seed: int = 0) -> tuple[list[dict], dict]:
+    """Table 1 rows for one trained model: eager fp32 (the reference) and every engine of `benchmark.engines`
+    plus the configured `inference` engine, all in one run so their ratios are meaningful on a noisy machine.
+
+    Returns (rows, the configured engine's row). Each row carries `agreement` with eager fp32.
+    """
+    from smearnet.engines import EngineSpec, engine_spec
+    from smearnet.inference import calibration_batches, load_trained, with_engine
+
+    model = load_trained(model_dir)
+    configured = engine_spec(inference_cfg)
+    reference_spec = EngineSpec(batch_size=configured.batch_size)
+    specs = [reference_spec]
+    for entry in [*(benchmark_cfg.get("engines") or []), inference_cfg]:
+        spec = engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size))
+        if spec not in specs:
+            specs.append(spec)
+    calibration = calibration_batches(model, train, images=int(inference_cfg.get("calibration_images", 128)),
+                                      seed=seed)
+    rows, reference = [], None
+    for spec in specs:
+        start = time.perf_counter()
+        engined = with_engine(model, spec, cache_dir=inference_cfg.get("cache_dir"), calibration=calibration)
+        engined.logits(next(iter(calibration()))[:1].expand(spec.batch_size, -1, -1, -1).contiguous())  # compile/load
+        build = time.perf_counter() - start
+        row = benchmark_model(engined, test, warmup=int(benchmark_cfg.warmup), repeats=int(benchmark_cfg.repeats),
+                              reference=reference, build_seconds=build)
+        if reference is None:
+            reference = row["probabilities"]
+            row.update(agreement=1.0, max_probability_difference=0.0)
+        rows.append(row)
+    chosen = rows[specs.index(configured)] if configured in specs else rows[0]
+    for row in rows:
+        row.pop("probabilities")
+    return rows, chosen

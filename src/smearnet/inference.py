@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from smearnet.data import make_loader
+from smearnet.engines import Engine, EngineSpec, build_engine
 from smearnet.errors import SmearnetError
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -29,6 +30,60 @@ class TrainedModel:
     classes: list[str]
     input_spec: dict
     meta: dict
+    engine: Engine | None = None  # None: eager fp32, the network as trained
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of preprocessed cells through the model's engine."""
+        if self.engine is not None:
+            return self.engine(images)
+        with torch.inference_mode():
+            return self.net(images).float()
+
+
+def with_engine(model: TrainedModel, spec: EngineSpec, *, cache_dir: Path | None = None,
+                calibration=None) -> TrainedModel:
+    """The same model run by the engine `spec` describes (see `smearnet.engines`)."""
+    return replace(model, engine=build_engine(model.net, model.input_spec, spec, cache_dir=cache_dir,
+                                              calibration=calibration))
+
+
+def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
+                       *, seed: int = 0) -> TrainedModel:
+    """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training
+    split) unless its export is cached."""
+    from smearnet.engines import engine_spec
+
+    model = load_trained(model_dir)
+    settings = inference_cfg or {}
+    calibration = None
+    if calibration_cells is not None:
+        calibration = calibration_batches(model, calibration_cells, images=int(settings.get("calibration_images", 128)),
+                                          seed=seed)
+    cache = settings.get("cache_dir")
+    return with_engine(model, engine_spec(settings), cache_dir=Path(cache) if cache else None, calibration=calibration)
+
+
+def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> TrainedModel:
+    """`model` run by the engine its serving.json names (eager fp32 for versions registered before engines);
+    ONNX files packaged in `model_dir/engines` are used as they are (int8 is calibrated once, at registration)."""
+    from smearnet.engines import engine_spec
+
+    settings = serving.get("inference") or {}
+    packaged = Path(model_dir) / "engines"
+    cache = packaged if packaged.is_dir() else settings.get("cache_dir")  # a workspace model: its engine cache
+    return with_engine(model, engine_spec(settings), cache_dir=Path(cache) if cache else None)
+
+
+def calibration_batches(model: TrainedModel, manifest: pd.DataFrame, *, images: int = 128, batch_size: int = 16,
+                        seed: int = 0):
+    """A callable giving `images` preprocessed cells of `manifest` (drawn with `seed`) in batches: int8 calibration."""
+
+    def batches() -> list[torch.Tensor]:
+        sample = manifest.sample(n=min(images, len(manifest)), random_state=seed) if len(manifest) else manifest
+        loader = make_loader(sample, model.classes, model.input_spec, batch_size=batch_size, shuffle=False)
+        return [batch for batch, _ in loader]
+
+    return batches
 
 
 def save_trained(net: torch.nn.Module, model_dir: Path, meta: Mapping) -> None:
@@ -57,21 +112,14 @@ def load_trained(model_dir: Path) -> TrainedModel:
 
 
 @torch.inference_mode()
-def predict_probabilities(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32,
-                          precision: str = "fp32", channels_last: bool = False, num_workers: int = 0,
+def predict_probabilities(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32, num_workers: int = 0,
                           progress: bool = True, desc: str = "predict") -> np.ndarray:
-    """Softmax probabilities (n_cells x n_classes) for every row of `manifest`, in order."""
+    """Softmax probabilities (n_cells x n_classes) for every row of `manifest`, in order, through the model's engine."""
     loader = make_loader(manifest, model.classes, model.input_spec, batch_size=batch_size, shuffle=False,
                          num_workers=num_workers)
-    net = model.net.to(memory_format=torch.channels_last) if channels_last else model.net
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     chunks = []
     for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = net(images)
-        chunks.append(torch.softmax(logits.float(), dim=1).numpy())
+        chunks.append(torch.softmax(model.logits(images), dim=1).numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.classes)), dtype=np.float32)
 
 
@@ -111,7 +159,7 @@ def image_probabilities(model: TrainedModel, images: Sequence) -> np.ndarray:
     probabilities = np.full((len(images), len(model.classes)), np.nan, dtype=np.float32)
     if good:
         batch = torch.stack([cell_tensor(images[i], model.input_spec) for i in good])
-        probabilities[good] = torch.softmax(model.net(batch).float(), dim=1).numpy()
+        probabilities[good] = torch.softmax(model.logits(batch), dim=1).numpy()
     return probabilities
 
 

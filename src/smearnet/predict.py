@@ -50,19 +50,21 @@ class Prediction:
 
 def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str | None = None) -> LoadedModel:
     """Resolve `--model`: a registry/run URI (downloaded) or a local model folder."""
-    from smearnet.inference import load_trained
+    from smearnet.inference import load_trained, serving_engine
     from smearnet.registry import SERVING_FILE, local_model_dir
 
     path = Path(spec).expanduser()
     if spec.startswith(URI_SCHEMES):
         with tempfile.TemporaryDirectory(prefix="smearnet-model-") as tmp:
             model_dir = _download(spec, Path(tmp), tracking_uri)
-            model = load_trained(model_dir)
             serving = _read_json(model_dir / SERVING_FILE)
+            model = serving_engine(load_trained(model_dir), serving, model_dir)  # ONNX sessions load here
     elif path.is_dir():
         model_dir = local_model_dir(path) if (path / "MLmodel").is_file() else path
-        model = load_trained(model_dir)
         serving = _read_json(model_dir / SERVING_FILE)
+        if "inference" not in serving:  # a workspace's models/<name>: the workspace's configured engine
+            serving["inference"] = _workspace_inference()
+        model = serving_engine(load_trained(model_dir), serving, model_dir)
     else:
         raise SmearnetError(f"--model {spec!r} is neither a model URI nor an existing folder.",
                             "pass models:/<name>@champion (with MLFLOW_TRACKING_URI set) or a models/<name> folder.")
@@ -273,6 +275,16 @@ def _workspace_positive_class() -> str | None:
     from omegaconf import OmegaConf
 
     return str(OmegaConf.load("params.yaml").evaluation.positive_class)
+
+
+def _workspace_inference() -> dict[str, Any] | None:
+    """The `inference` section of the workspace's params.yaml (None: eager fp32)."""
+    if not Path("params.yaml").is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.load("params.yaml").get("inference")
+    return OmegaConf.to_container(section, resolve=True) if section is not None else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", "lig
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SERVING_FILE = "serving.json"
+ENGINES_DIR = "engines"  # ONNX exports packaged with a version whose inference engine is onnxruntime
 TRAINING_PATIENTS_FILE = "training_patients.json"
 MODEL_DIR_ARTIFACT = "model_dir"
 FINGERPRINT_TAG = "smearnet.model_fingerprint"
@@ -220,8 +221,11 @@ def evaluate_frozen(model: TrainedModel, frozen: FrozenSet, positive_class: str,
 
 
 def serving_config(model_meta: Mapping[str, Any], positive_class: str, smear_threshold: float,
-                   smear_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What serving needs beside the weights: the class list, input spec, positive class and smear threshold."""
+                   smear_cfg: Mapping[str, Any] | None = None,
+                   inference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What serving needs beside the weights: the class list, input spec, positive class, smear threshold and
+    the inference engine (`smearnet.engines`) predict and the served model run."""
+    from smearnet.engines import engine_spec
     classes = list(model_meta["classes"])
     if positive_class not in classes:
         raise SmearnetError(f"Positive class {positive_class!r} is not one of the model's classes {classes}.",
@@ -233,6 +237,7 @@ def serving_config(model_meta: Mapping[str, Any], positive_class: str, smear_thr
     return {"positive_class": positive_class, "smear_threshold": float(smear_threshold), "classes": classes,
             "input_size": [int(v) for v in spec["input_size"]], "mean": [float(v) for v in spec["mean"]],
             "std": [float(v) for v in spec["std"]], "smear_score": "share_predicted_positive",
+            "inference": asdict(engine_spec(inference)),
             **({"threshold_rule": str(smear_cfg.get("rule")),
                 "threshold_selection": str(smear_cfg.get("threshold_selection"))} if smear_cfg else {})}
 
@@ -250,11 +255,15 @@ def model_fingerprint(model_dir: Path, serving: Mapping[str, Any] | None = None)
 
 
 def package_model(model_dir: Path, serving: Mapping[str, Any], dest: Path,
-                  seen_patients: Sequence[str] = ()) -> Path:
+                  seen_patients: Sequence[str] = (), engine_files: Sequence[Path] = ()) -> Path:
     """Copy `model_dir` to `dest/<name>` with `serving.json` beside the weights (the DVC output stays untouched)
     and the pseudonyms of its training patients (so a later gate can keep them out of its evaluation)."""
     target = Path(dest) / Path(model_dir).name
     shutil.copytree(model_dir, target)
+    if engine_files:  # ONNX exports travel with the version: int8 cannot be re-calibrated where it is served
+        (target / ENGINES_DIR).mkdir()
+        for path in engine_files:
+            shutil.copy2(path, target / ENGINES_DIR / Path(path).name)
     (target / SERVING_FILE).write_text(json.dumps(dict(serving), indent=2, sort_keys=True) + "\n")
     (target / TRAINING_PATIENTS_FILE).write_text(json.dumps(list(seen_patients)) + "\n")
     return target
@@ -383,6 +392,21 @@ class RegisterInputs:
     n_resamples: int = 2000
     seed: int = 0
     extra_tags: Mapping[str, str] | None = None
+    inference: Mapping[str, Any] | None = None  # the `inference` config section; None = eager fp32
+
+
+def engine_files(model, inference: Mapping[str, Any], inputs: RegisterInputs) -> list[Path]:
+    """The ONNX file(s) of `model` for its onnxruntime engine, exported (and int8-calibrated on training cells)
+    into the engine cache if not there yet."""
+    from smearnet.engines import engine_spec, onnx_model
+    from smearnet.inference import calibration_batches
+
+    spec = engine_spec(inference)
+    train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
+    cache_dir = (inputs.inference or {}).get("cache_dir") or ".cache/engines"
+    calibration = calibration_batches(model, train, images=int((inputs.inference or {}).get("calibration_images", 128)),
+                                      seed=inputs.seed)
+    return [onnx_model(model.net, model.input_spec, spec, cache_dir=Path(cache_dir), calibration=calibration)]
 
 
 def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
@@ -394,8 +418,10 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
 
     client = mlflow.MlflowClient()
     model = load_trained(inputs.model_dir)
-    serving = serving_config(model.meta, inputs.positive_class, inputs.smear_threshold, inputs.smear_cfg)
+    serving = serving_config(model.meta, inputs.positive_class, inputs.smear_threshold, inputs.smear_cfg,
+                             inputs.inference)
     fingerprint = model_fingerprint(inputs.model_dir, serving)
+    exports = engine_files(model, serving["inference"], inputs) if serving["inference"]["engine"] == "onnxruntime" else []
     frozen = frozen_set(inputs.split_manifest, inputs.blind_smear_ids)
     _close_abandoned_runs(client, inputs.experiment, inputs.model_name, fingerprint)
 
@@ -407,7 +433,7 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
         reused_version = version is not None
         if version is None:
             packaged = package_model(inputs.model_dir, serving, Path(tmp) / "package",
-                                     training_patients(inputs.split_manifest))
+                                     training_patients(inputs.split_manifest), exports)
             version_tags = {**(inputs.extra_tags or {}), FINGERPRINT_TAG: fingerprint, "backbone": inputs.backbone,
                             "classes": ",".join(serving["classes"]), "positive_class": inputs.positive_class,
                             "smear_threshold": f"{inputs.smear_threshold:.6g}",

@@ -23,12 +23,12 @@ class SmearnetPyfunc(PythonModel):
     """Serves a trained smearnet model directory (weights.safetensors + model.json + serving.json)."""
 
     def load_context(self, context) -> None:
-        from smearnet.inference import load_trained
+        from smearnet.inference import load_trained, serving_engine
 
         model_dir = Path(context.artifacts["model_dir"])
-        self.model = load_trained(model_dir)
         serving_file = model_dir / SERVING_FILE
         self.serving = json.loads(serving_file.read_text()) if serving_file.is_file() else {}
+        self.model = serving_engine(load_trained(model_dir), self.serving, model_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from smearnet.errors import SmearnetError
