@@ -84,6 +84,53 @@ def demo_row(path: Path, resamples: int, seed: int) -> dict[str, str] | None:
             **{SHORT[score]: _cell(aucs[score]) for score in FIXED_SCORES}, SHORT[MIL_SCORE]: "n/a (no embeddings)"}
 
 
+PBC_TARGETS = {"erythroblast": ["lymphocyte"], "ig": ["neutrophil", "monocyte"]}  # target: its look-alikes
+
+
+def pbc_rows(path: Path, smears: int, resamples: int, seed: int) -> tuple[list[dict[str, str]], list[str]]:
+    """Fixed scores on smears composed from PBC test cells (`experiment=pbc`'s reports/evaluate/predictions.csv).
+
+    For each target class, positive smears carry 1-3 target cells among 20-40, negatives none; look-alike classes
+    (the target's usual confusions) fill 1-4 cells of 30% or of 80% of the smears, both classes alike. The
+    false-positive setting is the classifier's own: its measured rates are printed beside the table.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from smearnet.smear_scores import CellSet, SmearDesign, compose_bags, plan_smear_mixes, score_smears
+
+    if not path.is_file():
+        return [], []
+    cells = pd.read_csv(path, dtype={"smear_id": str, "label": str, "predicted": str})
+    rows, notes = [], []
+    for target, lookalikes in PBC_TARGETS.items():
+        if f"prob_{target}" not in cells or not (cells["label"] == target).any():
+            continue
+        cells_set = CellSet(cells.assign(patient_id=cells["smear_id"]), np.zeros((len(cells), 1)))
+        is_target, is_alike = cells["label"] == target, cells["label"].isin(lookalikes)
+        called = cells["predicted"] == target
+        background = ~is_target & ~is_alike
+        cell_auc = roc_auc_score(is_target[is_target | background], cells.loc[is_target | background, f"prob_{target}"])
+        rates = {"sensitivity": called[is_target].mean(), "FP background": called[~is_target & ~is_alike].mean(),
+                 "FP look-alike": called[is_alike].mean()}
+        notes.append(f"- PBC {target} (look-alikes {', '.join(lookalikes)}): cells called {target} at argmax: "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in rates.items())
+                     + f" ({int(is_target.sum())} target, {int(is_alike.sum())} look-alike, "
+                       f"{int((~is_target & ~is_alike).sum())} background test cells)")
+        for share in (0.3, 0.8):
+            rng = np.random.default_rng(seed)
+            mixes = plan_smear_mixes(smears, smears, SmearDesign(lookalike_smears=share), rng)
+            bags = compose_bags(cells["label"].to_numpy(), mixes, rng, positive_class=target,
+                                lookalike_classes=lookalikes)
+            ids = [f"pbc{index:05d}" for index in range(len(bags))]
+            table = score_smears(cells_set, ids, bags, target, None)
+            aucs = score_aucs(table, FIXED_SCORES, confidence=0.95, n_resamples=resamples, seed=seed)
+            rows.append({"setting": f"PBC composed, target {target}, look-alikes in {share:.0%} of smears",
+                         "cell AUC (target vs background)": f"{cell_auc:.4f}",
+                         **{SHORT[score]: _cell(aucs[score]) for score in FIXED_SCORES},
+                         SHORT[MIL_SCORE]: "see reports/aggregate (embeddings)"})
+    return rows, notes
+
+
 def markdown(rows: list[dict[str, str]]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -97,6 +144,8 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per AUC interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cells", type=Path, default=Path("reports/evaluate/smear_cells.csv"))
+    parser.add_argument("--pbc-predictions", type=Path, default=None,
+                        help="reports/evaluate/predictions.csv of an `experiment=pbc` workspace")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -104,12 +153,18 @@ def main() -> None:
     demo = demo_row(args.cells, args.resamples, args.seed)
     if demo is not None:
         rows.append(demo)
+    pbc, pbc_notes = pbc_rows(args.pbc_predictions, args.smears, args.resamples, args.seed) \
+        if args.pbc_predictions else ([], [])
+    rows += pbc
     print(f"Smear AUC [95% bootstrap interval]; {args.smears} positive + {args.smears} negative simulated smears "
           f"per setting, 20-40 cells, 1-3 target cells, look-alikes (1-4 cells) in 30% of smears unless stated.\n")
     print(markdown(rows))
     print("\nSettings (P(cell called positive at p >= 0.5) by cell kind; logit(p) sd 2 unless `spread`):")
     for name, setting in SETTINGS.items():
         print(f"- {name}: " + ", ".join(f"{key}={value}" for key, value in {**PAPER_LIKE, **setting}.items()))
+    if pbc_notes:
+        print("\nPBC composed smears: the classifier's measured rates on the test cells they are drawn from:")
+        print("\n".join(pbc_notes))
     if demo is None:
         print(f"\n({args.cells} not found: run `dvc repro evaluate` for the demo cohort's row.)")
     print(f"\n{time.perf_counter() - started:.1f} s")

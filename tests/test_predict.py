@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import colour_cells
 from smearnet.cli import main as smearnet
@@ -134,3 +135,38 @@ def test_cli_prints_the_call_within_30_seconds_for_30_cells(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "smear smear: " in result.stdout and "classify cells" in result.stderr  # the call, a progress bar
     assert elapsed < 30, f"predict took {elapsed:.1f} s"
+
+
+def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_path, smear_folder):
+    """bf16 from serving.json; an int8 ONNX export packaged with the version is used without recalibrating."""
+    from smearnet.engines import EngineSpec, onnx_model
+    from smearnet.inference import load_trained
+    from smearnet.registry import package_model
+
+    model_dir = serving_model(tmp_path / "model")
+    cells, _ = collect_cells(smear_folder)
+    eager = predict_cells(load_model(str(model_dir)), cells, progress=False).cells
+    assert load_model(str(model_dir)).model.engine.spec == EngineSpec()  # no inference section: eager fp32
+
+    serving = {"positive_class": POSITIVE, "smear_threshold": 0.25,
+               "inference": {"engine": "eager", "precision": "bf16", "channels_last": True, "batch_size": 4}}
+    (model_dir / "serving.json").write_text(json.dumps(serving))
+    loaded = load_model(str(model_dir))
+    assert loaded.model.engine.spec.label == "eager-bf16-cl"
+    bf16 = predict_cells(loaded, cells, progress=False).cells
+    probability = [f"prob_{c}" for c in CLASSES]
+    valid = bf16["error"] == ""
+    assert (bf16.loc[valid, probability] - eager.loc[valid, probability]).abs().max().max() < 0.05
+
+    model = load_trained(model_dir)
+    calibration = [torch.stack([model.net.conv1.weight.new_zeros(3, 32, 32).normal_() for _ in range(8)])]
+    int8_spec = EngineSpec(engine="onnxruntime", precision="int8")
+    export = onnx_model(model.net, model.input_spec, int8_spec, cache_dir=tmp_path / "cache",
+                        calibration=lambda: calibration)
+    serving["inference"] = {"engine": "onnxruntime", "precision": "int8"}
+    packaged = package_model(model_dir, serving, tmp_path / "package", engine_files=[export])
+    loaded = load_model(str(packaged))  # would need calibration cells, and fail, without the packaged export
+    assert loaded.model.engine.spec.label == "onnxruntime-int8"
+    int8 = predict_cells(loaded, cells, progress=False).cells
+    assert (int8.loc[valid, probability] - eager.loc[valid, probability]).abs().max().max() < 0.1
+    assert (int8.loc[valid, "predicted"] == eager.loc[valid, "predicted"]).mean() >= 0.75

@@ -38,7 +38,8 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parent
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", "lightning==2.6.6",
                     "torchmetrics==1.9.0", "mlflow==3.17.2", "safetensors", "pandas", "pillow", "scikit-learn",
-                    "matplotlib", "tqdm", "psutil", "albumentations==2.0.8", "hydra-core==1.3.8"]
+                    "matplotlib", "tqdm", "psutil", "albumentations==2.0.8", "hydra-core==1.3.8", "onnx==1.23.2",
+                    "onnxruntime==1.32.0"]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
