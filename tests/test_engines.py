@@ -65,6 +65,15 @@ def test_int8_is_calibrated_cached_and_agrees(trained_like, tmp_path):
     assert calls == [1]  # the second build reused the cached int8 model
 
 
+def test_tta_is_invariant_to_flips_and_rotations(trained_like):
+    net, images, input_spec = trained_like
+    engine = build_engine(net, input_spec, EngineSpec(tta=True, batch_size=24))
+    assert engine.spec.label == "eager-fp32-tta"
+    upright = engine(images)
+    assert torch.allclose(upright, engine(torch.rot90(images, 1, dims=(-2, -1)).flip(-1)), atol=1e-4)
+    assert not torch.allclose(upright, build_engine(net, input_spec, EngineSpec())(images), atol=1e-4)
+
+
 def test_cache_key_changes_with_the_weights(trained_like):
     net, _, _ = trained_like
     other = build_model(CFG, num_classes=3)

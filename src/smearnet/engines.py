@@ -39,10 +39,12 @@ class EngineSpec:
     precision: str = "fp32"
     channels_last: bool = False
     batch_size: int = 8
+    tta: bool = False  # mean logits over the 8 flips/right-angle rotations (4 flips for non-square inputs)
 
     @property
     def label(self) -> str:
-        return f"{self.engine}-{self.precision}" + ("-cl" if self.channels_last and self.engine != "onnxruntime" else "")
+        return (f"{self.engine}-{self.precision}" + ("-cl" if self.channels_last and self.engine != "onnxruntime" else "")
+                + ("-tta" if self.tta else ""))
 
 
 def engine_spec(cfg: Mapping | None = None, **overrides) -> EngineSpec:
@@ -50,7 +52,8 @@ def engine_spec(cfg: Mapping | None = None, **overrides) -> EngineSpec:
     values = {key: (cfg or {}).get(key, default) for key, default in asdict(EngineSpec()).items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     spec = EngineSpec(engine=str(values["engine"]), precision=str(values["precision"]),
-                      channels_last=bool(values["channels_last"]), batch_size=int(values["batch_size"]))
+                      channels_last=bool(values["channels_last"]), batch_size=int(values["batch_size"]),
+                      tta=bool(values["tta"]))
     if spec.engine not in ENGINES:
         raise SmearnetError(f"Unknown inference.engine `{spec.engine}`.", f"use one of {', '.join(ENGINES)}.")
     if spec.precision not in PRECISIONS[spec.engine]:
@@ -78,10 +81,22 @@ class Engine:
             real = len(batch)
             if self._pad and real < size:  # one static shape for compiled graphs
                 batch = torch.cat([batch, batch[-1:].expand(size - real, *batch.shape[1:])])
-            chunks.append(self._run(batch)[:real].float())
+            if self.spec.tta:
+                views = dihedral_views(batch)
+                chunks.append(torch.stack([self._run(view)[:real].float() for view in views]).mean(0))
+            else:
+                chunks.append(self._run(batch)[:real].float())
         if not chunks:
             return torch.zeros((0, 0))
         return torch.cat(chunks)
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/right-angle rotations of square images (4 flips of non-square ones): a cell has no up or left."""
+    flips = [images, images.flip(-1)]
+    if images.shape[-1] != images.shape[-2]:
+        return [*flips, images.flip(-2), images.flip(-1).flip(-2)]
+    return [torch.rot90(view, k, dims=(-2, -1)).contiguous() for view in flips for k in range(4)]
 
 
 def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None = None,
