@@ -46,6 +46,77 @@ def benchmark_cells(manifest: pd.DataFrame, count: int) -> pd.DataFrame:
     return pd.concat([test, extra]).iloc[:count].reset_index(drop=True)
 
 
+def matmul_peak_tflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Measured dense matmul throughput (TFLOP/s) in `dtype` on all threads: the CPU's practical peak."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def layer_time_split(net: torch.nn.Module, images: torch.Tensor, *, bf16: bool) -> dict[str, dict[str, float]]:
+    """Forward time and FLOPs by layer kind (depthwise conv, other conv, linear, rest) for one batch, eager,
+    channels_last, from forward hooks around every Conv2d/Linear; 'rest' is the remainder of the forward time."""
+    import collections
+
+    net = net.eval().to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
+    stats: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"seconds": 0.0, "gflop": 0.0})
+    started: dict[int, float] = {}
+
+    def kind(module) -> str:
+        if isinstance(module, torch.nn.Conv2d):
+            return "depthwise conv" if module.groups > 1 and module.groups == module.in_channels else "dense conv"
+        return "linear"
+
+    def before(module, _inputs):
+        started[id(module)] = time.perf_counter()
+
+    def after(module, _inputs, output):
+        entry = stats[kind(module)]
+        entry["seconds"] += time.perf_counter() - started.pop(id(module))
+        if isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs = output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            macs = output.numel() * module.in_features
+        entry["gflop"] += 2 * macs / 1e9
+
+    handles = [h for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            net(images)
+            stats.clear()
+            start = time.perf_counter()
+            net(images)
+            total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats["rest (norm, activation, pooling, adds)"]["seconds"] = total - sum(v["seconds"] for v in stats.values())
+    return dict(stats)
+
+
+def print_limit(model, images: torch.Tensor) -> None:
+    """Where the time goes in eager bf16, against the CPU's measured matmul peak: the floor an engine can reach."""
+    peak = matmul_peak_tflops(torch.bfloat16)
+    split = layer_time_split(model.net, images, bf16=True)
+    total = sum(v["seconds"] for v in split.values())
+    gflop = sum(v["gflop"] for v in split.values())
+    print(f"\nWhere eager bf16 + channels_last spends one batch of {len(images)} ({1000 * total / len(images):.1f} "
+          f"ms/image, {gflop / len(images):.1f} GFLOP/image); measured bf16 matmul peak {peak:.2f} TFLOP/s "
+          f"(fp32: {matmul_peak_tflops(torch.float32):.2f}):")
+    for name, entry in sorted(split.items(), key=lambda item: -item[1]["seconds"]):
+        rate = entry["gflop"] / entry["seconds"] / 1000 if entry["seconds"] > 0 and entry["gflop"] else float("nan")
+        print(f"  {name:40s} {1000 * entry['seconds'] / len(images):7.2f} ms/image "
+              f"({100 * entry['seconds'] / total:4.1f}%), {entry['gflop'] / len(images):6.2f} GFLOP/image, "
+              f"{rate:.3f} TFLOP/s")
+    print(f"  floor at the matmul peak: {1000 * gflop / len(images) / (peak * 1000):.1f} ms/image")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -59,6 +130,7 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=128)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/engines"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    parser.add_argument("--no-limit", action="store_true", help="skip the per-layer time split and matmul peak")
     args = parser.parse_args()
 
     model = load_trained(args.model_dir)
@@ -93,6 +165,8 @@ def main() -> None:
         print(" | ".join(f"{c}={row.get(c)}" for c in COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
+    if not args.no_limit:
+        print_limit(model, torch.cat(calibration())[: args.batch_size])
     write_text(pd.DataFrame(rows).to_csv(index=False), args.out / "inference_engines.csv")
     write_text(f"# Inference engines: {model.name} at {model.input_spec['input_size']}, {len(cells)} cells, "
                f"{rows[0]['device']}\n\n" + table, args.out / "inference_engines.md")
