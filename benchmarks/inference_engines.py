@@ -2,7 +2,7 @@
 Runtime fp32/int8, for one trained model over a fixed number of cells.
 
     .venv/bin/python benchmarks/inference_engines.py --model-dir models/xception71 --manifest data/split/manifest.csv \
-        [--cells 1491] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl,...] [--batch-size 8]
+        [--cells 1491] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl@32,...] [--batch-size 8]
 
 Cells are the manifest's test split, topped up from its validation split to ``--cells`` (the paper timed 1,491
 test cells). int8 is calibrated on ``--calibration-images`` training cells. ``--input-size``/``--center-crop``
@@ -35,9 +35,11 @@ COLUMNS = ["engine", "precision", "channels_last", "batch_size", "images", "buil
 
 
 def parse_engine(text: str, batch_size: int):
+    """`engine-precision[-cl][-tta][@batch]`, e.g. `eager-bf16-cl@32`."""
+    text, _, batch = text.partition("@")
     parts = text.split("-")
     return engine_spec({"engine": parts[0], "precision": parts[1], "channels_last": "cl" in parts[2:],
-                        "batch_size": batch_size})
+                        "tta": "tta" in parts[2:], "batch_size": int(batch or batch_size)})
 
 
 def benchmark_cells(manifest: pd.DataFrame, count: int) -> pd.DataFrame:
