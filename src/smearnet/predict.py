@@ -62,7 +62,7 @@ def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str |
     elif path.is_dir():
         model_dir = local_model_dir(path) if (path / "MLmodel").is_file() else path
         serving = _read_json(model_dir / SERVING_FILE)
-        if "inference" not in serving:  # a workspace's models/<name>: the workspace's configured engine
+        if not (model_dir / SERVING_FILE).is_file():  # a workspace's models/<name>: the workspace's engine
             serving["inference"] = _workspace_inference()
         model = serving_engine(load_trained(model_dir), serving, model_dir)
     else:
