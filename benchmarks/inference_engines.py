@@ -23,9 +23,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from smearnet.benchmark import benchmark_model, markdown_table
+from smearnet.benchmark import benchmark_specs, markdown_table
 from smearnet.engines import engine_spec
-from smearnet.inference import calibration_batches, load_trained, with_engine
+from smearnet.inference import calibration_batches, load_trained
 from smearnet.io import read_table, write_text
 
 DEFAULT_ENGINES = "eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8"
@@ -149,22 +149,15 @@ def main() -> None:
     calibration = calibration_batches(model, train, images=args.calibration_images)
     print(f"{model.name} ({model.meta['model_cfg']['arch']}) at {model.input_spec['input_size']}, {len(cells)} cells, "
           f"{torch.get_num_threads()} threads", flush=True)
-    rows, reference = [], None
-    for text in args.engines.split(","):
-        spec = parse_engine(text, args.batch_size)
-        start = time.perf_counter()
-        engined = with_engine(model, spec, cache_dir=args.cache_dir, calibration=calibration)
-        engined.logits(calibration()[0][:1].expand(spec.batch_size, -1, -1, -1).contiguous())  # compile / load
-        build = time.perf_counter() - start
-        row = benchmark_model(engined, cells, warmup=1, repeats=args.repeats, reference=reference,
-                              build_seconds=build)
-        if reference is None:
-            reference = row["probabilities"]
-            row.update(agreement=1.0, max_probability_difference=0.0)
-        row.pop("probabilities")
-        row["speedup"] = round(rows[0]["ms_per_image"] / row["ms_per_image"], 2) if rows else 1.0
-        rows.append(row)
-        print(" | ".join(f"{c}={row.get(c)}" for c in COLUMNS), flush=True)
+    specs = [parse_engine(text, args.batch_size) for text in args.engines.split(",")]
+
+    def report(row: dict) -> None:
+        print(" | ".join(f"{c}={row.get(c)}" for c in COLUMNS if c != "speedup"), flush=True)
+
+    rows = benchmark_specs(model, specs, cells, warmup=1, repeats=args.repeats, cache_dir=args.cache_dir,
+                           calibration=calibration, on_row=report)
+    for row in rows:
+        row["speedup"] = round(rows[0]["ms_per_image"] / row["ms_per_image"], 2)
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
     if not args.no_limit:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from smearnet.data import cell_tensor
 from smearnet.datasets import manifest_from_folder
+from smearnet.engines import dihedral_views
 from smearnet.ingest import load_rgb
 from smearnet.models import build_model, model_input_spec
 from smearnet.split import split_by_patient
@@ -54,8 +55,7 @@ def accuracy(net, images, targets, *, tta: bool = False, batch: int = 256) -> fl
         x = images[start:start + batch]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if tta:
-                scores = sum(net(torch.rot90(v, k, dims=(-2, -1))).float().softmax(1)
-                             for v in (x, x.flip(-1)) for k in range(4))
+                scores = sum(net(view).float().softmax(1) for view in dihedral_views(x))
             else:
                 scores = net(x)
         correct += int((scores.argmax(1) == targets[start:start + batch]).sum())

@@ -101,21 +101,21 @@ def pbc_rows(path: Path, smears: int, resamples: int, seed: int) -> tuple[list[d
     if not path.is_file():
         return [], []
     cells = pd.read_csv(path, dtype={"smear_id": str, "label": str, "predicted": str})
+    cells_set = CellSet(cells.assign(patient_id=cells["smear_id"]), np.zeros((len(cells), 1)))  # no embeddings
     rows, notes = [], []
     for target, lookalikes in PBC_TARGETS.items():
         if f"prob_{target}" not in cells or not (cells["label"] == target).any():
             continue
-        cells_set = CellSet(cells.assign(patient_id=cells["smear_id"]), np.zeros((len(cells), 1)))
         is_target, is_alike = cells["label"] == target, cells["label"].isin(lookalikes)
         called = cells["predicted"] == target
         background = ~is_target & ~is_alike
         cell_auc = roc_auc_score(is_target[is_target | background], cells.loc[is_target | background, f"prob_{target}"])
-        rates = {"sensitivity": called[is_target].mean(), "FP background": called[~is_target & ~is_alike].mean(),
+        rates = {"sensitivity": called[is_target].mean(), "FP background": called[background].mean(),
                  "FP look-alike": called[is_alike].mean()}
         notes.append(f"- PBC {target} (look-alikes {', '.join(lookalikes)}): cells called {target} at argmax: "
                      + ", ".join(f"{k} {v:.4f}" for k, v in rates.items())
                      + f" ({int(is_target.sum())} target, {int(is_alike.sum())} look-alike, "
-                       f"{int((~is_target & ~is_alike).sum())} background test cells)")
+                       f"{int(background.sum())} background test cells)")
         for share in (0.3, 0.8):
             rng = np.random.default_rng(seed)
             mixes = plan_smear_mixes(smears, smears, SmearDesign(lookalike_smears=share), rng)

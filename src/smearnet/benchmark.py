@@ -12,6 +12,7 @@ import pandas as pd
 import psutil
 import torch
 
+from smearnet.data import make_loader
 from smearnet.errors import SmearnetError
 from smearnet.inference import TrainedModel, predict_probabilities
 
@@ -46,13 +47,15 @@ class PeakMemory:
 
 
 def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int, repeats: int,
-                    reference: np.ndarray | None = None, build_seconds: float = 0.0) -> dict:
+                    reference: np.ndarray | None = None, build_seconds: float = 0.0,
+                    preprocess_ms: float | None = None) -> dict:
     """Accuracy and time over every cell of `manifest` through the model's engine (eager fp32 when none):
     `warmup` untimed passes over one batch, then `repeats` timed passes over all cells (median kept).
 
     `reference`, the fp32 eager probabilities of the same cells, gives the share of cells whose predicted class
     agrees with it and the largest probability difference. Decoding and resizing are timed with the model (as a
-    user waits for them) and also alone (`preprocess_ms_per_image`), so a slow image pipeline shows.
+    user waits for them) and also alone (`preprocess_ms_per_image`; pass `preprocess_ms` when already measured
+    for these cells), so a slow image pipeline shows.
     """
     from smearnet.engines import EngineSpec
 
@@ -85,7 +88,8 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int,
         "total_seconds": round(total, 3),
         "ms_per_image": round(1000 * total / len(manifest), 3),
         "images_per_second": round(len(manifest) / total, 2),
-        "preprocess_ms_per_image": round(1000 * preprocess_seconds(model, manifest) / len(manifest), 3),
+        "preprocess_ms_per_image": round(preprocess_ms if preprocess_ms is not None
+                                         else 1000 * preprocess_seconds(model, manifest) / len(manifest), 3),
         "build_seconds": round(build_seconds, 2),
         "peak_memory_mb": round(memory.peak_mb, 1),
         "memory_kind": "cuda_peak" if torch.cuda.is_available() else "process_rss_increase",
@@ -101,8 +105,6 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int,
 
 def preprocess_seconds(model: TrainedModel, manifest: pd.DataFrame) -> float:
     """Time to decode, crop, resize and normalise every cell of `manifest` (the loader alone, no network)."""
-    from smearnet.data import make_loader
-
     loader = make_loader(manifest, model.classes, model.input_spec, batch_size=32, shuffle=False)
     start = time.perf_counter()
     for _ in loader:
@@ -152,6 +154,33 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *, warmup: int, repeats: int,
+                    cache_dir=None, calibration=None, on_row=None) -> list[dict]:
+    """One row per engine spec over the same cells, in one run; the first spec is the reference the others'
+    `agreement` is measured against (eager fp32 in every caller). `build_seconds` covers export, quantisation or
+    compilation and the first batch; the image pipeline is timed alone once. `on_row(row)` sees each row as done."""
+    from smearnet.inference import with_engine
+
+    preprocess_ms = 1000 * preprocess_seconds(model, cells) / len(cells) if len(cells) else 0.0
+    warm_batch, _ = next(iter(make_loader(cells.iloc[:1], model.classes, model.input_spec, batch_size=1,
+                                          shuffle=False)))
+    rows, reference = [], None
+    for spec in specs:
+        start = time.perf_counter()
+        engined = with_engine(model, spec, cache_dir=cache_dir, calibration=calibration)
+        engined.logits(warm_batch.expand(spec.batch_size, -1, -1, -1).contiguous())  # compile / load a session
+        row = benchmark_model(engined, cells, warmup=warmup, repeats=repeats, reference=reference,
+                              build_seconds=time.perf_counter() - start, preprocess_ms=preprocess_ms)
+        if reference is None:
+            reference = row["probabilities"]
+            row.update(agreement=1.0, max_probability_difference=0.0)
+        row.pop("probabilities")
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
 def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame, inference_cfg, benchmark_cfg, *,
                       seed: int = 0) -> tuple[list[dict], dict]:
     """Table 1 rows for one trained model: eager fp32 (the reference) and every engine of `benchmark.engines`
@@ -160,31 +189,15 @@ def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame, infere
     Returns (rows, the configured engine's row). Each row carries `agreement` with eager fp32.
     """
     from smearnet.engines import EngineSpec, engine_spec
-    from smearnet.inference import calibration_batches, load_trained, with_engine
+    from smearnet.inference import engine_inputs, load_trained
 
     model = load_trained(model_dir)
     configured = engine_spec(inference_cfg)
-    reference_spec = EngineSpec(batch_size=configured.batch_size)
-    specs = [reference_spec]
+    specs = [EngineSpec(batch_size=configured.batch_size)]
     for entry in [*(benchmark_cfg.get("engines") or []), inference_cfg]:
         spec = engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size))
         if spec not in specs:
             specs.append(spec)
-    calibration = calibration_batches(model, train, images=int(inference_cfg.get("calibration_images", 128)),
-                                      seed=seed)
-    rows, reference = [], None
-    for spec in specs:
-        start = time.perf_counter()
-        engined = with_engine(model, spec, cache_dir=inference_cfg.get("cache_dir"), calibration=calibration)
-        engined.logits(next(iter(calibration()))[:1].expand(spec.batch_size, -1, -1, -1).contiguous())  # compile/load
-        build = time.perf_counter() - start
-        row = benchmark_model(engined, test, warmup=int(benchmark_cfg.warmup), repeats=int(benchmark_cfg.repeats),
-                              reference=reference, build_seconds=build)
-        if reference is None:
-            reference = row["probabilities"]
-            row.update(agreement=1.0, max_probability_difference=0.0)
-        rows.append(row)
-    chosen = rows[specs.index(configured)] if configured in specs else rows[0]
-    for row in rows:
-        row.pop("probabilities")
-    return rows, chosen
+    rows = benchmark_specs(model, specs, test, warmup=int(benchmark_cfg.warmup), repeats=int(benchmark_cfg.repeats),
+                           **engine_inputs(model, inference_cfg, train, seed=seed))
+    return rows, rows[specs.index(configured)]

@@ -16,7 +16,6 @@ to float32 logits. Which one runs is configuration (`inference.engine`, `inferen
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -213,6 +212,3 @@ def _ort_session(path: Path):
     options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-
-def describe(spec: EngineSpec) -> str:
-    return json.dumps(asdict(spec), sort_keys=True)

@@ -47,6 +47,19 @@ def with_engine(model: TrainedModel, spec: EngineSpec, *, cache_dir: Path | None
                                               calibration=calibration))
 
 
+def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
+                  *, seed: int = 0) -> dict:
+    """`cache_dir` and `calibration` for `with_engine`/`onnx_model` from the `inference` config section: the
+    configured export cache and, given training cells, `calibration_images` of them for int8."""
+    settings = inference_cfg or {}
+    cache = settings.get("cache_dir")
+    calibration = None
+    if calibration_cells is not None:
+        calibration = calibration_batches(model, calibration_cells, images=int(settings.get("calibration_images", 128)),
+                                          seed=seed)
+    return {"cache_dir": Path(cache) if cache else None, "calibration": calibration}
+
+
 def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
                        *, seed: int = 0) -> TrainedModel:
     """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training
@@ -54,13 +67,8 @@ def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibrati
     from smearnet.engines import engine_spec
 
     model = load_trained(model_dir)
-    settings = inference_cfg or {}
-    calibration = None
-    if calibration_cells is not None:
-        calibration = calibration_batches(model, calibration_cells, images=int(settings.get("calibration_images", 128)),
-                                          seed=seed)
-    cache = settings.get("cache_dir")
-    return with_engine(model, engine_spec(settings), cache_dir=Path(cache) if cache else None, calibration=calibration)
+    return with_engine(model, engine_spec(inference_cfg), **engine_inputs(model, inference_cfg, calibration_cells,
+                                                                          seed=seed))
 
 
 def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> TrainedModel:
@@ -76,12 +84,17 @@ def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> Tr
 
 def calibration_batches(model: TrainedModel, manifest: pd.DataFrame, *, images: int = 128, batch_size: int = 16,
                         seed: int = 0):
-    """A callable giving `images` preprocessed cells of `manifest` (drawn with `seed`) in batches: int8 calibration."""
+    """A callable giving `images` preprocessed cells of `manifest` (drawn with `seed`) in batches: int8 calibration.
+
+    The cells are decoded on the first call only (and never when every export is cached)."""
+    decoded: list[torch.Tensor] = []
 
     def batches() -> list[torch.Tensor]:
-        sample = manifest.sample(n=min(images, len(manifest)), random_state=seed) if len(manifest) else manifest
-        loader = make_loader(sample, model.classes, model.input_spec, batch_size=batch_size, shuffle=False)
-        return [batch for batch, _ in loader]
+        if not decoded:
+            sample = manifest.sample(n=min(images, len(manifest)), random_state=seed) if len(manifest) else manifest
+            loader = make_loader(sample, model.classes, model.input_spec, batch_size=batch_size, shuffle=False)
+            decoded.extend(batch for batch, _ in loader)
+        return decoded
 
     return batches
 

@@ -400,14 +400,12 @@ def engine_files(model, inference: Mapping[str, Any], inputs: RegisterInputs) ->
     """The ONNX file(s) of `model` for its onnxruntime engine, exported (and int8-calibrated on training cells)
     into the engine cache if not there yet."""
     from smearnet.engines import engine_spec, onnx_model
-    from smearnet.inference import calibration_batches
+    from smearnet.inference import engine_inputs
 
-    spec = engine_spec(inference)
     train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
-    cache_dir = (inputs.inference or {}).get("cache_dir") or ".cache/engines"
-    calibration = calibration_batches(model, train, images=int((inputs.inference or {}).get("calibration_images", 128)),
-                                      seed=inputs.seed)
-    return [onnx_model(model.net, model.input_spec, spec, cache_dir=Path(cache_dir), calibration=calibration)]
+    engine = engine_inputs(model, inputs.inference, train, seed=inputs.seed)
+    return [onnx_model(model.net, model.input_spec, engine_spec(inference),
+                       cache_dir=engine["cache_dir"] or Path(".cache/engines"), calibration=engine["calibration"])]
 
 
 def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
