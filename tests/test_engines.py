@@ -1,9 +1,14 @@
 """Inference engines agree with eager fp32; ONNX exports are cached by weights; bad settings fail clearly."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from smearnet.engines import EngineSpec, build_engine, engine_spec, weights_digest
+from smearnet.engines import (EngineSpec, build_engine, engine_artifact, engine_spec, runs_from_artifact,
+                              weights_digest)
 from smearnet.errors import SmearnetError
 from smearnet.models import build_model, model_input_spec
 
@@ -44,9 +49,13 @@ def test_engine_agrees_with_eager_fp32(trained_like, spec, tmp_path):
     assert difference < (0.5 if spec.precision == "bf16" else 1e-3)
 
 
-def test_int8_is_calibrated_cached_and_agrees(trained_like, tmp_path):
+@pytest.mark.parametrize("spec, files", [
+    (EngineSpec(engine="onnxruntime", precision="int8", batch_size=8), 2),  # fp32 export + its int8 version
+    pytest.param(EngineSpec(engine="compile", precision="int8", channels_last=True, batch_size=8), 1,
+                 marks=pytest.mark.slow),  # the quantised program (Inductor compiles it on the first batch)
+], ids=lambda v: v.label if isinstance(v, EngineSpec) else None)
+def test_int8_is_calibrated_cached_and_agrees(trained_like, spec, files, tmp_path):
     net, images, input_spec = trained_like
-    spec = EngineSpec(engine="onnxruntime", precision="int8", batch_size=8)
     with pytest.raises(SmearnetError, match="calibration"):
         build_engine(net, input_spec, spec, cache_dir=tmp_path)
     calls = []
@@ -60,9 +69,35 @@ def test_int8_is_calibrated_cached_and_agrees(trained_like, tmp_path):
     assert agreement >= 0.9
     exports = sorted(p.name for p in tmp_path.iterdir())
     digest = weights_digest(net)
-    assert len(exports) == 2 and all(name.startswith(digest) for name in exports)  # fp32 + int8, nothing partial
+    assert len(exports) == files and all(name.startswith(digest) for name in exports)  # nothing partial
     build_engine(net, input_spec, spec, cache_dir=tmp_path, calibration=calibration)
     assert calls == [1]  # the second build reused the cached int8 model
+
+
+@pytest.mark.slow
+def test_cached_int8_program_runs_on_int8_kernels_in_a_fresh_process(trained_like, tmp_path):
+    """A served model loads its int8 program in a new process: Inductor must still fuse it into oneDNN int8
+    convolutions (without torchao's passes it silently runs dequantise + fp32 convolutions, 5x slower)."""
+    net, images, input_spec = trained_like
+    spec = EngineSpec(engine="compile", precision="int8", channels_last=True, batch_size=8)
+    engine_artifact(net, input_spec, spec, cache_dir=tmp_path, calibration=lambda: [images])
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    script = f"""
+import torch
+from torch._dynamo.utils import counters
+from smearnet.engines import EngineSpec, build_engine
+from smearnet.models import build_model, model_input_spec
+net = build_model({CFG!r}, num_classes=3)
+net.load_state_dict(torch.load({str(tmp_path / "weights.pt")!r}))
+spec = EngineSpec(engine="compile", precision="int8", channels_last=True, batch_size=8)
+engine = build_engine(net, model_input_spec({CFG!r}), spec, cache_dir={str(tmp_path)!r})  # no calibration: cached
+engine(torch.randn(8, 3, 32, 32))
+print(counters["inductor"]["qconv_weight_prepack_matcher_count"])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 0  # convolutions lowered to oneDNN int8 kernels
 
 
 def test_tta_is_invariant_to_flips_and_rotations(trained_like):
@@ -91,6 +126,10 @@ def test_compiled_engine_pads_to_one_shape_and_agrees(trained_like):
 def test_settings_are_checked():
     assert engine_spec({"engine": "onnxruntime", "precision": "int8"}).label == "onnxruntime-int8"
     assert engine_spec(None) == EngineSpec()
+    assert engine_spec({"engine": "compile", "precision": "int8+bf16", "channels_last": True}).label == \
+        "compile-int8+bf16-cl"
+    assert [runs_from_artifact(engine_spec(s)) for s in ({"engine": "onnxruntime"}, {"engine": "compile"},
+                                                          {"engine": "compile", "precision": "int8"})] == [True, False, True]
     with pytest.raises(SmearnetError, match="Unknown inference.engine"):
         engine_spec({"engine": "tensorrt"})
     with pytest.raises(SmearnetError, match="not available with engine `eager`"):

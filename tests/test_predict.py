@@ -139,7 +139,7 @@ def test_cli_prints_the_call_within_30_seconds_for_30_cells(tmp_path):
 
 def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_path, smear_folder):
     """bf16 from serving.json; an int8 ONNX export packaged with the version is used without recalibrating."""
-    from smearnet.engines import EngineSpec, onnx_model
+    from smearnet.engines import EngineSpec, engine_artifact
     from smearnet.inference import load_trained
     from smearnet.registry import package_model
 
@@ -161,8 +161,8 @@ def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_pa
     model = load_trained(model_dir)
     calibration = [torch.stack([model.net.conv1.weight.new_zeros(3, 32, 32).normal_() for _ in range(8)])]
     int8_spec = EngineSpec(engine="onnxruntime", precision="int8")
-    export = onnx_model(model.net, model.input_spec, int8_spec, cache_dir=tmp_path / "cache",
-                        calibration=lambda: calibration)
+    export = engine_artifact(model.net, model.input_spec, int8_spec, cache_dir=tmp_path / "cache",
+                             calibration=lambda: calibration)
     serving["inference"] = {"engine": "onnxruntime", "precision": "int8"}
     packaged = package_model(model_dir, serving, tmp_path / "package", engine_files=[export])
     loaded = load_model(str(packaged))  # would need calibration cells, and fail, without the packaged export
@@ -170,3 +170,33 @@ def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_pa
     int8 = predict_cells(loaded, cells, progress=False).cells
     assert (int8.loc[valid, probability] - eager.loc[valid, probability]).abs().max().max() < 0.1
     assert (int8.loc[valid, "predicted"] == eager.loc[valid, "predicted"]).mean() >= 0.75
+
+
+@pytest.mark.slow
+def test_packaged_int8_program_is_served_in_a_fresh_process_without_calibration(tmp_path, smear_folder):
+    """compile int8 (PT2E): the quantised program made at registration is what `smearnet predict` runs."""
+    from smearnet.engines import EngineSpec, engine_artifact
+    from smearnet.inference import load_trained
+    from smearnet.registry import package_model
+
+    model_dir = serving_model(tmp_path / "model")
+    model = load_trained(model_dir)
+    torch.manual_seed(0)
+    calibration = [torch.randn(8, 3, 32, 32)]
+    spec = EngineSpec(engine="compile", precision="int8", channels_last=True, batch_size=4)
+    program = engine_artifact(model.net, model.input_spec, spec, cache_dir=tmp_path / "cache",
+                              calibration=lambda: calibration)
+    serving = {"positive_class": POSITIVE, "smear_threshold": 0.25,
+               "inference": {"engine": "compile", "precision": "int8", "channels_last": True, "batch_size": 4}}
+    packaged = package_model(model_dir, serving, tmp_path / "package", engine_files=[program])
+    assert (packaged / "engines" / program.name).is_file()
+    out = tmp_path / "int8.json"
+    result = subprocess.run([sys.executable, "-m", "smearnet.cli", "predict", str(smear_folder), "--model",
+                             str(packaged), "--json", str(out)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    eager = predict_cells(load_model(str(model_dir)), collect_cells(smear_folder)[0], progress=False).cells
+    int8 = pd.DataFrame(json.loads(out.read_text())["cells"]).set_index("path").loc[eager["path"]]
+    valid = (eager["error"] == "").to_numpy()
+    assert (int8["predicted"].to_numpy()[valid] == eager["predicted"].to_numpy()[valid]).mean() >= 0.75
+    assert not any(p.suffix == ".partial" for p in (packaged / "engines").iterdir())

@@ -5,18 +5,25 @@ to float32 logits. Which one runs is configuration (`inference.engine`, `inferen
 `inference.channels_last`), read by the benchmark, evaluate, predict and serving code alike:
 
 - ``eager``: PyTorch as trained; ``bf16`` runs under CPU autocast (AMX/AVX-512 BF16 where the CPU has them).
-- ``compile``: ``torch.compile`` (Inductor, C++ codegen) of the same; every batch is padded to the engine's batch
-  size so one graph serves them all instead of recompiling for the last, smaller batch.
+- ``compile``: ``torch.compile`` (Inductor, C++ codegen, weights frozen into the graph) of the same; every batch is
+  padded to the engine's batch size so one graph serves them all instead of recompiling for the last, smaller batch.
+  ``int8`` is PyTorch 2 export quantisation (torchao's ``X86InductorQuantizer``: per-channel int8 weights, uint8
+  activations of convolutions and linears) calibrated on training cells and lowered by Inductor to oneDNN int8
+  kernels (AMX/VNNI); the other operations run in fp32, or in bf16 with ``int8+bf16``. The quantised program is
+  cached under ``cache_dir`` like the ONNX exports (``torch.export.save``).
 - ``onnxruntime``: the network exported to ONNX (RepVGG already re-parameterised by `load_trained`), run by ONNX
   Runtime with full graph optimisation; ``int8`` is ONNX Runtime static quantisation (QDQ, per-channel weights)
-  calibrated on training cells. Exports are cached under ``cache_dir`` by a hash of the weights, so a model
-  version is exported once.
+  calibrated on training cells.
+
+Exports and quantised programs are cached under ``cache_dir`` by a hash of the weights, so a model version is
+exported (and calibrated) once; `engine_artifact` names the file a registered version carries.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +34,8 @@ import torch
 from smearnet.errors import SmearnetError
 
 ENGINES = ("eager", "compile", "onnxruntime")
-PRECISIONS = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8")}
+PRECISIONS = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16", "int8", "int8+bf16"),
+              "onnxruntime": ("fp32", "int8")}
 
 
 @dataclass(frozen=True)
@@ -102,31 +110,83 @@ def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *,
                  calibration: Callable[[], Sequence[torch.Tensor]] | None = None) -> Engine:
     """An engine running `net` (in eval mode) as `spec` says.
 
-    `calibration` returns batches of preprocessed training cells; only ONNX Runtime int8 needs it (once per
-    cached model). `cache_dir` keeps ONNX exports between runs (a temporary folder when None).
+    `calibration` returns batches of preprocessed training cells; only int8 needs it (once per cached model).
+    `cache_dir` keeps ONNX exports and quantised programs between runs (a temporary folder when None).
     """
     net = net.eval()
-    if spec.engine in ("eager", "compile"):
+    if spec.engine == "onnxruntime":
+        session = _ort_session(engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration))
+        input_name = session.get_inputs()[0].name
+
+        def run_ort(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {input_name: images.contiguous().numpy()})[0])
+
+        return Engine(spec, run_ort)
+    if spec.precision.startswith("int8"):
+        path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
+        _torchao()
+        # importing the quantizer module registers the (de)quantise ops the saved program calls and the Inductor
+        # passes that fuse them with convolutions into oneDNN int8 kernels (without them int8 runs slower than fp32)
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+        net = torch.export.load(str(path)).module()
+    elif spec.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    module = torch.compile(net, dynamic=False) if spec.engine == "compile" else net
+    bf16 = spec.precision in ("bf16", "int8+bf16")
+
+    def run(images: torch.Tensor) -> torch.Tensor:
         if spec.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        module = torch.compile(net, dynamic=False) if spec.engine == "compile" else net
-        bf16 = spec.precision == "bf16"
+            images = images.contiguous(memory_format=torch.channels_last)
+        # freezing: Inductor folds the weights into the graph (needed to lower int8 to oneDNN kernels)
+        with _inductor_freezing(spec.engine == "compile"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return module(images)
 
-        def run(images: torch.Tensor) -> torch.Tensor:
-            if spec.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return module(images)
+    return Engine(spec, run, pad_batches=spec.engine == "compile")
 
-        return Engine(spec, run, pad_batches=spec.engine == "compile")
-    path = onnx_model(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
-    session = _ort_session(path)
-    input_name = session.get_inputs()[0].name
 
-    def run_ort(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {input_name: images.contiguous().numpy()})[0])
+def _inductor_freezing(enabled: bool):
+    import contextlib
 
-    return Engine(spec, run_ort)
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
+def runs_from_artifact(spec: EngineSpec) -> bool:
+    """Whether the engine runs from a file made from the weights (an ONNX export, an int8 program)."""
+    return spec.engine == "onnxruntime" or spec.precision.startswith("int8")
+
+
+def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None,
+                    calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Path | None:
+    """The file the engine runs from, made (exported, calibrated) only when not cached yet: the ONNX model for
+    ONNX Runtime, the quantised PyTorch program for compile int8, None for engines that run `net` as it is."""
+    if not runs_from_artifact(spec):
+        return None
+    import tempfile
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="smearnet-engines-"))
+    height, width = (int(v) for v in input_spec["input_size"])
+    if spec.engine == "onnxruntime":
+        return _onnx_file(net, (height, width), spec, cache_dir, calibration)
+    torchao = _torchao()
+    layout = "cl" if spec.channels_last else "nchw"
+    path = cache_dir / (f"{weights_digest(net)}-{height}x{width}-b{spec.batch_size}-{layout}-torch{torch.__version__}"
+                        f"-torchao{torchao.__version__}-int8.pt2")
+    if not path.is_file():
+        _quantize_pt2e(net, (height, width), spec, path, _calibration_cells(calibration))
+    return path
+
+
+def _calibration_cells(calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Sequence[torch.Tensor]:
+    if calibration is None:
+        raise SmearnetError("int8 needs calibration cells, and none were given.",
+                            "pass the training split's cells (the benchmark and evaluate stages do), or use a "
+                            "cached int8 export of this model.")
+    return calibration()
 
 
 def weights_digest(net: torch.nn.Module) -> str:
@@ -138,28 +198,20 @@ def weights_digest(net: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def onnx_model(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None,
+def _onnx_file(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec, cache_dir: Path,
                calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Path:
     """The ONNX file (fp32, or int8 QDQ) for `net`, exported or quantised only when not cached yet."""
-    import tempfile
-
     import onnxruntime
 
-    height, width = (int(v) for v in input_spec["input_size"])
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="smearnet-onnx-"))
-    key = f"{weights_digest(net)}-{height}x{width}-ort{onnxruntime.__version__}"
+    key = f"{weights_digest(net)}-{size[0]}x{size[1]}-ort{onnxruntime.__version__}"
     fp32_path = cache_dir / f"{key}-fp32.onnx"
     if not fp32_path.is_file():
-        _export_onnx(net, (height, width), fp32_path)
+        _export_onnx(net, size, fp32_path)
     if spec.precision == "fp32":
         return fp32_path
     int8_path = cache_dir / f"{key}-int8.onnx"
     if not int8_path.is_file():
-        if calibration is None:
-            raise SmearnetError("ONNX Runtime int8 needs calibration cells, and none were given.",
-                                "pass the training split's cells (the benchmark and evaluate stages do), or use "
-                                "a cached int8 export of this model.")
-        _quantize_int8(fp32_path, int8_path, calibration())
+        _quantize_int8(fp32_path, int8_path, _calibration_cells(calibration))
     return int8_path
 
 
@@ -201,6 +253,58 @@ def _quantize_int8(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Ten
     finally:
         prepared.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
+
+
+def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec, path: Path,
+                   batches: Sequence[torch.Tensor]) -> None:
+    """PT2E static int8 of `net` for Inductor: export at the engine's batch size, observe `batches` (histogram
+    observers on activations, per-channel weights), convert, and save the quantised program."""
+    _torchao()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    def layout(images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if spec.channels_last else images.contiguous()
+
+    example = layout(torch.zeros(spec.batch_size, 3, *size))
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    try:
+        prepared = prepare_pt2e(torch.export.export(net.float().eval(), (example,)).module(), quantizer)
+        cells = torch.cat(list(batches))
+        with torch.no_grad():
+            for start in range(0, len(cells), spec.batch_size):
+                chunk = cells[start:start + spec.batch_size]
+                prepared(layout(torch.cat([chunk, chunk[-1:].expand(spec.batch_size - len(chunk), *chunk.shape[1:])])))
+        quantized = convert_pt2e(prepared)
+        move_exported_model_to_eval(quantized)
+        program = torch.export.export(quantized, (example,))
+    except Exception as err:  # noqa: BLE001 - export and quantisation errors come in many types
+        raise SmearnetError(f"Quantising the network with PT2E failed ({type(err).__name__}: {err}).",
+                            "use inference.engine=onnxruntime with precision int8, or compile with bf16.") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    try:
+        with warnings.catch_warnings():  # CPU weights: the archive's note about incomplete device groups is moot
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            torch.export.save(program, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _torchao():
+    """torchao (PT2E quantisation), imported without the notice it sets off in torch's pytree registry."""
+    import logging
+
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        import torchao
+    finally:
+        pytree_log.setLevel(level)
+    return torchao
 
 
 def _ort_session(path: Path):

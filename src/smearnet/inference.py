@@ -49,7 +49,7 @@ def with_engine(model: TrainedModel, spec: EngineSpec, *, cache_dir: Path | None
 
 def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
                   *, seed: int = 0) -> dict:
-    """`cache_dir` and `calibration` for `with_engine`/`onnx_model` from the `inference` config section: the
+    """`cache_dir` and `calibration` for `with_engine`/`engine_artifact` from the `inference` config section: the
     configured export cache and, given training cells, `calibration_images` of them for int8."""
     settings = inference_cfg or {}
     cache = settings.get("cache_dir")
@@ -73,7 +73,7 @@ def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibrati
 
 def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> TrainedModel:
     """`model` run by the engine its serving.json names (eager fp32 for versions registered before engines);
-    ONNX files packaged in `model_dir/engines` are used as they are (int8 is calibrated once, at registration)."""
+    engine files (ONNX, int8 programs) packaged in `model_dir/engines` are used as they are (int8 is calibrated once, at registration)."""
     from smearnet.engines import engine_spec
 
     settings = serving.get("inference") or {}

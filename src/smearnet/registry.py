@@ -39,12 +39,12 @@ PACKAGE_DIR = Path(__file__).parent
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", "lightning==2.6.6",
                     "torchmetrics==1.9.0", "mlflow==3.17.2", "safetensors", "pandas", "pillow", "scikit-learn",
                     "matplotlib", "tqdm", "psutil", "albumentations==2.0.8", "hydra-core==1.3.8", "onnx==1.23.2",
-                    "onnxruntime==1.32.0"]
+                    "onnxruntime==1.32.0", "torchao==0.18.0"]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SERVING_FILE = "serving.json"
-ENGINES_DIR = "engines"  # ONNX exports packaged with a version whose inference engine is onnxruntime
+ENGINES_DIR = "engines"  # the ONNX model / int8 program a version's inference engine runs from, packaged with it
 TRAINING_PATIENTS_FILE = "training_patients.json"
 MODEL_DIR_ARTIFACT = "model_dir"
 FINGERPRINT_TAG = "smearnet.model_fingerprint"
@@ -397,15 +397,18 @@ class RegisterInputs:
 
 
 def engine_files(model, inference: Mapping[str, Any], inputs: RegisterInputs) -> list[Path]:
-    """The ONNX file(s) of `model` for its onnxruntime engine, exported (and int8-calibrated on training cells)
-    into the engine cache if not there yet."""
-    from smearnet.engines import engine_spec, onnx_model
+    """The file its inference engine runs from (ONNX model, or int8 PyTorch program), exported and int8-calibrated
+    on training cells into the engine cache if not there yet; none for engines that run the weights as they are."""
+    from smearnet.engines import engine_artifact, engine_spec, runs_from_artifact
     from smearnet.inference import engine_inputs
 
+    spec = engine_spec(inference)
+    if not runs_from_artifact(spec):
+        return []
     train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
     engine = engine_inputs(model, inputs.inference, train, seed=inputs.seed)
-    return [onnx_model(model.net, model.input_spec, engine_spec(inference),
-                       cache_dir=engine["cache_dir"] or Path(".cache/engines"), calibration=engine["calibration"])]
+    return [engine_artifact(model.net, model.input_spec, spec, cache_dir=engine["cache_dir"] or Path(".cache/engines"),
+                            calibration=engine["calibration"])]
 
 
 def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
@@ -420,7 +423,7 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
     serving = serving_config(model.meta, inputs.positive_class, inputs.smear_threshold, inputs.smear_cfg,
                              inputs.inference)
     fingerprint = model_fingerprint(inputs.model_dir, serving)
-    exports = engine_files(model, serving["inference"], inputs) if serving["inference"]["engine"] == "onnxruntime" else []
+    exports = engine_files(model, serving["inference"], inputs)
     frozen = frozen_set(inputs.split_manifest, inputs.blind_smear_ids)
     _close_abandoned_runs(client, inputs.experiment, inputs.model_name, fingerprint)
 
