@@ -1,8 +1,9 @@
-"""Inference engines side by side, in one run: eager fp32 (the reference) against bf16, torch.compile and ONNX
-Runtime fp32/int8, for one trained model over a fixed number of cells.
+"""Inference engines side by side, in one run: eager fp32 (the reference) against bf16, torch.compile (fp32, bf16,
+PT2E int8) and ONNX Runtime fp32/int8, for one trained model over a fixed number of cells.
 
     .venv/bin/python benchmarks/inference_engines.py --model-dir models/xception71 --manifest data/split/manifest.csv \
         [--cells 1491] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl@32,...] [--batch-size 8]
+        [--threads 1]
 
 Cells are the manifest's test split, topped up from its validation split to ``--cells`` (the paper timed 1,491
 test cells). int8 is calibrated on ``--calibration-images`` training cells. ``--input-size``/``--center-crop``
@@ -24,11 +25,12 @@ import pandas as pd
 import torch
 
 from smearnet.benchmark import benchmark_specs, markdown_table
-from smearnet.engines import engine_spec
+from smearnet.engines import EngineSpec, build_engine, engine_spec
 from smearnet.inference import calibration_batches, load_trained
 from smearnet.io import read_table, write_text
 
-DEFAULT_ENGINES = "eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8"
+DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8,compile-int8-cl,"
+                   "compile-int8+bf16-cl")
 COLUMNS = ["engine", "precision", "channels_last", "batch_size", "images", "build_seconds", "ms_per_image",
            "images_per_second", "speedup", "preprocess_ms_per_image", "peak_memory_mb", "accuracy", "agreement",
            "max_probability_difference"]
@@ -56,6 +58,27 @@ def matmul_peak_tflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) 
     for _ in range(repeats):
         torch.mm(a, b)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def conv_peak_tops(precision: str, channels: int = 1024, size: int = 32, depth: int = 8, batch: int = 8,
+                   repeats: int = 5) -> float:
+    """Measured throughput (tera-ops/s) of a stack of `depth` 1x1 convolutions + ReLU, `channels` wide, through
+    the compile engine in `precision` (bf16, or PT2E int8 with activations kept int8 between the convolutions):
+    what dense convolutions can reach here, the way an engine runs them."""
+    layers = [torch.nn.Conv2d(3, channels, 1, bias=False)]
+    for _ in range(depth):
+        layers += [torch.nn.Conv2d(channels, channels, 1, bias=False), torch.nn.ReLU()]
+    images = torch.randn(batch, 3, size, size)
+    engine = build_engine(torch.nn.Sequential(*layers), {"input_size": [size, size]},
+                          EngineSpec(engine="compile", precision=precision, channels_last=True, batch_size=batch),
+                          calibration=lambda: [images])
+    engine(images)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        engine(images)
+    seconds = time.perf_counter() - start
+    torch._dynamo.reset()
+    return 2 * batch * size * size * channels * (3 + depth * channels) * repeats / seconds / 1e12
 
 
 def layer_time_split(net: torch.nn.Module, images: torch.Tensor, *, bf16: bool) -> dict[str, dict[str, float]]:
@@ -116,7 +139,12 @@ def print_limit(model, images: torch.Tensor) -> None:
         print(f"  {name:40s} {1000 * entry['seconds'] / len(images):7.2f} ms/image "
               f"({100 * entry['seconds'] / total:4.1f}%), {entry['gflop'] / len(images):6.2f} GFLOP/image, "
               f"{rate:.3f} TFLOP/s")
-    print(f"  floor at the matmul peak: {1000 * gflop / len(images) / (peak * 1000):.1f} ms/image")
+    dense = split.get("dense conv", {"gflop": 0.0})["gflop"] / len(images)
+    print(f"  floor at the bf16 matmul peak: {1000 * gflop / len(images) / (peak * 1000):.1f} ms/image")
+    for precision in ("bf16", "int8"):
+        rate = conv_peak_tops(precision)
+        print(f"  1x1 convolutions through compile {precision}: {rate:.2f} tera-ops/s, so the dense convolutions "
+              f"alone need {dense / rate:.1f} ms/image")
 
 
 def main() -> None:
@@ -133,7 +161,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/engines"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
     parser.add_argument("--no-limit", action="store_true", help="skip the per-layer time split and matmul peak")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = load_trained(args.model_dir)
     if args.input_size or args.center_crop:
@@ -150,6 +181,8 @@ def main() -> None:
     print(f"{model.name} ({model.meta['model_cfg']['arch']}) at {model.input_spec['input_size']}, {len(cells)} cells, "
           f"{torch.get_num_threads()} threads", flush=True)
     specs = [parse_engine(text, args.batch_size) for text in args.engines.split(",")]
+    if not args.no_limit:  # first, in a process no engine has touched yet
+        print_limit(model, torch.cat(calibration())[: args.batch_size])
 
     def report(row: dict) -> None:
         print(" | ".join(f"{c}={row.get(c)}" for c in COLUMNS if c != "speedup"), flush=True)
@@ -160,8 +193,6 @@ def main() -> None:
         row["speedup"] = round(rows[0]["ms_per_image"] / row["ms_per_image"], 2)
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
-    if not args.no_limit:
-        print_limit(model, torch.cat(calibration())[: args.batch_size])
     write_text(pd.DataFrame(rows).to_csv(index=False), args.out / "inference_engines.csv")
     write_text(f"# Inference engines: {model.name} at {model.input_spec['input_size']}, {len(cells)} cells, "
                f"{rows[0]['device']}\n\n" + table, args.out / "inference_engines.md")

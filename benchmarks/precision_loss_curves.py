@@ -55,7 +55,7 @@ def train_curve(net, data, train_cfg, *, bf16: bool) -> tuple[list[float], float
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         images += len(x)
     return losses, images / (time.perf_counter() - start)
 

@@ -176,6 +176,9 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
             row.update(agreement=1.0, max_probability_difference=0.0)
         row.pop("probabilities")
         rows.append(row)
+        del engined
+        if spec.engine == "compile":
+            torch._dynamo.reset()  # drop the compiled graphs and their frozen weights before the next engine
         if on_row is not None:
             on_row(row)
     return rows
