@@ -26,7 +26,7 @@ import pytest
 from bad_inputs import snapshot
 from conftest import colour_cells
 from smearnet.errors import SmearnetError, run_cli
-from smearnet.io import atomic_directory, remove_stale_siblings
+from smearnet.io import atomic_directory, atomic_file, remove_stale_siblings
 from test_cli_errors import (PIPELINE, assert_clean_failure, make_params, run_stage, small_split, stage_env,
                              write_smear_cells, write_split)
 
@@ -211,6 +211,18 @@ def test_kill_9_at_every_rename_of_ingest_leaves_whole_outputs(tmp_path: Path) -
 
 
 # --------------------------------------------------------------------------- atomic_directory
+
+
+def test_atomic_file_replaces_only_on_success_and_leaves_no_partial(tmp_path: Path) -> None:
+    final = tmp_path / "cache" / "model.onnx"
+    with pytest.raises(RuntimeError):
+        with atomic_file(final) as partial:
+            partial.write_bytes(b"half")
+            raise RuntimeError("exporter failed")
+    assert not final.exists() and list(final.parent.iterdir()) == []
+    with atomic_file(final) as partial:
+        partial.write_bytes(b"whole")
+    assert final.read_bytes() == b"whole" and list(final.parent.iterdir()) == [final]
 
 
 def test_atomic_directory_keeps_the_previous_version_when_the_block_fails(tmp_path: Path) -> None:

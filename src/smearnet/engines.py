@@ -22,7 +22,6 @@ exported (and calibrated) once; `engine_artifact` names the file a registered ve
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from smearnet.errors import SmearnetError
+from smearnet.io import atomic_file
 
 ENGINES = ("eager", "compile", "onnxruntime")
 PRECISIONS = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16", "int8", "int8+bf16"),
@@ -86,8 +86,8 @@ class Engine:
         for start in range(0, len(images), size):
             batch = images[start:start + size]
             real = len(batch)
-            if self._pad and real < size:  # one static shape for compiled graphs
-                batch = torch.cat([batch, batch[-1:].expand(size - real, *batch.shape[1:])])
+            if self._pad:  # one static shape for compiled graphs
+                batch = pad_batch(batch, size)
             if self.spec.tta:
                 views = dihedral_views(batch)
                 chunks.append(torch.stack([self._run(view)[:real].float() for view in views]).mean(0))
@@ -96,6 +96,13 @@ class Engine:
         if not chunks:
             return torch.zeros((0, 0))
         return torch.cat(chunks)
+
+
+def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """`batch` topped up to `size` images with copies of its last one (a compiled graph has one batch size)."""
+    if len(batch) >= size:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
 
 
 def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
@@ -124,11 +131,7 @@ def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *,
         return Engine(spec, run_ort)
     if spec.precision.startswith("int8"):
         path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
-        _torchao()
-        # importing the quantizer module registers the (de)quantise ops the saved program calls and the Inductor
-        # passes that fuse them with convolutions into oneDNN int8 kernels (without them int8 runs slower than fp32)
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-
+        _x86_quantizer()  # the ops the saved program calls and the passes that lower it to int8 kernels
         net = torch.export.load(str(path)).module()
     elif spec.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -172,10 +175,11 @@ def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec,
     height, width = (int(v) for v in input_spec["input_size"])
     if spec.engine == "onnxruntime":
         return _onnx_file(net, (height, width), spec, cache_dir, calibration)
-    torchao = _torchao()
+    from importlib.metadata import version
+
     layout = "cl" if spec.channels_last else "nchw"
     path = cache_dir / (f"{weights_digest(net)}-{height}x{width}-b{spec.batch_size}-{layout}-torch{torch.__version__}"
-                        f"-torchao{torchao.__version__}-int8.pt2")
+                        f"-torchao{version('torchao')}-int8.pt2")
     if not path.is_file():
         _quantize_pt2e(net, (height, width), spec, path, _calibration_cells(calibration))
     return path
@@ -216,19 +220,16 @@ def _onnx_file(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec, ca
 
 
 def _export_onnx(net: torch.nn.Module, size: tuple[int, int], path: Path) -> None:
-    """Export with a dynamic batch axis; written to a temporary name first so a failed export leaves nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Export with a dynamic batch axis; a failed export leaves nothing (`atomic_file`)."""
     example = torch.zeros(2, 3, *size)
-    partial = path.with_suffix(".partial")
     try:
-        torch.onnx.export(net.float().eval(), (example,), str(partial), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        with atomic_file(path) as partial:
+            torch.onnx.export(net.float().eval(), (example,), str(partial), input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=17, dynamo=False)
     except Exception as err:  # noqa: BLE001 - exporter errors come in many types
-        partial.unlink(missing_ok=True)
         raise SmearnetError(f"Exporting the network to ONNX failed ({type(err).__name__}: {err}).",
                             "use inference.engine=eager or compile for this architecture.") from None
-    os.replace(partial, path)
 
 
 def _quantize_int8(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Tensor]) -> None:
@@ -244,23 +245,20 @@ def _quantize_int8(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Ten
             return next(self._batches, None)
 
     prepared = int8_path.with_suffix(".pre.onnx")
-    partial = int8_path.with_suffix(".partial")
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        os.replace(partial, int8_path)
+        with atomic_file(int8_path) as partial:
+            quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
 
 
 def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec, path: Path,
                    batches: Sequence[torch.Tensor]) -> None:
     """PT2E static int8 of `net` for Inductor: export at the engine's batch size, observe `batches` (histogram
     observers on activations, per-channel weights), convert, and save the quantised program."""
-    _torchao()
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    x86 = _x86_quantizer()
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -274,37 +272,32 @@ def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec
         cells = torch.cat(list(batches))
         with torch.no_grad():
             for start in range(0, len(cells), spec.batch_size):
-                chunk = cells[start:start + spec.batch_size]
-                prepared(layout(torch.cat([chunk, chunk[-1:].expand(spec.batch_size - len(chunk), *chunk.shape[1:])])))
+                prepared(layout(pad_batch(cells[start:start + spec.batch_size], spec.batch_size)))
         quantized = convert_pt2e(prepared)
         move_exported_model_to_eval(quantized)
         program = torch.export.export(quantized, (example,))
     except Exception as err:  # noqa: BLE001 - export and quantisation errors come in many types
         raise SmearnetError(f"Quantising the network with PT2E failed ({type(err).__name__}: {err}).",
                             "use inference.engine=onnxruntime with precision int8, or compile with bf16.") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    try:
-        with warnings.catch_warnings():  # CPU weights: the archive's note about incomplete device groups is moot
-            warnings.filterwarnings("ignore", message="No complete tensor found")
-            torch.export.save(program, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_file(path) as partial, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found")  # CPU weights: the note is moot
+        torch.export.save(program, str(partial))
 
 
-def _torchao():
-    """torchao (PT2E quantisation), imported without the notice it sets off in torch's pytree registry."""
+def _x86_quantizer():
+    """torchao's x86 Inductor quantizer module, imported without the notice torchao sets off in torch's pytree
+    registry. Importing it registers the (de)quantise ops PT2E programs call and the Inductor passes that fuse them
+    with convolutions into oneDNN int8 kernels: without them a loaded int8 program runs slower than fp32."""
     import logging
 
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
     try:
-        import torchao
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
     finally:
         pytree_log.setLevel(level)
-    return torchao
+    return x86
 
 
 def _ort_session(path: Path):

@@ -73,7 +73,8 @@ def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibrati
 
 def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> TrainedModel:
     """`model` run by the engine its serving.json names (eager fp32 for versions registered before engines);
-    engine files (ONNX, int8 programs) packaged in `model_dir/engines` are used as they are (int8 is calibrated once, at registration)."""
+    engine files (ONNX, int8 programs) packaged in `model_dir/engines` are used as they are (int8 is calibrated
+    once, at registration)."""
     from smearnet.engines import engine_spec
 
     settings = serving.get("inference") or {}

@@ -83,6 +83,20 @@ def read_table(csv_path: Path) -> pd.DataFrame:
 
 
 @contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield `final` with a `.partial` suffix for a writer (an exporter, a quantiser) to create; it replaces
+    `final` only when the block succeeds and is deleted otherwise, so `final` is never half-written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_suffix(".partial")
+    try:
+        yield partial
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling directory that replaces `final` only when the block succeeds.
 

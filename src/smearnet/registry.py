@@ -399,16 +399,14 @@ class RegisterInputs:
 def engine_files(model, inference: Mapping[str, Any], inputs: RegisterInputs) -> list[Path]:
     """The file its inference engine runs from (ONNX model, or int8 PyTorch program), exported and int8-calibrated
     on training cells into the engine cache if not there yet; none for engines that run the weights as they are."""
-    from smearnet.engines import engine_artifact, engine_spec, runs_from_artifact
+    from smearnet.engines import engine_artifact, engine_spec
     from smearnet.inference import engine_inputs
 
-    spec = engine_spec(inference)
-    if not runs_from_artifact(spec):
-        return []
     train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
-    engine = engine_inputs(model, inputs.inference, train, seed=inputs.seed)
-    return [engine_artifact(model.net, model.input_spec, spec, cache_dir=engine["cache_dir"] or Path(".cache/engines"),
-                            calibration=engine["calibration"])]
+    engine = engine_inputs(model, inputs.inference, train, seed=inputs.seed)  # cells decoded only if calibrating
+    path = engine_artifact(model.net, model.input_spec, engine_spec(inference),
+                           cache_dir=engine["cache_dir"] or Path(".cache/engines"), calibration=engine["calibration"])
+    return [path] if path is not None else []
 
 
 def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
