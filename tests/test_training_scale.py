@@ -3,19 +3,27 @@
 The slow tests run the real stage script (``pipeline/train.py``) in temporary projects, because Lightning's
 ``strategy=ddp`` re-launches the calling script for the other ranks.
 
-"Same to tolerance" for DDP: 2 processes with ``train.batch_size=4`` against 1 process with ``batch_size=8``
-(same global batch, same data, same seed). The shuffling makes every step train on the same 8 images, so the
-step counts must be identical, and with no BatchNorm (lightcnn, dropout off) the runs differ only by float
-rounding: the same weights (rtol 1e-4), val loss within 0.1%, the same val accuracy and F1. resnet18 has
-BatchNorm, which cannot be synchronised on CPU (torch's SyncBatchNorm is GPU-only), so each process normalises
-with statistics of 4 images instead of 8 and the runs take different paths: both must learn the colour task
-(val accuracy >= 0.9 and within 0.1 of each other, best val loss < 0.25 where chance is ln 3 = 1.10) in the
-same number of steps.
+What DDP guarantees, checked on any CPU: 2 processes with ``train.batch_size=4`` against 1 process with
+``batch_size=8`` (same global batch, same data, same seed) take the same epochs and steps; at every step the two
+ranks train on disjoint halves of the images the single process trains on (the distributed sampler deals each
+epoch's permutation into two disjoint shards covering the training set); gradients are all-reduced, so the two
+ranks end with bit-identical parameters; rank 0 alone writes one finished MLflow run. A probe (``PROBE_SCRIPT``:
+the stage script plus a recording callback) reports each rank's images per step and its final parameters.
+
+With no BatchNorm (lightcnn, dropout off) the 1- and 2-process runs differ only by float rounding: the same
+weights (each tensor within 1e-4 of its norm; 1e-7 to 4e-6 here under five oneDNN/ATen ISA levels, while single
+near-zero elements moved by up to 1.3e-5, past an element-wise atol of 1e-5), val loss within 0.1%, the same val
+accuracy and F1. resnet18 has BatchNorm, which cannot be synchronised on CPU (torch's SyncBatchNorm is GPU-only),
+so each process normalises with statistics of 4 images instead of 8 and the runs take different paths, which the
+CPU's float rounding moves further: the DDP run's last-epoch val accuracy was 0.92 here and 0.75 on a Zen 5 EPYC.
+So the only resnet18 learning figure asserted is a wide one: both runs' best val loss below half of chance
+(ln 3 = 1.10; 0.0001 to 0.12 here over 8 seeds and 3 oneDNN/ATen ISA levels).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,6 +52,52 @@ RESNET = ["model=resnet18", "model.resnet18.input_size=[32,32]"]
 LIGHTCNN = ["model=lightcnn", "model.lightcnn.input_size=[32,40]", "model.lightcnn.drop_rate=0.0"]
 ONE_PROCESS = [f"train.batch_size={GLOBAL_BATCH}", "trainer.devices=1", "trainer.strategy=auto"]
 TWO_PROCESSES = [f"train.batch_size={GLOBAL_BATCH // 2}", "trainer.devices=2", "trainer.strategy=ddp"]
+CHANCE_LOSS = math.log(len(CLASSES))  # cross-entropy of a uniform guess
+
+# The stage script with a recording callback. Lightning re-launches `sys.argv[0]` for the other DDP ranks, so
+# every rank runs this probe; it imports pipeline/train.py as a module (runpy would swap sys.argv[0]).
+PROBE_SCRIPT = f'''
+import importlib.util, json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+import smearnet.training
+from smearnet.errors import run_cli
+
+
+class Probe(L.Callback):
+    """Per rank: the training images (dataset indices) of every step and the parameters after training."""
+
+    def on_train_start(self, trainer, pl_module):
+        loader = trainer.train_dataloader
+        dataset = loader.dataset
+        self.index = {{dataset[i][0].contiguous().numpy().tobytes(): i for i in range(len(dataset))}}
+        self.sampler = type(loader.sampler).__name__
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append([self.index[image.contiguous().numpy().tobytes()] for image in batch[0]])
+
+    def on_train_end(self, trainer, pl_module):
+        folder = Path("probe")
+        folder.mkdir(exist_ok=True)
+        rank = trainer.global_rank
+        torch.save({{name: p.detach().clone() for name, p in pl_module.named_parameters()}},
+                   folder / f"rank{{rank}}.pt")
+        (folder / f"rank{{rank}}.json").write_text(json.dumps(
+            {{"world_size": trainer.world_size, "global_step": trainer.global_step, "sampler": self.sampler,
+              "steps": self.steps}}))
+
+
+build_trainer = smearnet.training.build_trainer
+smearnet.training.build_trainer = lambda *a, callbacks=(), **k: build_trainer(*a, callbacks=[*callbacks, Probe()], **k)
+spec = importlib.util.spec_from_file_location("train_stage", {str(TRAIN_SCRIPT)!r})
+stage = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stage)
+run_cli(stage.main)
+'''
 
 
 # ------------------------------------------------------------------------------------------- fast tests
@@ -114,6 +168,7 @@ class Project:
     root: Path
     backbone: str
     experiment: str
+    probe: bool = False  # run PROBE_SCRIPT instead of the bare stage script
 
     @property
     def checkpoints(self) -> Path:
@@ -123,8 +178,17 @@ class Project:
         return json.loads((self.root / "metrics" / "train" / f"{self.backbone}.json").read_text())
 
     def start(self, env: dict) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), self.backbone], cwd=self.root, env=env,
+        script = TRAIN_SCRIPT
+        if self.probe:
+            script = self.root / "probe_train.py"
+            script.write_text(PROBE_SCRIPT)
+        return subprocess.Popen([sys.executable, str(script), self.backbone], cwd=self.root, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def probed(self, rank: int) -> tuple[dict, dict]:
+        """(the probe's record, the parameters after training) of one rank."""
+        record = json.loads((self.root / "probe" / f"rank{rank}.json").read_text())
+        return record, torch.load(self.root / "probe" / f"rank{rank}.pt", weights_only=True)
 
     def train(self, env: dict) -> dict:
         process = self.start(env)
@@ -164,7 +228,7 @@ def make_project(tmp_path_factory, manifests):
     from smearnet.cli import compose_params
     from smearnet.io import write_manifest
 
-    def make(name: str, backbone: str, overrides: list[str]) -> Project:
+    def make(name: str, backbone: str, overrides: list[str], *, probe: bool = False) -> Project:
         root = tmp_path_factory.mktemp(name)
         experiment = f"scale-{root.name}"
         compose_params([*COMMON, *overrides, f"mlflow.experiment={experiment}", f"registry.model_name={experiment}"],
@@ -172,7 +236,7 @@ def make_project(tmp_path_factory, manifests):
         train, split = manifests
         write_manifest(train, root / "data" / "upsampled" / "manifest.csv")
         write_manifest(split, root / "data" / "split" / "manifest.csv")
-        return Project(root, backbone, experiment)
+        return Project(root, backbone, experiment, probe)
 
     return make
 
@@ -180,7 +244,7 @@ def make_project(tmp_path_factory, manifests):
 @pytest.fixture(scope="module")
 def resnet_one_process(make_project, train_env) -> Project:
     """An uninterrupted single-process resnet18 run: the reference for DDP and for resuming."""
-    project = make_project("one", "resnet18", [*RESNET, *ONE_PROCESS])
+    project = make_project("one", "resnet18", [*RESNET, *ONE_PROCESS], probe=True)
     project.train(train_env)
     return project
 
@@ -197,15 +261,39 @@ def assert_one_finished_run(project: Project, *, world_size: int) -> None:
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(make_project, train_env, resnet_one_process, mlflow_uri):
-    project = make_project("ddp", "resnet18", [*RESNET, *TWO_PROCESSES])
+    project = make_project("ddp", "resnet18", [*RESNET, *TWO_PROCESSES], probe=True)
     ddp = project.train(train_env)
     one = resnet_one_process.metrics()
     for key in ("epochs", "global_steps", "resumed"):
         assert ddp[key] == one[key], key
-    assert ddp["global_steps"] == CYCLES * STEPS_PER_EPOCH
-    assert ddp["val_accuracy"] >= 0.9 and one["val_accuracy"] >= 0.9
-    assert abs(ddp["val_accuracy"] - one["val_accuracy"]) <= 0.1
-    assert max(ddp["best_val_loss"], one["best_val_loss"]) < 0.25  # chance level is ln 3 = 1.10
+    assert (ddp["epochs"], ddp["global_steps"]) == (CYCLES, CYCLES * STEPS_PER_EPOCH)
+
+    # The data: every step, each rank trains on its half of the single process's global batch.
+    single, _ = resnet_one_process.probed(0)
+    (rank0, weights0), (rank1, weights1) = project.probed(0), project.probed(1)
+    assert single["sampler"] == "EpochShuffleSampler" and single["world_size"] == 1
+    for rank in (rank0, rank1):
+        assert rank["sampler"] == "DistributedSampler" and rank["world_size"] == 2
+        assert rank["global_step"] == ddp["global_steps"] and len(rank["steps"]) == ddp["global_steps"]
+        assert all(len(step) == GLOBAL_BATCH // 2 for step in rank["steps"])
+    for epoch in range(CYCLES):
+        steps = slice(epoch * STEPS_PER_EPOCH, (epoch + 1) * STEPS_PER_EPOCH)
+        shards = [[i for step in rank["steps"][steps] for i in step] for rank in (rank0, rank1)]
+        assert not set(shards[0]) & set(shards[1]), f"epoch {epoch}: the ranks' shards overlap"
+        assert sorted(shards[0] + shards[1]) == list(range(TRAIN_IMAGES)), f"epoch {epoch}: not one pass"
+    for step, (images0, images1, images) in enumerate(zip(rank0["steps"], rank1["steps"], single["steps"])):
+        assert sorted(images0 + images1) == sorted(images), f"step {step}: not the single process's batch"
+
+    # The gradients: all-reduced every step, so both ranks hold the same parameters after training
+    # (BatchNorm's running statistics are buffers, updated from each rank's own images, and may differ).
+    assert weights0.keys() == weights1.keys() and len(weights0) > 50
+    differing = [name for name, weight in weights0.items() if not torch.equal(weight, weights1[name])]
+    assert not differing, f"the DDP ranks' weights differ after training (not all-reduced): {differing[:5]}"
+
+    # Both learned the colour task, by a margin no CPU's rounding closes (the figures themselves differ).
+    for run, metrics in (("2 processes", ddp), ("1 process", one)):
+        loss = metrics["best_val_loss"]
+        assert loss < CHANCE_LOSS / 2, f"{run}: best val loss {loss:.3f}, chance level is ln 3 = {CHANCE_LOSS:.3f}"
     assert_one_finished_run(project, world_size=2)
     assert load_trained(project.root / "models" / "resnet18").meta["metrics"]["global_steps"] == ddp["global_steps"]
 
@@ -224,7 +312,8 @@ def test_ddp_without_batchnorm_equals_one_process(make_project, train_env, mlflo
     one_weights = load_trained(one_project.root / "models" / "lightcnn").net.state_dict()
     ddp_weights = load_trained(project.root / "models" / "lightcnn").net.state_dict()
     for name, weight in one_weights.items():  # the same model, up to float rounding
-        torch.testing.assert_close(ddp_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+        drift = float((ddp_weights[name] - weight).norm() / weight.norm())
+        assert drift < 1e-4, f"{name}: |ddp - one| / |one| = {drift:.1e}"
     assert_one_finished_run(project, world_size=2)
 
 
