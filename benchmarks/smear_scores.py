@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/smear_scores.py [--smears 200] [--resamples 1000] [--seed 0]
 
 Each setting simulates ``--smears`` positive and ``--smears`` negative smears of 20-40 cells
-(``smearnet.smear_scores.simulate_smear_probabilities``): positive smears carry 1-3 target
+(``smearnet.smear.simulate_smear_probabilities``): positive smears carry 1-3 target
 cells, and a share of smears of both classes carries 1-4 look-alike negatives.  The cell
 classifier is described by the chance that a cell is called positive at p >= 0.5: target
 cells (sensitivity), background cells (false-positive rate) and look-alikes.  The MIL
 aggregator sees each cell's logit(p) only (no embeddings in a simulation) and is trained on
-a separate simulated set of the same setting.  With ``reports/evaluate/smear_cells.csv``
-present (``dvc repro evaluate``), the fixed scores are also computed on the demo cohort's
-assessment smears (no MIL: that file holds no embeddings; see ``dvc repro aggregate``).
+a separate simulated set of the same setting.  With ``reports/aggregate/evaluation_cells.csv``
+present (``dvc repro aggregate``), the fixed scores are also computed on the demo cohort's
+evaluation smears (no MIL here; the aggregate stage reports it).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pandas as pd
 
 from smearnet.mil import MILConfig, logit_features, train_mil
 from smearnet.smear import smear_table
-from smearnet.smear_scores import (
+from smearnet.smear import (
     FIXED_SCORES,
     MIL_SCORE,
     SCORES,
@@ -96,7 +96,7 @@ def pbc_rows(path: Path, smears: int, resamples: int, seed: int) -> tuple[list[d
     """
     from sklearn.metrics import roc_auc_score
 
-    from smearnet.smear_scores import CellSet, SmearDesign, compose_bags, plan_smear_mixes, score_smears
+    from smearnet.smear import CellSet, SmearDesign, compose_bags, plan_smear_mixes, score_smears
 
     if not path.is_file():
         return [], []
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--smears", type=int, default=200, help="positive and negative smears per setting")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per AUC interval")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cells", type=Path, default=Path("reports/evaluate/smear_cells.csv"))
+    parser.add_argument("--cells", type=Path, default=Path("reports/aggregate/evaluation_cells.csv"))
     parser.add_argument("--pbc-predictions", type=Path, default=None,
                         help="reports/evaluate/predictions.csv of an `experiment=pbc` workspace")
     args = parser.parse_args()
@@ -166,7 +166,7 @@ def main() -> None:
         print("\nPBC composed smears: the classifier's measured rates on the test cells they are drawn from:")
         print("\n".join(pbc_notes))
     if demo is None:
-        print(f"\n({args.cells} not found: run `dvc repro evaluate` for the demo cohort's row.)")
+        print(f"\n({args.cells} not found: run `dvc repro aggregate` for the demo cohort's row.)")
     print(f"\n{time.perf_counter() - started:.1f} s")
 
 

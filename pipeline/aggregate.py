@@ -1,30 +1,35 @@
-"""DVC stage `aggregate`: calibrated cells, every smear score side by side, one chosen on development smears.
+"""DVC stage `aggregate`: calibrated cells, every smear score side by side, the smear rule proposed.
 
-1. One pass of the selected backbone over the validation, test and assessment cells: logits and
-   penultimate-layer embeddings.
-2. Temperature scaling fitted on the validation cells (`calibration.json`).
-3. Every smear score, cross-validated on smears composed from development cells (validation + test
-   splits); the score and its threshold are chosen there (`smearnet.smear_scores.run_aggregation`).
-4. The assessment smears are scored once and classified blind with the chosen score.
+1. One pass of the selected backbone, through the configured inference engine (the one predict and serving
+   run), over the development, test and assessment cells: logits and penultimate-layer embeddings.
+2. Temperature scaling fitted on the validation cells.
+3. Every smear score, cross-validated on smears composed from development cells; the score (`smear.score:
+   auto`, or the one it names) and a development threshold are fixed there (`smearnet.smear.run_aggregation`).
+   Development cells never enter the evaluation smears: they are the validation (and, when the evaluation
+   smears are an assessment cohort, test) cells.
+4. The proposed rule (`reports/aggregate/smear_rule.json`, MIL aggregator in `mil/`) and the evaluation smears'
+   cells (`evaluation_cells.csv`) go to the smear stage, which fixes the threshold and measures the rule.
 """
 
 import json
 from pathlib import Path
 
+import numpy as np
+
 from smearnet.calibration import CALIBRATION_FILE, fit_temperature, save_calibration, scaled_probabilities
 from smearnet.config import load_params
 from smearnet.errors import SmearnetError, run_cli
 from smearnet.evaluate import class_indices
-from smearnet.inference import load_trained, predictions_table
+from smearnet.inference import load_for_inference, predictions_table
 from smearnet.io import read_table, write_json, write_text
 from smearnet.metrics import json_safe
-from smearnet.mil import cell_outputs, save_mil
+from smearnet.mil import cell_outputs
 from smearnet.plots import roc_png
-from smearnet.smear_scores import AggregateParams, CellSet, roc_curves, run_aggregation, scores_markdown
+from smearnet.smear import AggregateParams, CellSet, SmearRule, evaluation_smears, run_aggregation, save_rule
+from smearnet.smear.report import roc_curves, scores_markdown
 from smearnet.tracking import flatten_metrics, hash_patient_id, revision_tags, setup_mlflow
 
 OUT = Path("reports/aggregate")
-DEVELOPMENT_SPLITS = ("val", "test")
 
 
 def main() -> None:
@@ -32,53 +37,74 @@ def main() -> None:
 
     cfg = load_params()
     setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
-    positive = str(cfg.evaluation.positive_class)
-    params = AggregateParams.from_config(cfg.aggregate, float(cfg.evaluation.confidence))
+    positive, seed = str(cfg.evaluation.positive_class), int(cfg.seed)
+    params = AggregateParams.from_config(cfg.aggregate, cfg.smear.compose, float(cfg.evaluation.confidence),
+                                         threshold_rule=str(cfg.smear.rule),
+                                         fixed_threshold=float(cfg.smear.fixed_threshold))
     selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
-    model = load_trained(Path("models") / selected)
-
     split_manifest = read_table(Path("data/split/manifest.csv"))
-    cells = split_manifest[split_manifest["split"].isin([*DEVELOPMENT_SPLITS, "assessment"])].reset_index(drop=True)
+    model = load_for_inference(Path("models") / selected, cfg.inference,
+                               split_manifest[split_manifest["split"] == "train"], seed=seed)
+
+    smears, smears_from = evaluation_smears(split_manifest, cfg.smear.compose, positive_class=positive, seed=seed)
+    development_splits = ["val", "test"] if smears_from == "assessment cohort" else ["val"]
+    cells = split_manifest[split_manifest["split"].isin([*development_splits, "test", "assessment"])]
     is_val = (cells["split"] == "val").to_numpy()
     if not is_val.any():
         raise SmearnetError("The validation split is empty: nothing to fit the temperature on.",
                             "Give split.val a positive share.")
-    outputs = cell_outputs(model, cells, batch_size=int(cfg.aggregate.batch_size))
-
+    outputs = cell_outputs(model, cells.reset_index(drop=True), batch_size=int(cfg.aggregate.batch_size),
+                           progress=True)
     low, high = (float(bound) for bound in cfg.aggregate.temperature_bounds)
     calibration = fit_temperature(outputs.logits[is_val], class_indices(cells.loc[is_val, "label"], model.classes),
                                   bounds=(low, high))
     table = predictions_table(cells, scaled_probabilities(outputs.logits, calibration.temperature), model.classes)
     table["patient_id"] = [hash_patient_id(patient) for patient in cells["patient_id"]]
     every_cell = CellSet(table, outputs.embeddings)
-    development = every_cell.subset(cells["split"].isin(DEVELOPMENT_SPLITS).to_numpy())
-    is_assessment = (cells["split"] == "assessment").to_numpy()
-    assessment = every_cell.subset(is_assessment) if is_assessment.any() else None
+    development = every_cell.subset(cells["split"].isin(development_splits).to_numpy())
+    positions = cells.index.get_indexer(smears["cell_index"] if "cell_index" in smears else smears.index)
+    composed = "part" in smears.columns
+    smear_ids = smears["smear_id"].astype(str).to_numpy() if composed else \
+        np.array([hash_patient_id(s) for s in smears["smear_id"]], dtype=object)
+    evaluation = every_cell.subset(positions)
+    evaluation.cells["smear_id"] = smear_ids
 
-    result = run_aggregation(development, assessment, positive, params, int(cfg.seed))
+    result = run_aggregation(development, evaluation, positive, params, seed, score=str(cfg.smear.score))
+    rule = SmearRule(score=result.choice.chosen, positive_class=positive, threshold=result.threshold,
+                     temperature=calibration.temperature, threshold_rule=params.threshold_rule,
+                     chosen_by=result.choice.reason,
+                     threshold_from=f"{params.threshold_rule} on composed development smears (out-of-fold)")
 
     save_calibration(calibration, OUT / CALIBRATION_FILE)
-    save_mil(result.development.aggregator, OUT / "mil")
-    write_json({"model": selected, "chosen_score": result.choice.chosen, "threshold": result.threshold,
-                "threshold_rule": params.threshold_rule, "temperature": calibration.temperature,
-                "reason": result.choice.reason, "mil": "mil/"}, OUT / "selection.json")
+    save_rule(rule, OUT, result.development.aggregator if rule.uses_mil else None)
+    engine_probabilities = predictions_table(cells, scaled_probabilities(outputs.logits, 1.0), model.classes)
+    evaluation_cells = engine_probabilities.iloc[positions].reset_index(drop=True)
+    evaluation_cells["smear_id"] = smear_ids
+    if composed:
+        evaluation_cells.insert(1, "part", smears["part"].to_numpy())
+    write_text(evaluation_cells.to_csv(index=False), OUT / "evaluation_cells.csv")
+    if rule.uses_mil:
+        np.save(OUT / "evaluation_embeddings.npy", outputs.embeddings[positions])
+    write_json({"model": selected, "classes": model.classes, "engine": model.engine.spec.label,
+                "smears_from": smears_from,
+                "development_splits": development_splits, **rule.to_dict()}, OUT / "selection.json")
     write_text(result.development.composed.to_csv(index=False), OUT / "development_smears.csv")
     write_text(result.development.natural.to_csv(index=False), OUT / "development_natural_smears.csv")
-    curves_from = "development, composed (out-of-fold)"
-    curves = roc_curves(result.choice.aucs)
+    curves_from, curves = "development, composed (out-of-fold)", roc_curves(result.choice.aucs)
     if result.assessment is not None:
-        write_text(result.assessment.table.to_csv(index=False), OUT / "assessment_smears.csv")
-        curves_from, curves = "assessment, blind", roc_curves(result.assessment.aucs)
+        write_text(result.assessment.table.to_csv(index=False), OUT / "evaluation_smears.csv")
+        curves_from, curves = f"evaluation smears ({smears_from})", roc_curves(result.assessment.aucs)
     roc_png(curves, OUT / "roc_all.png", title=f"Smear scores: {curves_from}")
     roc_png(roc_curves(result.choice.aucs), OUT / "roc_development.png",
             title="Smear scores: development, composed (out-of-fold)")
     write_text(scores_markdown(result, model_name=selected, positive_class=positive,
                                calibration=calibration.to_dict()), OUT / "scores.md")
-    metrics = json_safe({"model": selected, "calibration": calibration.to_dict(), **result.metrics()})
+    metrics = json_safe({"model": selected, "engine": model.engine.spec.label, "smears_from": smears_from,
+                         "development_splits": development_splits, "calibration": calibration.to_dict(),
+                         **result.metrics()})
     write_json(metrics, Path("metrics/aggregate.json"))
-    blind = metrics.get("assessment", {}).get("auc", {}).get(result.choice.chosen, {}).get("value")
-    print(f"aggregate: T={calibration.temperature:.3f}, chosen {result.choice.chosen} >= {result.threshold:.4g}"
-          + (f", assessment AUC {blind:.3f}" if blind is not None else ""))
+    print(f"aggregate: T={calibration.temperature:.3f}, proposed {rule.score} (development threshold "
+          f"{result.threshold:.4g}), development from {'+'.join(development_splits)}, evaluation: {smears_from}")
 
     with mlflow.start_run(run_name="aggregate", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
                                                       "stage": "aggregate", "backbone": selected}):
@@ -90,4 +116,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     run_cli(main)
-

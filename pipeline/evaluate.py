@@ -5,8 +5,8 @@ from pathlib import Path
 
 from smearnet.config import load_params
 from smearnet.errors import run_cli
-from smearnet.evaluate import evaluate_cells, smear_cell_probabilities, smear_cells
-from smearnet.inference import load_for_inference, predictions_table
+from smearnet.evaluate import evaluate_cells
+from smearnet.inference import load_for_inference
 from smearnet.io import read_table, write_json, write_text
 from smearnet.tracking import flatten_metrics, revision_tags, setup_mlflow
 
@@ -27,15 +27,12 @@ def main() -> None:
     metrics, table = evaluate_cells(model, test, positive, batch_size=int(cfg.evaluation.batch_size),
                                     confidence=float(cfg.evaluation.confidence), out_dir=OUT)
     write_text(table.to_csv(index=False), OUT / "predictions.csv")
-    cells, source = smear_cells(split_manifest, cfg.smear.compose, positive_class=positive, seed=int(cfg.seed))
-    probabilities = smear_cell_probabilities(model, cells, test, table, batch_size=int(cfg.evaluation.batch_size))
-    write_text(predictions_table(cells, probabilities, model.classes).to_csv(index=False), OUT / "smear_cells.csv")
-    write_json({"model": selected, "smear_cells_from": source, **metrics}, Path("metrics/cell.json"))
+    write_json({"model": selected, "engine": model.engine.spec.label, **metrics}, Path("metrics/cell.json"))
     print(f"evaluate {selected}: cell accuracy {metrics['accuracy']['value']:.4f} on {len(test)} test cells")
 
     with mlflow.start_run(run_name=f"evaluate-{selected}", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
                                                                  "stage": "evaluate", "backbone": selected}):
-        mlflow.log_params({"positive_class": positive, "test_cells": len(test), "smear_cells_from": source,
+        mlflow.log_params({"positive_class": positive, "test_cells": len(test),
                            "inference_engine": model.engine.spec.label})
         mlflow.log_metrics(flatten_metrics(metrics, "cell"))
         mlflow.log_artifacts(str(OUT), artifact_path="evaluate")

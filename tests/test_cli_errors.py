@@ -224,16 +224,22 @@ SMEAR_OVERRIDES = ["smear.bootstrap_resamples=50"]
 
 
 def write_smear_cells(project: Path, rows: list[tuple[str, str, str, float]]) -> Path:
-    """reports/evaluate/smear_cells.csv as the evaluate stage writes it: (smear_id, label, predicted, p_covid)."""
+    """What the aggregate stage hands the smear stage: the proposed rule (the paper's share), the classes and
+    reports/aggregate/evaluation_cells.csv, (smear_id, label, predicted, p_covid) per cell."""
+    from smearnet.io import write_json
+    from smearnet.smear import SmearRule, save_rule
+
     table = pd.DataFrame([{"smear_id": smear, "label": label, "predicted": predicted,
                            "prob_normal": round(1 - p, 6), "prob_classic_rl": 0.0, "prob_covid_rl": p}
                           for smear, label, predicted, p in rows],
                          columns=["smear_id", "label", "predicted", "prob_normal", "prob_classic_rl",
                                   "prob_covid_rl"])
-    path = project / "reports" / "evaluate" / "smear_cells.csv"
-    path.parent.mkdir(parents=True)
-    table.to_csv(path, index=False)
-    return path
+    folder = project / "reports" / "aggregate"
+    save_rule(SmearRule(score="share_predicted_positive", positive_class="covid_rl", threshold=0.5), folder)
+    write_json({"classes": ["normal", "classic_rl", "covid_rl"], "smears_from": "assessment cohort"},
+               folder / "selection.json")
+    table.to_csv(folder / "evaluation_cells.csv", index=False)
+    return folder / "evaluation_cells.csv"
 
 
 def test_smears_of_one_cell_are_scored_explicitly(tmp_path: Path, mlflow_uri: str) -> None:

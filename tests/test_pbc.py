@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from conftest import PBC_DIR
-from smearnet.compose import compose_smears
 from smearnet.config import compose_config
+from smearnet.smear import evaluation_smears
 from smearnet.datasets import load_dataset_manifest, manifest_from_folder
 from smearnet.ingest import load_rgb, validate_manifest
 
@@ -42,11 +42,12 @@ def test_experiment_pbc_points_at_the_shared_folder_and_composes_smears(pbc_samp
     cfg = compose_config(["experiment=pbc", f"data.root={pbc_sample}"])
     assert cfg.data.source == "folder" and cfg.smear.compose.enabled and len(cfg.data.classes) == 8
     manifest = load_dataset_manifest(cfg.data)
-    smears = compose_smears(manifest, str(cfg.data.positive_class), seed=0,
-                            mix={"positive_smears": 3, "negative_smears": 3})
+    smears, source = evaluation_smears(manifest.assign(split="test"), {**cfg.smear.compose, "smears_per_class": 3},
+                                       positive_class=str(cfg.data.positive_class), seed=0)
     per_smear = smears.groupby("smear_id")["label"].apply(lambda s: (s == "erythroblast").sum())
-    assert (per_smear[per_smear.index.str.startswith("S-pos")] >= 1).all()
-    assert (per_smear[per_smear.index.str.startswith("S-neg")] == 0).all()
+    assert source.startswith("composed") and len(per_smear) == 12
+    assert (per_smear[per_smear.index.str.contains("-pos-")] >= 1).all()
+    assert (per_smear[per_smear.index.str.contains("-neg-")] == 0).all()
 
 
 def test_wbc4_selects_the_four_white_cell_types_for_lightcnn():

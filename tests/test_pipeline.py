@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -51,6 +52,74 @@ def pipeline_env(mlflow_uri):
     return env
 
 
+def smear_calls_of_the_pipeline(project: Path) -> dict[str, str]:
+    """The smear stage's call of every evaluation smear (the rule it measured and register packages)."""
+    import pandas as pd
+
+    smears = pd.read_csv(project / "reports/smear/smears.csv", dtype={"smear_id": str})
+    return dict(zip(smears["smear_id"], smears["call"], strict=True))
+
+
+def assessment_cells(project: Path):
+    """The assessment cells with their smears' pseudonyms (the ids the smear stage writes)."""
+    from smearnet.io import read_table
+    from smearnet.tracking import hash_patient_id
+
+    split = read_table(project / "data/split/manifest.csv")
+    cells = split[split["split"] == "assessment"]
+    return cells.assign(smear_id=[hash_patient_id(s) for s in cells["smear_id"]])[["path", "smear_id"]]
+
+
+def calls_of_predict(project: Path, model_uri: str, env: dict) -> dict[str, str]:
+    """`smearnet predict` on a registered version, as a user runs it, over the assessment cells."""
+    manifest = project / "assessment.csv"
+    assessment_cells(project).to_csv(manifest, index=False)
+    run([sys.executable, "-m", "smearnet.cli", "predict", str(manifest), "--model", model_uri, "--json",
+         str(project / "predicted.json")], project, env)
+    smears = json.loads((project / "predicted.json").read_text())["smears"]
+    return {row["smear_id"]: row["call"] for row in smears}
+
+
+def calls_of_the_served_model(project: Path, model_uri: str, env: dict) -> dict[str, str]:
+    """The served version over HTTP (`mlflow models serve`), one row per cell, each carrying its smear's call."""
+    import base64
+    import urllib.request
+
+    from test_serving import free_port, server
+
+    port = free_port()
+    cells = assessment_cells(project)
+    rows = [[base64.b64encode(Path(path).read_bytes()).decode(), smear]
+            for path, smear in zip(cells["path"], cells["smear_id"], strict=True)]
+    serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with server(serve, f"http://127.0.0.1:{port}/ping", project / "serving.log", env):
+        body = json.dumps({"dataframe_split": {"columns": ["image", "smear_id"], "data": rows}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=300).read())["predictions"]
+    calls: dict[str, set[str]] = {}
+    for row in answer:
+        calls.setdefault(row["smear_id"], set()).add(row["smear_call"])
+    assert all(len(called) == 1 for called in calls.values()), "every cell of a smear carries one call"
+    return {smear: called.pop() for smear, called in calls.items()}
+
+
+def assert_round_trip(project: Path, env: dict, model_name: str) -> str:
+    """The pipeline's, predict's and the served model's calls of every assessment smear are identical."""
+    import mlflow
+
+    register = json.loads((project / "reports/register/decision.json").read_text())
+    uri = f"models:/{model_name}/{register['version']}"
+    rule = json.loads((project / "reports/smear/smear_rule.json").read_text())
+    packaged = mlflow.MlflowClient().get_model_version(model_name, register["version"]).tags
+    assert packaged["smear_score"] == rule["score"], "register packages the rule the smear stage measured"
+    pipeline = smear_calls_of_the_pipeline(project)
+    assert calls_of_predict(project, uri, env) == pipeline
+    assert calls_of_the_served_model(project, uri, env) == pipeline
+    return rule["score"]
+
+
 def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     import mlflow
 
@@ -61,14 +130,23 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     run(["git", "commit", "-qm", "tiny"], project, pipeline_env)
     run([*dvc, "repro"], project, pipeline_env)
 
-    cell = json.loads((project / "metrics/cell.json").read_text())
-    smear = json.loads((project / "metrics/smear.json").read_text())
-    assert 0.0 <= cell["accuracy"]["value"] <= 1.0 and "positive" in cell
-    assert smear["n_smears"] >= 6 and "auc" in smear and "threshold" in smear
+    # What each stage must show.
     split = json.loads((project / "metrics/split.json").read_text())
     assert {"train", "val", "test", "assessment"} <= set(split)
+    trained = json.loads((project / "metrics/train/resnet18.json").read_text())
+    assert math.isfinite(trained["best_val_loss"]) and trained["global_steps"] > 0
+    cell = json.loads((project / "metrics/cell.json").read_text())
+    assert cell["n_cells"] > 0 and cell["engine"] == "eager-bf16-cl" and "positive" in cell
+    aggregate = json.loads((project / "metrics/aggregate.json").read_text())
+    assert aggregate["smears_from"] == "assessment cohort" and aggregate["development_splits"] == ["val", "test"]
+    assert aggregate["chosen_score"] in aggregate["development_composed"]["auc"]
+    smear = json.loads((project / "metrics/smear.json").read_text())
+    assert smear["score"] == aggregate["chosen_score"] == smear["deployed_rule"]["score"]  # smear.score: auto
+    assert smear["n_smears"] >= 6 and 0.0 <= smear["auc"]["value"] <= 1.0
+    assert smear["n_blind_smears"] + smear["n_selection_smears"] == smear["n_smears"]
+    assert "blind_smear_ids" not in smear  # pseudonyms stay out of git-tracked metrics
     for report in ("reports/benchmark/table1.md", "reports/evaluate/confusion.png", "reports/smear/roc.png",
-                   "data/ingested/validation.md"):
+                   "reports/aggregate/scores.md", "data/ingested/validation.md"):
         assert (project / report).stat().st_size > 0, report
 
     started = time.perf_counter()
@@ -82,4 +160,14 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     mlflow.set_tracking_uri(pipeline_env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'evaluate'")
     assert len(runs) >= 1
-    assert mlflow.MlflowClient().search_model_versions("name='pipeline-test-resnet18'")
+    assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='pipeline-test'")] == ["1"]
+
+    # The rule that was measured is the rule that ships: the score auto picked, then the paper's share.
+    scores = {assert_round_trip(project, pipeline_env, "pipeline-test")}
+    from smearnet.cli import compose_params
+
+    compose_params([*TINY, "smear.score=share_predicted_positive"], project / "params.yaml")
+    rerun = run([*dvc, "repro"], project, pipeline_env).stdout
+    assert "Stage 'train@resnet18' didn't change" in rerun and "Running stage 'aggregate'" in rerun
+    scores.add(assert_round_trip(project, pipeline_env, "pipeline-test"))
+    assert "share_predicted_positive" in scores

@@ -18,13 +18,14 @@ from conftest import colour_cells
 from smearnet.cli import main as smearnet
 from smearnet.errors import SmearnetError
 from smearnet.predict import collect_cells, load_model, predict_cells
-from workspace import CLASSES, POSITIVE, random_model
+from workspace import CLASSES, POSITIVE, random_model, write_rule
 
 
 def serving_model(folder: Path, threshold: float = 0.25, size: int = 32) -> Path:
-    """A random resnet18 with a serving.json, as the register stage packages it."""
+    """A random resnet18 with a serving.json and its smear rule, as the register stage packages it."""
     model_dir = random_model(folder, seed=0, size=size)
     (model_dir / "serving.json").write_text(json.dumps({"positive_class": POSITIVE, "smear_threshold": threshold}))
+    write_rule(model_dir, threshold)
     return model_dir
 
 
@@ -52,14 +53,14 @@ def test_folder_is_one_smear_with_bad_image_reported(tmp_path, smear_folder, cap
     [smear] = result["smears"]
     share = result["cells_per_class"][POSITIVE] / 12
     assert smear["smear_id"] == "S-17" and smear["cells"] == 12 and smear["errors"] == 1
-    assert smear["share_positive"] == pytest.approx(share)
+    assert smear["score"] == pytest.approx(share) and smear["threshold"] == 0.25  # the rule: share of arg-max calls
     assert smear["call"] == ("positive" if share >= 0.25 else "negative")
     for cell in result["cells"]:
         if not cell["error"]:
             assert sum(cell[f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
             assert cell["max_probability"] == pytest.approx(max(cell[f"prob_{c}"] for c in CLASSES))
     report = out_md.read_text()
-    for needle in ("## Smears", "## Cells per class", "## Least certain images", "broken.jpg", ">= 0.2500"):
+    for needle in ("## Smears", "## Cells per class", "## Least certain images", "broken.jpg", ">= 0.25"):
         assert needle in report
     assert f"smear S-17: {smear['call'].upper()}" in printed
 
@@ -86,18 +87,18 @@ def test_manifest_is_many_smears_and_threshold_decides(tmp_path):
         frame, _ = collect_cells(tmp_path / "batch.csv")
         result = predict_cells(loaded, frame, progress=False)
         assert list(result.smears["smear_id"]) == ["A", "B"] and set(result.smears["call"]) == {call}
-        assert loaded.threshold_source == "--threshold"
+        assert loaded.rule.threshold_from == "--threshold" and loaded.rule.threshold == threshold
 
 
-def test_train_stage_folder_needs_a_threshold(tmp_path, monkeypatch):
+def test_train_stage_folder_takes_the_workspace_measured_rule(tmp_path, monkeypatch):
     model = random_model(tmp_path / "models" / "resnet18", seed=0)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SmearnetError, match="--threshold"):
+    with pytest.raises(SmearnetError, match="smear_rule.json"):
         load_model(str(model))
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "smear.json").write_text(json.dumps({"threshold": 0.125}))
+    write_rule(tmp_path / "reports" / "smear", 0.125, score="score_top3_mean")
     loaded = load_model(str(model))
-    assert loaded.serving["smear_threshold"] == 0.125 and loaded.threshold_source == "metrics/smear.json"
+    assert loaded.rule.threshold == 0.125 and loaded.rule.score == "score_top3_mean"
+    assert loaded.rule_source == "reports/smear/smear_rule.json"
 
 
 def test_registry_uri_gives_the_same_calls_as_the_local_folder(tmp_path, smear_folder, mlflow_uri):
@@ -116,7 +117,7 @@ def test_registry_uri_gives_the_same_calls_as_the_local_folder(tmp_path, smear_f
     cells, _ = collect_cells(smear_folder)
     remote = predict_cells(load_model(f"models:/{name}@champion"), cells, progress=False)
     local = predict_cells(load_model(str(model)), cells, progress=False)
-    assert remote.loaded.serving["smear_threshold"] == 0.3 and remote.loaded.threshold_source == "serving.json"
+    assert remote.loaded.rule.threshold == 0.3 and remote.loaded.rule_source == "registered with the model"
     pd.testing.assert_frame_equal(remote.cells, local.cells)
     with pytest.raises(SmearnetError, match="Could not fetch"):
         load_model(f"models:/{name}@no_such_alias")
@@ -200,3 +201,35 @@ def test_packaged_int8_program_is_served_in_a_fresh_process_without_calibration(
     valid = (eager["error"] == "").to_numpy()
     assert (int8["predicted"].to_numpy()[valid] == eager["predicted"].to_numpy()[valid]).mean() >= 0.75
     assert not any(p.suffix == ".partial" for p in (packaged / "engines").iterdir())
+
+
+def test_html_report_explains_each_smear_with_its_heaviest_cells(tmp_path):
+    """`--report x.html`: per smear one gallery of the cells that weighed most, images inline, score and call."""
+    from html.parser import HTMLParser
+
+    cells = colour_cells(tmp_path / "cells", CLASSES * 4, ["x"] * 12, size=40, seed=6)
+    manifest = pd.DataFrame({"path": cells["path"], "smear_id": ["A"] * 7 + ["B"] * 5})
+    manifest.to_csv(tmp_path / "batch.csv", index=False)
+    out = tmp_path / "why.html"
+    smearnet(["predict", str(tmp_path / "batch.csv"), "--model", str(serving_model(tmp_path / "model")),
+              "--report", str(out), "--report-cells", "4"])
+
+    class Galleries(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.smears, self.figures, self.images = [], {}, []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "section" and "smear" in (attrs.get("class") or "").split():
+                self.smears.append(attrs["data-smear-id"])
+                self.figures[self.smears[-1]] = 0
+            elif tag == "figure" and self.smears:
+                self.figures[self.smears[-1]] += 1
+            elif tag == "img":
+                self.images.append(attrs["src"])
+
+    page = Galleries()
+    page.feed(out.read_text())
+    assert page.smears == ["A", "B"] and page.figures == {"A": 4, "B": 4}
+    assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)

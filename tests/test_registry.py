@@ -13,7 +13,8 @@ import pytest
 from smearnet.errors import SmearnetError
 from smearnet.registry import (CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG, PromotionCriteria, RegisterInputs,
                                frozen_set, model_fingerprint, promotion_decision, register_and_gate)
-from workspace import POSITIVE, colour_split, make_register_workspace, patient_ids, random_model, scan_mlflow_for
+from workspace import (POSITIVE, colour_split, make_register_workspace, patient_ids, random_model, scan_mlflow_for,
+                       write_rule)
 
 REPO_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 
@@ -81,19 +82,19 @@ def test_frozen_set_leaves_out_patients_a_model_was_trained_on(tmp_path):
     trained_on = split.assign(split=split["split"].where(split["patient_id"] != "P0001", "train"))
     seen = training_patients(trained_on)
     assert seen == [hash_patient_id("P0001")]
-    frozen = frozen_set(split, exclude_patients=seen)
+    frozen = frozen_set(split, None, positive_class=POSITIVE, seed=0, exclude_patients=seen)
     assert frozen.excluded_test_cells == 6 and len(frozen.test) == 18 and "P0001" not in set(frozen.test["patient_id"])
-    assert frozen.fingerprint != frozen_set(split).fingerprint
+    assert frozen.fingerprint != frozen_set(split, None, positive_class=POSITIVE, seed=0).fingerprint
     with pytest.raises(SmearnetError, match="No test cells"):
-        frozen_set(split, exclude_patients=[hash_patient_id(p) for p in split["patient_id"]])
+        frozen_set(split, None, positive_class=POSITIVE, seed=0, exclude_patients=[hash_patient_id(p) for p in split["patient_id"]])
 
 
 def test_frozen_set_fingerprint_ignores_paths_but_not_cells(tmp_path):
     split = colour_split(tmp_path / "one")
     moved = split.assign(path=[p.replace("one", "two") for p in split["path"]])
-    assert frozen_set(split).fingerprint == frozen_set(moved).fingerprint
+    assert frozen_set(split, None, positive_class=POSITIVE, seed=0).fingerprint == frozen_set(moved, None, positive_class=POSITIVE, seed=0).fingerprint
     fewer = split.drop(index=split.index[split["split"] == "test"][0])
-    assert frozen_set(fewer).fingerprint != frozen_set(split).fingerprint
+    assert frozen_set(fewer, None, positive_class=POSITIVE, seed=0).fingerprint != frozen_set(split, None, positive_class=POSITIVE, seed=0).fingerprint
 
 
 # ------------------------------------------------------------------------------- register + gate in MLflow
@@ -103,8 +104,9 @@ def _inputs(root: Path, name: str, model_dir: Path, *, criteria: PromotionCriter
             threshold: float = 0.25) -> RegisterInputs:
     from smearnet.io import read_table
 
+    rule_dir = write_rule(root / f"rules/{threshold}", threshold)
     return RegisterInputs(model_dir=model_dir, backbone="resnet18", model_name=name, experiment="registry-test",
-                          positive_class=POSITIVE, smear_threshold=threshold, criteria=criteria or PromotionCriteria(),
+                          rule_dir=rule_dir, criteria=criteria or PromotionCriteria(),
                           split_manifest=read_table(root / "data/split/manifest.csv"), n_resamples=50)
 
 
@@ -176,9 +178,10 @@ def test_crash_after_registration_leaves_no_duplicate_and_no_running_run(tmp_pat
 
     # A run abandoned by a SIGKILLed attempt (still RUNNING, same model fingerprint).
     from smearnet.inference import load_trained
-    from smearnet.registry import serving_config
+    from smearnet.registry import version_serving
+    from smearnet.smear import load_rule
 
-    serving = serving_config(load_trained(inputs.model_dir).meta, POSITIVE, 0.25)
+    serving = version_serving(load_trained(inputs.model_dir).meta, load_rule(inputs.rule_dir)[0], inputs.rule_dir)
     fingerprint = model_fingerprint(inputs.model_dir, serving)
     tags = {"stage": "register", MODEL_NAME_TAG: name, FINGERPRINT_TAG: fingerprint}
     abandoned = store.create_run(experiment_id, tags=tags).info.run_id
@@ -254,3 +257,33 @@ def test_privacy_scan_finds_a_planted_patient_id(tmp_path, store):
     finally:  # the store is shared by the session: leave no leak for other scans
         store.delete_run(run.info.run_id)
     assert any("tags" in h and "P0777" in h for h in hits) and any("leak.txt" in h for h in hits)
+
+
+COMPOSE = {"enabled": True, "smears_per_class": 6, "cells_per_smear": [4, 6], "target_cells": [1, 2],
+           "lookalike_smears": 0.3, "lookalike_cells": [1, 2], "lookalike_classes": ["green"]}
+
+
+def test_gate_judges_both_models_on_the_composed_smears_each_with_its_own_rule(tmp_path, store):
+    """Under smear.compose.enabled, challenger and champion are judged on the smears the smear stage composes
+    from test cells (not on the test split's own smears), each with the rule packaged with it."""
+    from smearnet.smear import evaluation_smears
+
+    name = f"composed-{uuid.uuid4().hex[:8]}"
+    root = make_register_workspace(tmp_path / "ws", name)
+    first = _inputs(root, name, root / "models/resnet18", threshold=0.2)
+    first.split_manifest = first.split_manifest[first.split_manifest["split"] == "test"]  # data without smears
+    first.compose, first.blind_smear_ids = COMPOSE, None
+    assert register_and_gate(first)["promoted"]
+
+    relaxed = PromotionCriteria(min_cell_accuracy_gain=-1.0, min_smear_auc_gain=-1.0, max_sensitivity_drop=1.0)
+    second = _inputs(root, name, random_model(tmp_path / "other" / "resnet18", seed=1), threshold=0.6,
+                     criteria=relaxed)
+    second.split_manifest, second.compose = first.split_manifest, COMPOSE
+    decision = register_and_gate(second)
+
+    composed, _ = evaluation_smears(first.split_manifest, COMPOSE, positive_class=POSITIVE, seed=0)
+    assert decision["evaluation_set"]["smear_cells_from"].startswith("composed from test cells")
+    assert decision["evaluation_set"]["smear_cells"] == len(composed)
+    for role, threshold in (("challenger", 0.6), ("champion", 0.2)):  # each judged with its own packaged rule
+        assert decision[role]["n_smears"] == composed["smear_id"].nunique() == 2 * 2 * 6
+        assert decision[role]["threshold"] == threshold and decision[role]["smear_score"] == "share_predicted_positive"

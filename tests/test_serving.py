@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import colour_cells
-from workspace import CLASSES, POSITIVE, colour_split, tiny_config
+from workspace import CLASSES, POSITIVE, colour_split, tiny_config, write_rule
 
 
 def free_port() -> int:
@@ -127,7 +127,7 @@ def test_train_register_promote_and_serve_champion_over_http(tmp_path, monkeypat
         write_manifest(colour_split(tmp_path / "eval"), tmp_path / "split.csv")
         decision = register_and_gate(RegisterInputs(
             model_dir=tmp_path / "models/resnet18", backbone="resnet18", model_name=name, experiment="serving-test",
-            positive_class=POSITIVE, smear_threshold=0.3, criteria=PromotionCriteria(),
+            rule_dir=write_rule(tmp_path / "rule", 0.3), criteria=PromotionCriteria(),
             split_manifest=read_table(tmp_path / "split.csv"), n_resamples=50))
         assert decision["promoted"] and decision["challenger"]["cell_accuracy"] >= 0.9
         import mlflow
@@ -157,7 +157,10 @@ def test_train_register_promote_and_serve_champion_over_http(tmp_path, monkeypat
         assert row["error"] == "" and math.isclose(sum(row[f"prob_{c}"] for c in CLASSES), 1.0, abs_tol=1e-4)
         assert row[f"prob_{row['predicted']}"] == max(row[f"prob_{c}"] for c in CLASSES)
     assert bad["error"] and bad["predicted"] == "" and bad["smear_id"] == "smear-neg"
-    calls = {row["smear_id"]: (row["smear_call"], row["smear_share_positive"]) for row in good}
+    calls = {row["smear_id"]: (row["smear_call"], row["smear_score"]) for row in good}
+    assert {row["smear_threshold"] for row in good} == {0.3}
+    for smear in ("smear-pos", "smear-neg"):  # a cell's weight is its share of its smear's positive evidence
+        assert math.isclose(sum(row["cell_weight"] for row in good if row["smear_id"] == smear), 1.0, abs_tol=1e-4)
     assert calls["smear-pos"][0] == "positive" and calls["smear-pos"][1] >= 0.5
     assert calls["smear-neg"][0] == "negative" and calls["smear-neg"][1] < 0.3
     # The image bytes sent were decoded exactly as the pipeline decodes files.

@@ -1,47 +1,68 @@
+"""The one composition model: smears re-drawn from cells, for choosing (development) and judging (test)."""
+
 import pandas as pd
 import pytest
 
-from smearnet.compose import compose_smears
 from smearnet.errors import SmearnetError
+from smearnet.smear import SmearDesign, compose_smears, evaluation_smears
+
+DESIGN = SmearDesign(cells_per_smear=(20, 40), target_cells=(1, 3), lookalike_smears=0.3, lookalike_cells=(1, 4))
 
 
 def cells(n_target=30, n_other=300):
     labels = ["erythroblast"] * n_target + ["neutrophil", "lymphocyte"] * (n_other // 2)
-    return pd.DataFrame({"label": labels, "path": [f"c{i}.jpg" for i in range(len(labels))]})
+    return pd.DataFrame({"label": labels, "path": [f"c{i}.jpg" for i in range(len(labels))],
+                         "patient_id": [f"P{i:04d}" for i in range(len(labels))]})
+
+
+def compose(frame, seed=0, per_class=20):
+    return compose_smears(frame, DESIGN, positive_class="erythroblast", lookalike_classes=["lymphocyte"],
+                          smears_per_class=per_class, seed=seed)
 
 
 def test_positive_smears_carry_targets_and_negatives_none():
-    smears = compose_smears(cells(), "erythroblast", seed=0)
+    smears = compose(cells())
     per_smear = smears.groupby("smear_id")["label"].apply(lambda s: int((s == "erythroblast").sum()))
-    positive = per_smear[per_smear.index.str.startswith("S-pos")]
-    negative = per_smear[per_smear.index.str.startswith("S-neg")]
-    assert len(positive) == 58 and len(negative) == 34
-    assert (positive >= 1).all() and (negative == 0).all()
-    assert 1.5 < positive.mean() < 3.5  # Table 5: 132 targets / 58 smears
+    positive = per_smear[per_smear.index.str.contains("-pos-")]
+    negative = per_smear[per_smear.index.str.contains("-neg-")]
+    assert len(positive) == len(negative) == 2 * 20  # both parts
+    assert positive.between(1, 3).all() and (negative == 0).all()
     sizes = smears.groupby("smear_id").size()
-    assert 25 < sizes[sizes.index.str.startswith("S-pos")].mean() < 37
+    assert sizes.between(20, 40).all()  # one size range for both classes: size says nothing about the call
     assert not smears.duplicated(["smear_id", "cell_index"]).any()  # never twice in one smear
 
 
+def test_the_two_parts_share_no_cell_and_no_patient():
+    smears = compose(cells())
+    part0, part1 = smears[smears["part"] == 0], smears[smears["part"] == 1]
+    assert set(part0["cell_index"]).isdisjoint(part1["cell_index"])
+    assert set(part0["patient_id"]).isdisjoint(part1["patient_id"])
+    assert (part0["smear_id"].str.startswith("C0-")).all() and (part1["smear_id"].str.startswith("C1-")).all()
+
+
 def test_deterministic_by_seed():
-    assert compose_smears(cells(), "erythroblast", seed=3).equals(compose_smears(cells(), "erythroblast", seed=3))
-    assert not compose_smears(cells(), "erythroblast", seed=3).equals(compose_smears(cells(), "erythroblast", seed=4))
+    assert compose(cells(), seed=3).equals(compose(cells(), seed=3))
+    assert not compose(cells(), seed=3).equals(compose(cells(), seed=4))
 
 
-def test_missing_target_class_is_a_clear_error():
-    with pytest.raises(SmearnetError, match="target class `ig`"):
-        compose_smears(cells(), "ig", seed=0)
+def test_missing_positive_class_is_a_clear_error():
+    with pytest.raises(SmearnetError, match="positive class `erythroblast`"):
+        compose(cells(n_target=0))
 
 
-def test_composed_smear_cells_reuse_the_test_predictions_without_the_network():
-    import numpy as np
+def test_too_few_positive_patients_for_two_halves_is_a_clear_error():
+    with pytest.raises(SmearnetError, match="two disjoint halves"):
+        compose(cells(n_target=1))
 
-    from smearnet.evaluate import smear_cell_probabilities
 
-    test = cells(n_target=10, n_other=40).set_index(np.arange(100, 150))
-    table = pd.DataFrame({"prob_erythroblast": np.linspace(0, 1, 50), "prob_neutrophil": np.linspace(1, 0, 50)})
-    model = type("Model", (), {"classes": ["erythroblast", "neutrophil"]})()  # no network: must not be called
-    smears = compose_smears(test, "erythroblast", seed=0)
-    probabilities = smear_cell_probabilities(model, smears, test, table, batch_size=4)
-    expected = table["prob_erythroblast"].to_numpy()[smears["cell_index"].to_numpy() - 100]
-    assert np.allclose(probabilities[:, 0], expected)
+def test_evaluation_smears_prefer_the_assessment_cohort_then_composition_then_the_test_split():
+    frame = cells().assign(split="test", smear_id=lambda f: f["patient_id"])
+    settings = {"enabled": True, "smears_per_class": 5, "cells_per_smear": [20, 40], "target_cells": [1, 3],
+                "lookalike_smears": 0.3, "lookalike_cells": [1, 4], "lookalike_classes": ["lymphocyte"]}
+    composed, source = evaluation_smears(frame, settings, positive_class="erythroblast", seed=0)
+    assert source.startswith("composed") and composed["smear_id"].nunique() == 2 * 2 * 5
+    own, source = evaluation_smears(frame, {**settings, "enabled": False}, positive_class="erythroblast", seed=0)
+    assert source == "test split's own smears" and len(own) == len(frame)
+    with_assessment = pd.concat([frame, frame.head(5).assign(split="assessment")])
+    assessed, source = evaluation_smears(with_assessment, settings, positive_class="erythroblast", seed=0)
+    assert source == "assessment cohort" and len(assessed) == 5

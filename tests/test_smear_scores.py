@@ -14,7 +14,7 @@ from smearnet.config import compose_config
 from smearnet.errors import SmearnetError
 from smearnet.mil import MILConfig
 from smearnet.smear import smear_table
-from smearnet.smear_scores import (
+from smearnet.smear import (
     BACKGROUND,
     LOOKALIKE,
     MIL_SCORE,
@@ -261,7 +261,7 @@ def test_run_aggregation_metrics_and_report_name_every_score():
 
 def test_params_from_the_composed_configuration():
     cfg = compose_config([])
-    params = AggregateParams.from_config(cfg.aggregate, cfg.evaluation.confidence)
+    params = AggregateParams.from_config(cfg.aggregate, cfg.smear.compose, cfg.evaluation.confidence)
     assert params.design.target_cells == (1, 3) and params.lookalike_classes == ("classic_rl",)
     assert set(params.lookalike_classes) <= set(cfg.data.classes) and cfg.evaluation.positive_class in cfg.data.classes
     with pytest.raises(SmearnetError, match="folds"):

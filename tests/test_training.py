@@ -89,7 +89,7 @@ def colour_split(tmp_path):
     return train, val
 
 
-def test_train_backbone_learns_logs_and_registers(colour_split, tmp_path, mlflow_uri):
+def test_train_backbone_learns_and_logs_its_weights_with_the_run(colour_split, tmp_path, mlflow_uri):
     import mlflow
 
     train, val = colour_split
@@ -103,5 +103,7 @@ def test_train_backbone_learns_logs_and_registers(colour_split, tmp_path, mlflow
     run = mlflow.get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics
     assert run.data.tags["backbone"] == "resnet18" and "smearnet.pipeline_run" in run.data.tags
-    versions = mlflow.MlflowClient().search_model_versions("name='test-training-resnet18'")
-    assert len(versions) == 1
+    logged = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model_dir")}
+    assert {"model_dir/weights.safetensors", "model_dir/model.json"} <= logged
+    # Only the register stage registers a version (the selected backbone with its smear rule).
+    assert not mlflow.MlflowClient().search_model_versions("name='test-training-resnet18'")

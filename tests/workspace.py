@@ -76,8 +76,17 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
     write_json({"selected": "resnet18", "reason": "only model", "rule": "accuracy_then_time"},
                root / "reports/benchmark/selection.json")
     blind = sorted({hash_patient_id(s) for s in split.loc[split["split"] == "assessment", "smear_id"]})[::2]
-    write_json({"threshold": threshold, "blind_smear_ids": blind}, root / "metrics/smear.json")
+    write_rule(root / "reports/smear", threshold)
+    write_json({"blind_smear_ids": blind}, root / "reports/smear/blind_smears.json")
     return root
+
+
+def write_rule(folder: Path, threshold: float, score: str = "share_predicted_positive") -> Path:
+    """A measured smear rule as the smear stage writes it (reports/smear/smear_rule.json)."""
+    from smearnet.smear import SmearRule, save_rule
+
+    save_rule(SmearRule(score=score, positive_class=POSITIVE, threshold=threshold, threshold_from="test"), folder)
+    return folder
 
 
 def scan_mlflow_for(identifiers: set[str], download_dir: Path) -> list[str]:

@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True,
                          help="models:/<name>@champion, models:/<name>/<version>, or a local models/<name> folder")
     predict.add_argument("--json", type=Path, help="write cells per class, smears and one row per cell here")
-    predict.add_argument("--report", type=Path, help="write a Markdown report here")
-    predict.add_argument("--threshold", type=float, help="smear threshold (share of positive cells) to use instead "
-                         "of the model's")
+    predict.add_argument("--report", type=Path, help="write a report here: a self-contained HTML page (why each "
+                         "smear was called: score vs threshold, the cells that weighed most, Grad-CAM heat maps), "
+                         "or Markdown when the name ends in .md")
+    predict.add_argument("--report-cells", type=int, default=6, help="cells shown per smear in the HTML report")
+    predict.add_argument("--threshold", type=float, help="smear threshold to use instead of the one in the model's "
+                         "smear rule")
     predict.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI, "
                          "else params.yaml's)")
     predict.add_argument("--batch-size", type=int, default=32)
@@ -60,7 +63,8 @@ def _predict(args: argparse.Namespace) -> None:
     import time
 
     from smearnet.io import write_json, write_text
-    from smearnet.predict import collect_cells, load_model, predict_cells, print_summary, to_json, to_markdown
+    from smearnet.predict import (collect_cells, load_model, predict_cells, print_summary, to_html, to_json,
+                                  to_markdown)
 
     started = time.perf_counter()
     cells, skipped = collect_cells(args.source)
@@ -70,7 +74,9 @@ def _predict(args: argparse.Namespace) -> None:
     if args.json:
         print(f"wrote {write_json(to_json(prediction), args.json)}")
     if args.report:
-        print(f"wrote {write_text(to_markdown(prediction, args.least_sure), args.report)}")
+        report = to_markdown(prediction, args.least_sure) if args.report.suffix.lower() == ".md" else \
+            to_html(prediction, cells_per_smear=args.report_cells)
+        print(f"wrote {write_text(report, args.report)}")
     print(f"predict: {len(cells)} images in {time.perf_counter() - started:.1f} s")
 
 

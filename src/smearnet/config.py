@@ -99,3 +99,22 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model[name], resolve=True))
     model_cfg.name = name
     return model_cfg
+
+
+def task_name(data: Mapping) -> str:
+    """The task a dataset defines: `data.name`, or the manifest file's stem when it is null."""
+    name = data.get("name")
+    if name:
+        return str(name)
+    manifest = data.get("manifest")
+    if not manifest:
+        raise SmearnetError("data.name is not set and there is no data.manifest to name the task after.",
+                            "set data.name (e.g. -S data.name=hospital_a).")
+    return Path(str(manifest)).stem
+
+
+def registered_model_name(registry: Mapping, data: Mapping) -> str:
+    """`registry.model_name`, or `smearnet-<task>` when null: one registered model per task, so a model for
+    other classes never competes with another task's champion."""
+    name = registry.get("model_name")
+    return str(name) if name else f"smearnet-{task_name(data)}"

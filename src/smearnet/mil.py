@@ -67,14 +67,34 @@ def _timm_outputs(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor
     return outputs
 
 
-@torch.inference_mode()
-def cell_outputs(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32,
-                 progress: bool = False) -> CellOutputs:
-    """Logits and embeddings of every row of ``manifest`` in one pass, in order.
+def batch_embeddings(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Penultimate-layer embeddings ``(n, d)`` of a batch, eager fp32.
 
-    Embeddings are timm's ``forward_head(forward_features(x), pre_logits=True)`` (pooled
-    features before the classifier) when the model has ``forward_head``; otherwise the input
-    of the classifier layer, captured by a forward pre-hook during ``net(x)``.
+    timm's ``forward_head(forward_features(x), pre_logits=True)`` (pooled features before the classifier)
+    when the model has ``forward_head``; otherwise the input of the classifier layer, captured by a forward
+    pre-hook during ``net(x)``.
+    """
+    timm_outputs = _timm_outputs(net)
+    if timm_outputs is not None:
+        return timm_outputs(images)[1].float().flatten(1)
+    captured: list[torch.Tensor] = []
+    handle = _classifier_layer(net).register_forward_pre_hook(
+        lambda _module, inputs: captured.append(inputs[0].detach()))
+    try:
+        net(images)
+    finally:
+        handle.remove()
+    return captured[-1].float().flatten(1)
+
+
+@torch.inference_mode()
+def cell_outputs(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32, progress: bool = False,
+                 embeddings: bool = True) -> CellOutputs:
+    """Logits (through the model's inference engine) and, when asked, embeddings of every row of ``manifest``.
+
+    Logits come from ``model.logits``, the engine predict and serving run, so a smear rule fitted on them is
+    applied to the same numbers where it is served.  Embeddings (for the MIL score) come from the eager
+    network (:func:`batch_embeddings`); without them the array has zero columns.
     """
     from tqdm import tqdm
 
@@ -82,30 +102,17 @@ def cell_outputs(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int
 
     net = model.net.eval()
     loader = make_loader(manifest, model.classes, model.input_spec, batch_size=batch_size, shuffle=False)
-    timm_outputs = _timm_outputs(net)
-    captured: list[torch.Tensor] = []
-    handle = None
-    if timm_outputs is None:
-        handle = _classifier_layer(net).register_forward_pre_hook(
-            lambda _module, inputs: captured.append(inputs[0].detach()))
     logits_chunks: list[np.ndarray] = []
     embedding_chunks: list[np.ndarray] = []
-    try:
-        for images, _ in tqdm(loader, desc="cell embeddings", unit="batch", disable=not progress):
-            if timm_outputs is not None:
-                logits, embeddings = timm_outputs(images)
-            else:
-                captured.clear()
-                logits = net(images)
-                embeddings = captured[-1]
-            logits_chunks.append(logits.float().numpy())
-            embedding_chunks.append(embeddings.float().flatten(1).numpy())
-    finally:
-        if handle is not None:
-            handle.remove()
+    for images, _ in tqdm(loader, desc="cell outputs", unit="batch", disable=not progress):
+        logits_chunks.append(model.logits(images).float().numpy())
+        if embeddings:
+            embedding_chunks.append(batch_embeddings(net, images).numpy())
     if not logits_chunks:
         return CellOutputs(np.zeros((0, len(model.classes)), np.float32), np.zeros((0, 0), np.float32))
-    return CellOutputs(np.concatenate(logits_chunks), np.concatenate(embedding_chunks))
+    stacked = np.concatenate(embedding_chunks) if embedding_chunks else np.zeros((sum(map(len, logits_chunks)), 0),
+                                                                                 np.float32)
+    return CellOutputs(np.concatenate(logits_chunks), stacked)
 
 
 def cell_embeddings(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 The model is a registry URI (`models:/<name>@champion`, `models:/<name>/<version>`, `runs:/...`), a downloaded
 pyfunc folder (with `MLmodel`), or a local `models/<name>` folder written by the train stage (offline use).
-The smear call uses the threshold stored with the model (`serving.json`); a bare train-stage folder takes it
-from `--threshold`, else from the workspace's `metrics/smear.json`.
+Each smear is called by the smear rule registered with the model (`smear_rule.json`: score, calibration,
+threshold), through `SmearRule.classify`, as the pipeline measured it and the served model applies it; a bare
+train-stage folder takes the workspace's measured rule (`reports/smear/smear_rule.json`); `--threshold`
+replaces the rule's threshold.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import pandas as pd
 
 from smearnet.errors import SmearnetError
 from smearnet.inference import TrainedModel
+from smearnet.mil import MILAggregator
+from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
+from smearnet.smear.rule import RULE_FILE, SmearRule, load_rule
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+WORKSPACE_RULE = Path("reports/smear")
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
 
 
@@ -34,7 +40,9 @@ class LoadedModel:
     model: TrainedModel
     serving: dict[str, Any]
     source: str
-    threshold_source: str
+    rule: SmearRule
+    aggregator: MILAggregator | None = None
+    rule_source: str = "smear_rule.json"
 
 
 @dataclass
@@ -49,7 +57,11 @@ class Prediction:
 
 
 def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str | None = None) -> LoadedModel:
-    """Resolve `--model`: a registry/run URI (downloaded) or a local model folder."""
+    """Resolve `--model`: a registry/run URI (downloaded) or a local model folder, with its smear rule.
+
+    A registered version carries its rule (`smear_rule.json`); a workspace's `models/<name>` folder takes the
+    workspace's measured rule (`reports/smear/smear_rule.json`). `threshold` replaces the rule's threshold.
+    """
     from smearnet.inference import load_trained, serving_engine
     from smearnet.registry import SERVING_FILE, local_model_dir
 
@@ -59,27 +71,29 @@ def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str |
             model_dir = _download(spec, Path(tmp), tracking_uri)
             serving = _read_json(model_dir / SERVING_FILE)
             model = serving_engine(load_trained(model_dir), serving, model_dir)  # ONNX sessions load here
+            rule, aggregator = served_rule(model_dir, serving)
+        rule_source = "registered with the model"
     elif path.is_dir():
         model_dir = local_model_dir(path) if (path / "MLmodel").is_file() else path
         serving = _read_json(model_dir / SERVING_FILE)
-        if not (model_dir / SERVING_FILE).is_file():  # a workspace's models/<name>: the workspace's engine
+        if (model_dir / SERVING_FILE).is_file():
+            rule, aggregator = served_rule(model_dir, serving)
+            rule_source = "registered with the model"
+        else:  # a workspace's models/<name>: the workspace's engine and measured rule
             serving["inference"] = _workspace_inference()
+            rule, aggregator = _workspace_rule()
+            rule_source = str(WORKSPACE_RULE / RULE_FILE)
         model = serving_engine(load_trained(model_dir), serving, model_dir)
     else:
         raise SmearnetError(f"--model {spec!r} is neither a model URI nor an existing folder.",
                             "pass models:/<name>@champion (with MLFLOW_TRACKING_URI set) or a models/<name> folder.")
-    source = "serving.json" if "smear_threshold" in serving else ""
     if threshold is not None:
-        serving["smear_threshold"], source = float(threshold), "--threshold"
-    elif not source:
-        serving["smear_threshold"], source = _workspace_threshold(), "metrics/smear.json"
-    if "positive_class" not in serving:
-        serving["positive_class"] = _workspace_positive_class() or model.classes[-1]
-        print(f"predict: positive class {serving['positive_class']!r} (not stored with the model)", file=sys.stderr)
-    if serving["positive_class"] not in model.classes:
-        raise SmearnetError(f"The positive class {serving['positive_class']!r} is not one of {model.classes}.",
+        rule, rule_source = rule.with_threshold(float(threshold), "--threshold"), f"{rule_source}, --threshold"
+    if rule.positive_class not in model.classes:
+        raise SmearnetError(f"The positive class {rule.positive_class!r} is not one of {model.classes}.",
                             "re-register the model (register stage).")
-    return LoadedModel(model=model, serving=serving, source=spec, threshold_source=source)
+    return LoadedModel(model=model, serving=serving, source=spec, rule=rule, aggregator=aggregator,
+                       rule_source=rule_source)
 
 
 def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -118,15 +132,14 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int = 32, progress: bool = True,
                   skipped_files: list[str] | None = None) -> Prediction:
-    """Classify every cell (bad images become rows with `error`), then call each smear."""
+    """Classify every cell (bad images become rows with `error`), then call each smear with the model's rule."""
     from PIL import Image
     from tqdm import tqdm
 
-    from smearnet.inference import call_smears, image_probabilities
     from smearnet.ingest import load_rgb
 
     classes = loaded.model.classes
-    chunks, errors = [], []
+    chunks, features, errors = [], [], []
     with tqdm(total=len(cells), desc="classify cells", unit="img", disable=not progress) as bar:
         for start in range(0, len(cells), batch_size):
             images: list[Image.Image | None] = []
@@ -137,10 +150,14 @@ def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int =
                 except SmearnetError as err:
                     images.append(None)
                     errors.append(err.what.replace(f"Cannot load image {path}: ", "").rstrip("."))
-            chunks.append(image_probabilities(loaded.model, images))
+            probabilities, embeddings = cell_outputs_for_images(loaded.model, images, embeddings=loaded.rule.uses_mil)
+            chunks.append(probabilities)
+            if embeddings is not None:
+                features.append(embeddings)
             bar.update(len(images))
     probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(classes)), dtype=np.float32)
-    table = call_smears(cells["smear_id"], probabilities, classes, loaded.serving, errors)
+    table, smears = call_cells(loaded.rule, loaded.aggregator, classes, cells["smear_id"], probabilities,
+                               embeddings=np.concatenate(features) if features else None, errors=errors)
     table.insert(0, "path", list(cells["path"]))
     if "label" in cells:
         table.insert(2, "label", list(cells["label"]))
@@ -150,19 +167,21 @@ def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int =
     table["max_probability"] = top
     ok = table[table["error"] == ""]
     counts = {name: int((ok["predicted"] == name).sum()) for name in classes}
-    return Prediction(cells=table, smears=smear_summary(table, classes, loaded.serving), cells_per_class=counts,
+    return Prediction(cells=table, smears=smear_summary(table, smears, classes), cells_per_class=counts,
                       loaded=loaded, skipped_files=list(skipped_files or []))
 
 
-def smear_summary(cells: pd.DataFrame, classes: list[str], serving: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per smear: cells classified, errors, cells per class, share positive, threshold, call."""
+def smear_summary(cells: pd.DataFrame, smears: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per smear: cells classified, errors, cells per class, the score, threshold and call."""
     rows = []
+    by_smear = smears.set_index("smear_id")
     for smear_id, group in cells.groupby("smear_id", sort=True):
         ok = group[group["error"] == ""]
+        called = by_smear.loc[str(smear_id)]
         rows.append({"smear_id": smear_id, "cells": len(ok), "errors": int((group["error"] != "").sum()),
                      **{name: int((ok["predicted"] == name).sum()) for name in classes},
-                     "share_positive": float(group["smear_share_positive"].iloc[0]),
-                     "threshold": float(serving["smear_threshold"]), "call": str(group["smear_call"].iloc[0])})
+                     "score": float(called["score"]), "threshold": float(called["threshold"]),
+                     "call": str(called["call"])})
     return pd.DataFrame(rows)
 
 
@@ -176,10 +195,10 @@ def to_json(prediction: Prediction) -> dict[str, Any]:
     """The JSON document: model, rule, cells per class, smears and one row per cell (NaN -> null)."""
     from smearnet.metrics import json_safe
 
-    serving = prediction.loaded.serving
+    rule = prediction.loaded.rule
     return json_safe({
-        "model": prediction.loaded.source, "positive_class": serving["positive_class"],
-        "smear_threshold": float(serving["smear_threshold"]), "threshold_from": prediction.loaded.threshold_source,
+        "model": prediction.loaded.source, "positive_class": rule.positive_class, "smear_rule": rule.to_dict(),
+        "rule_from": prediction.loaded.rule_source,
         "cells_per_class": prediction.cells_per_class, "errors": int((prediction.cells["error"] != "").sum()),
         "skipped_files": prediction.skipped_files, "smears": prediction.smears.to_dict(orient="records"),
         "cells": prediction.cells.to_dict(orient="records"),
@@ -188,16 +207,16 @@ def to_json(prediction: Prediction) -> dict[str, Any]:
 
 def to_markdown(prediction: Prediction, k: int = 10) -> str:
     """Markdown report: per-smear calls, cells per class, the threshold and the least certain images."""
-    serving = prediction.loaded.serving
-    positive, threshold = serving["positive_class"], float(serving["smear_threshold"])
+    rule = prediction.loaded.rule
+    positive = rule.positive_class
     total = sum(prediction.cells_per_class.values())
     share = prediction.cells_per_class.get(positive, 0) / total if total else float("nan")
     lines = ["# Smear prediction", "", f"- Model: `{prediction.loaded.source}`",
-             f"- Positive class: `{positive}`; a smear is positive when its share of `{positive}` cells is "
-             f">= {threshold:.4f} (threshold from {prediction.loaded.threshold_source})",
+             f"- Positive class: `{positive}`; a smear is positive when {rule.describe()} (rule "
+             f"{prediction.loaded.rule_source}; threshold: {rule.threshold_from})",
              f"- Cells classified: {total}; share positive overall: {share:.4f}; images with errors: "
              f"{int((prediction.cells['error'] != '').sum())}", "", "## Smears", "",
-             _markdown_table(prediction.smears, floats=("share_positive", "threshold")), "## Cells per class", "",
+             _markdown_table(prediction.smears, floats=("score", "threshold")), "## Cells per class", "",
              _markdown_table(pd.DataFrame([prediction.cells_per_class])),
              "## Least certain images (lowest top-class probability)", "",
              _markdown_table(least_sure(prediction, k), floats=("max_probability",))]
@@ -209,6 +228,20 @@ def to_markdown(prediction: Prediction, k: int = 10) -> str:
     return "\n".join(lines)
 
 
+def to_html(prediction: Prediction, *, cells_per_smear: int = 6) -> str:
+    """A self-contained HTML page: per smear the score against the threshold and the cells that weighed most,
+    each with its Grad-CAM heat map of the positive class (`smearnet.explain`)."""
+    from smearnet.explain import explain_smears, smear_report_html
+    from smearnet.ingest import load_rgb
+
+    rule = prediction.loaded.rule
+    smears = prediction.smears.rename(columns={"cells": "n_cells"})
+    explained = explain_smears(prediction.loaded.model, rule.positive_class, rule.score, prediction.cells, smears,
+                               load_image=lambda path: load_rgb(Path(path)), cells_per_smear=cells_per_smear)
+    return smear_report_html(explained, title="Smear prediction", model=prediction.loaded.source,
+                             positive_class=rule.positive_class)
+
+
 def print_summary(prediction: Prediction, k: int = 5) -> None:
     """The per-smear table and the least certain images on stdout."""
     print(prediction.smears.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -218,8 +251,8 @@ def print_summary(prediction: Prediction, k: int = 5) -> None:
     for _, row in errors.iterrows():
         print(f"error: {row['path']}: {row['error']}")
     for smear in prediction.smears.itertuples():
-        print(f"smear {smear.smear_id}: {smear.call.upper()} ({smear.share_positive:.4f} of {smear.cells} cells "
-              f"{prediction.loaded.serving['positive_class']}, threshold {smear.threshold:.4f})")
+        print(f"smear {smear.smear_id}: {smear.call.upper()} ({prediction.loaded.rule.score} {smear.score:.4f} over "
+              f"{smear.cells} cells, threshold {smear.threshold:.4f})")
 
 
 def _markdown_table(frame: pd.DataFrame, floats: tuple[str, ...] = ()) -> str:
@@ -258,23 +291,13 @@ def _workspace_tracking_uri() -> str:
     return "sqlite:///mlflow.db"
 
 
-def _workspace_threshold() -> float:
-    """The smear threshold of the pipeline workspace (metrics/smear.json)."""
-    smear = Path("metrics/smear.json")
-    if not smear.is_file():
-        raise SmearnetError("This model folder has no serving.json (smear threshold) and there is no "
-                            "metrics/smear.json here.", "pass --threshold 0.02 (or the threshold to use), or a "
-                            "registered model (models:/<name>@champion).")
-    return float(json.loads(smear.read_text())["threshold"])
-
-
-def _workspace_positive_class() -> str | None:
-    """evaluation.positive_class of the workspace's params.yaml, if there is one."""
-    if not Path("params.yaml").is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    return str(OmegaConf.load("params.yaml").evaluation.positive_class)
+def _workspace_rule() -> tuple[SmearRule, MILAggregator | None]:
+    """The smear rule the workspace's smear stage measured."""
+    if not (WORKSPACE_RULE / RULE_FILE).is_file():
+        raise SmearnetError(f"This model folder has no smear rule and there is no {WORKSPACE_RULE / RULE_FILE} here.",
+                            "run predict from the pipeline workspace after `dvc repro smear`, or pass a registered "
+                            "model (models:/<name>@champion).")
+    return load_rule(WORKSPACE_RULE)
 
 
 def _workspace_inference() -> dict[str, Any] | None:

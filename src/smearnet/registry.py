@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
     from smearnet.inference import TrainedModel
+    from smearnet.mil import MILAggregator
+    from smearnet.smear import SmearRule
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parent
@@ -116,32 +118,44 @@ def promotion_decision(challenger: Mapping[str, float], champion: Mapping[str, f
 
 @dataclass
 class FrozenSet:
-    """The cells both models are evaluated on: test-split cells and the smear stage's cells."""
+    """The cells both models are evaluated on: test-split cells and the evaluation smears' cells."""
 
     test: pd.DataFrame
-    smears: pd.DataFrame
+    smears: pd.DataFrame  # one row per cell of an evaluation smear; `smear_key` names its smear
     smears_from: str
-    sensitivity_smears: list[str] | None  # pseudonymised smear ids; None = every smear
+    sensitivity_smears: list[str] | None  # smear keys; None = every smear
     fingerprint: str
     excluded_test_cells: int = 0
     excluded_smear_cells: int = 0
 
 
-def frozen_set(split_manifest: pd.DataFrame, blind_smear_ids: Sequence[str] | None = None,
-               exclude_patients: Collection[str] = ()) -> FrozenSet:
-    """The evaluation set of the current split.
+def smear_keys(smears: pd.DataFrame) -> list[str]:
+    """The smear ids as the smear stage writes them: pseudonyms of real smears, composed ids as they are."""
+    from smearnet.tracking import hash_patient_id
 
-    `blind_smear_ids` (pseudonymised, from metrics/smear.json) restricts the sensitivity to smears the
-    challenger's threshold was not chosen on. `exclude_patients` (pseudonymised) drops the cells of patients
-    a model was trained or validated on: when new data reshuffles the split, some of the champion's training
-    patients can land in today's test split, and evaluating it on them would favour it.
+    if "part" in smears.columns:
+        return [str(s) for s in smears["smear_id"]]
+    return [hash_patient_id(s) for s in smears["smear_id"]]
+
+
+def frozen_set(split_manifest: pd.DataFrame, compose: Mapping[str, Any] | None, *, positive_class: str, seed: int,
+               blind_smear_ids: Sequence[str] | None = None, exclude_patients: Collection[str] = ()) -> FrozenSet:
+    """The evaluation set of the current split: its test cells and the very smears the smear stage judges.
+
+    The smears come from `smearnet.smear.evaluation_smears` with the `smear.compose` settings the smear
+    stage used (composed from test cells when configured). `blind_smear_ids` (from
+    reports/smear/blind_smears.json) restricts the sensitivity to smears no threshold was chosen on.
+    `exclude_patients` (pseudonymised) drops the cells of patients a model was trained or validated on: when
+    new data reshuffles the split, some of the champion's training patients can land in today's test split,
+    and evaluating it on them would favour it.
     """
-    from smearnet.evaluate import smear_cells
+    from smearnet.smear import evaluation_smears
     from smearnet.tracking import hash_patient_id
 
     excluded = set(exclude_patients)
     test = split_manifest[split_manifest["split"] == "test"]
-    smears, source = smear_cells(split_manifest)
+    smears, source = evaluation_smears(split_manifest, compose, positive_class=positive_class, seed=seed)
+    smears = smears.assign(smear_key=smear_keys(smears))
     keep_test = ~test["patient_id"].map(hash_patient_id).isin(excluded)
     keep_smears = ~smears["patient_id"].map(hash_patient_id).isin(excluded)
     test, smears = test[keep_test].reset_index(drop=True), smears[keep_smears].reset_index(drop=True)
@@ -149,13 +163,13 @@ def frozen_set(split_manifest: pd.DataFrame, blind_smear_ids: Sequence[str] | No
         raise SmearnetError(f"No test cells or no smear cells are left to evaluate on ({int((~keep_test).sum())} "
                             "test cells excluded as a model's training patients).",
                             "re-run the split stage; the gate needs test patients no compared model was trained on.")
-    present = {hash_patient_id(s) for s in smears["smear_id"]}
-    blind = sorted(present & set(blind_smear_ids or ())) or None  # none match (other salt): use every smear
+    blind = sorted(set(smears["smear_key"]) & set(blind_smear_ids or ())) or None  # none match: every smear
     digest = hashlib.sha256()
-    for role, frame in (("test", test), ("smear", smears)):
+    for role, frame, keys in (("test", test, test["smear_id"].map(hash_patient_id)), ("smear", smears,
+                                                                                       smears["smear_key"])):
         content = frame["sha256"] if "sha256" in frame else frame["path"].map(lambda p: Path(p).name)
-        lines = sorted(f"{role}\t{c}\t{label}\t{hash_patient_id(s)}"
-                       for c, label, s in zip(content, frame["label"], frame["smear_id"], strict=True))
+        lines = sorted(f"{role}\t{c}\t{label}\t{key}"
+                       for c, label, key in zip(content, frame["label"], keys, strict=True))
         digest.update("\n".join(lines).encode())
     return FrozenSet(test=test, smears=smears, smears_from=source, sensitivity_smears=blind,
                      fingerprint=digest.hexdigest()[:16], excluded_test_cells=int((~keep_test).sum()),
@@ -170,77 +184,104 @@ def training_patients(split_manifest: pd.DataFrame) -> list[str]:
     return sorted({hash_patient_id(p) for p in seen})
 
 
-def evaluate_frozen(model: TrainedModel, frozen: FrozenSet, positive_class: str, threshold: float, *,
+def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggregator | None, frozen: FrozenSet, *,
                     batch_size: int = 32, confidence: float = 0.95, n_resamples: int = 2000,
                     seed: int = 0) -> dict[str, Any]:
-    """Cell accuracy on the test cells, smear AUC and sensitivity/specificity at `threshold` on the smears.
+    """Cell accuracy on the test cells; smear AUC of the rule's score and sensitivity/specificity at the rule's
+    own threshold, with the model's own rule (`SmearRule.classify`) on the evaluation smears.
 
     Raises SmearnetError when the model cannot classify this data (other classes).
     """
     from smearnet.evaluate import class_indices
-    from smearnet.inference import predict_probabilities, predictions_table
-    from smearnet.metrics import cell_metrics
-    from smearnet.smear import smear_evaluation, smear_table
+    from smearnet.inference import predict_probabilities
+    from smearnet.metrics import binary_counts, binary_summary, cell_metrics
+    from smearnet.mil import cell_outputs
+    from smearnet.smear import auc_interval, roc_points
 
-    labels = set(frozen.test["label"]) | set(frozen.smears["label"]) | {positive_class}
+    labels = set(frozen.test["label"]) | set(frozen.smears["label"]) | {rule.positive_class}
     if not labels <= set(model.classes):
         raise SmearnetError(f"Model {model.name} knows classes {model.classes}, but the evaluation set has "
                             f"{sorted(labels - set(model.classes))} too.",
                             "compare models trained on the same class list (data.classes).")
     probabilities = predict_probabilities(model, frozen.test, batch_size=batch_size, progress=False)
     cells = cell_metrics(class_indices(frozen.test["label"], model.classes), probabilities, model.classes,
-                         positive_class, confidence, seed=seed)
-    smear_probabilities = predict_probabilities(model, frozen.smears, batch_size=batch_size, progress=False)
-    table = smear_table(predictions_table(frozen.smears, smear_probabilities, model.classes), positive_class)
-
-    def at(smears: pd.DataFrame) -> dict[str, Any]:  # the model's own threshold, not one chosen on these smears
-        return smear_evaluation(smears, rule="fixed", fixed=float(threshold), threshold_selection="same", seed=seed,
-                                confidence=confidence, n_resamples=n_resamples)
-
-    every = at(table)
-    at_threshold = every
-    if frozen.sensitivity_smears is not None:
-        at_threshold = at(table[table["smear_id"].isin(frozen.sensitivity_smears)])
-    summary = at_threshold["binary_summary"]
+                         rule.positive_class, confidence, seed=seed)
+    unique = frozen.smears.drop_duplicates("path")
+    outputs = cell_outputs(model, unique, batch_size=batch_size, embeddings=rule.uses_mil)
+    rows = unique.reset_index(drop=True).reset_index().set_index("path")["index"]
+    positions = frozen.smears["path"].map(rows).to_numpy()
+    smear_probabilities = _softmax(outputs.logits)[positions]
+    calls, _ = rule.classify(frozen.smears["smear_key"], smear_probabilities, model.classes,
+                             labels=frozen.smears["label"].to_numpy(),
+                             embeddings=outputs.embeddings[positions] if rule.uses_mil else None,
+                             aggregator=aggregator)
+    calls = calls[calls["call"] != "undetermined"]
+    scores, truth = calls["score"].to_numpy(dtype=float), calls["truth_positive"].to_numpy(dtype=bool)
+    auc = roc_points(scores, truth)["auc"]
+    low, high = auc_interval(scores, truth, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    judged = calls if frozen.sensitivity_smears is None else calls[calls["smear_id"].isin(frozen.sensitivity_smears)]
+    counts = binary_counts(judged["truth_positive"].to_numpy(dtype=bool), (judged["call"] == "positive").to_numpy())
+    summary = binary_summary(counts, confidence)
     return {
         "cell_accuracy": float(cells["accuracy"]["value"]),
         "cell_accuracy_ci": [float(cells["accuracy"]["low"]), float(cells["accuracy"]["high"])],
         "cell_macro_f1": float(cells["macro_f1"]["value"]),
         "n_test_cells": int(cells["n_cells"]),
-        "smear_auc": float(every["auc"]["value"]),
-        "smear_auc_ci": [float(every["auc"]["low"]), float(every["auc"]["high"])],
-        "threshold": float(threshold),
+        "smear_score": rule.score,
+        "smear_auc": float(auc),
+        "smear_auc_ci": [float(low), float(high)],
+        "threshold": float(rule.threshold),
         "sensitivity": float(summary["sensitivity"]["value"]),
         "sensitivity_ci": [float(summary["sensitivity"]["low"]), float(summary["sensitivity"]["high"])],
         "specificity": float(summary["specificity"]["value"]),
-        "n_smears": int(every["n_smears"]),
-        "n_sensitivity_smears": int(at_threshold["n_smears"]),
+        "n_smears": int(len(calls)),
+        "n_sensitivity_smears": int(len(judged)),
     }
+
+
+def _softmax(logits: Any) -> Any:
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)
+    values = np.exp(values - values.max(axis=1, keepdims=True))
+    return values / values.sum(axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------- logging a version
 
 
-def serving_config(model_meta: Mapping[str, Any], positive_class: str, smear_threshold: float,
-                   smear_cfg: Mapping[str, Any] | None = None,
+def serving_config(model_meta: Mapping[str, Any], rule: SmearRule,
                    inference: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What serving needs beside the weights: the class list, input spec, positive class, smear threshold and
-    the inference engine (`smearnet.engines`) predict and the served model run."""
+    """What serving needs beside the weights: the class list, input spec, the smear rule (also packaged as
+    `smear_rule.json`) and the inference engine (`smearnet.engines`) predict and the served model run."""
     from smearnet.engines import engine_spec
     classes = list(model_meta["classes"])
-    if positive_class not in classes:
-        raise SmearnetError(f"Positive class {positive_class!r} is not one of the model's classes {classes}.",
-                            "set evaluation.positive_class (data.positive_class) to one of data.classes.")
-    if not math.isfinite(float(smear_threshold)):
-        raise SmearnetError(f"The smear threshold {smear_threshold!r} is not a finite number.",
-                            "re-run the smear stage (metrics/smear.json).")
+    if rule.positive_class not in classes:
+        raise SmearnetError(f"Positive class {rule.positive_class!r} is not one of the model's classes {classes}.",
+                            "set data.positive_class to one of data.classes.")
+    if not rule.is_complete:
+        raise SmearnetError("The smear rule has no finite threshold.", "re-run the smear stage (reports/smear).")
     spec = model_meta["input_spec"]
-    return {"positive_class": positive_class, "smear_threshold": float(smear_threshold), "classes": classes,
+    return {"positive_class": rule.positive_class, "smear_threshold": float(rule.threshold),
+            "smear_score": rule.score, "smear_rule": rule.to_dict(), "classes": classes,
             "input_size": [int(v) for v in spec["input_size"]], "mean": [float(v) for v in spec["mean"]],
-            "std": [float(v) for v in spec["std"]], "smear_score": "share_predicted_positive",
-            "inference": asdict(engine_spec(inference)),
-            **({"threshold_rule": str(smear_cfg.get("rule")),
-                "threshold_selection": str(smear_cfg.get("threshold_selection"))} if smear_cfg else {})}
+            "std": [float(v) for v in spec["std"]], "inference": asdict(engine_spec(inference))}
+
+
+def version_serving(model_meta: Mapping[str, Any], rule: SmearRule, rule_dir: Path,
+                    inference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`serving_config` plus a digest of the rule's MIL aggregator files: what a version's fingerprint covers."""
+    serving = serving_config(model_meta, rule, inference)
+    serving["smear_rule_files"] = _files_digest(Path(rule_dir) / "mil") if rule.uses_mil else ""
+    return serving
+
+
+def _files_digest(folder: Path) -> str:
+    """A content hash of every file below `folder` (the MIL aggregator of a rule)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:24]
 
 
 def model_fingerprint(model_dir: Path, serving: Mapping[str, Any] | None = None) -> str:
@@ -256,11 +297,19 @@ def model_fingerprint(model_dir: Path, serving: Mapping[str, Any] | None = None)
 
 
 def package_model(model_dir: Path, serving: Mapping[str, Any], dest: Path,
-                  seen_patients: Sequence[str] = (), engine_files: Sequence[Path] = ()) -> Path:
-    """Copy `model_dir` to `dest/<name>` with `serving.json` beside the weights (the DVC output stays untouched)
-    and the pseudonyms of its training patients (so a later gate can keep them out of its evaluation)."""
+                  seen_patients: Sequence[str] = (), engine_files: Sequence[Path] = (),
+                  rule_dir: Path | None = None) -> Path:
+    """Copy `model_dir` to `dest/<name>` with `serving.json` beside the weights (the DVC output stays untouched),
+    the smear rule measured for it (`smear_rule.json`, `mil/`) and the pseudonyms of its training patients
+    (so a later gate can keep them out of its evaluation)."""
+    from smearnet.smear import MIL_DIR, RULE_FILE
+
     target = Path(dest) / Path(model_dir).name
     shutil.copytree(model_dir, target)
+    if rule_dir is not None:
+        shutil.copy2(Path(rule_dir) / RULE_FILE, target / RULE_FILE)
+        if (Path(rule_dir) / MIL_DIR).is_dir() and serving["smear_rule"]["score"] == "score_mil":
+            shutil.copytree(Path(rule_dir) / MIL_DIR, target / MIL_DIR)
     if engine_files:  # ONNX exports travel with the version: int8 cannot be re-calibrated where it is served
         (target / ENGINES_DIR).mkdir()
         for path in engine_files:
@@ -294,13 +343,18 @@ def log_model_version(model_dir: Path, registered_name: str, *, tags: Mapping[st
     from mlflow.models.signature import infer_signature
     from mlflow.types.schema import ColSpec, Schema
 
-    from smearnet.inference import classify_images, decode_image_bytes, load_trained
+    from smearnet.inference import decode_image_bytes, load_trained
+    from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
 
     example = example_request()
     serving_file = Path(model_dir) / SERVING_FILE
     serving = json.loads(serving_file.read_text()) if serving_file.is_file() else {}
-    image = decode_image_bytes(base64.b64decode(example["image"][0]))
-    output = classify_images(load_trained(Path(model_dir)), [image], list(example["smear_id"]), serving, [""])
+    rule, aggregator = served_rule(Path(model_dir), serving)
+    model = load_trained(Path(model_dir))
+    probabilities, embeddings = cell_outputs_for_images(
+        model, [decode_image_bytes(base64.b64decode(example["image"][0]))], embeddings=rule.uses_mil)
+    output, _ = call_cells(rule, aggregator, model.classes, list(example["smear_id"]), probabilities,
+                           embeddings=embeddings, errors=[""])
     inputs = Schema([ColSpec("string", "image"), ColSpec("string", "smear_id", required=False)])
     signature = ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
     info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE),
@@ -382,12 +436,11 @@ class RegisterInputs:
     backbone: str
     model_name: str
     experiment: str
-    positive_class: str
-    smear_threshold: float
+    rule_dir: Path  # the smear stage's measured rule: smear_rule.json (+ mil/)
     criteria: PromotionCriteria
     split_manifest: pd.DataFrame
+    compose: Mapping[str, Any] | None = None  # smear.compose: the evaluation smears are the smear stage's
     blind_smear_ids: list[str] | None = None
-    smear_cfg: Mapping[str, Any] | None = None
     batch_size: int = 32
     confidence: float = 0.95
     n_resamples: int = 2000
@@ -414,15 +467,18 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
 
     MLflow must already point at the tracking store and experiment (`smearnet.tracking.setup_mlflow`).
     """
-    from smearnet.inference import load_trained
+    from smearnet.inference import load_trained, serving_engine
+    from smearnet.smear import load_rule
 
     client = mlflow.MlflowClient()
     model = load_trained(inputs.model_dir)
-    serving = serving_config(model.meta, inputs.positive_class, inputs.smear_threshold, inputs.smear_cfg,
-                             inputs.inference)
+    rule, aggregator = load_rule(inputs.rule_dir)
+    serving = version_serving(model.meta, rule, inputs.rule_dir, inputs.inference)
     fingerprint = model_fingerprint(inputs.model_dir, serving)
     exports = engine_files(model, serving["inference"], inputs)
-    frozen = frozen_set(inputs.split_manifest, inputs.blind_smear_ids)
+    model = serving_engine(model, serving, inputs.model_dir)  # judged on the engine it is served with
+    frozen = frozen_set(inputs.split_manifest, inputs.compose, positive_class=rule.positive_class, seed=inputs.seed,
+                        blind_smear_ids=inputs.blind_smear_ids)
     _close_abandoned_runs(client, inputs.experiment, inputs.model_name, fingerprint)
 
     run_tags = {**(inputs.extra_tags or {}), "stage": "register", "backbone": inputs.backbone,
@@ -433,10 +489,10 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
         reused_version = version is not None
         if version is None:
             packaged = package_model(inputs.model_dir, serving, Path(tmp) / "package",
-                                     training_patients(inputs.split_manifest), exports)
+                                     training_patients(inputs.split_manifest), exports, inputs.rule_dir)
             version_tags = {**(inputs.extra_tags or {}), FINGERPRINT_TAG: fingerprint, "backbone": inputs.backbone,
-                            "classes": ",".join(serving["classes"]), "positive_class": inputs.positive_class,
-                            "smear_threshold": f"{inputs.smear_threshold:.6g}",
+                            "classes": ",".join(serving["classes"]), "positive_class": rule.positive_class,
+                            "smear_score": rule.score, "smear_threshold": f"{rule.threshold:.6g}",
                             "input_size": "x".join(map(str, serving["input_size"])),
                             "normalise_mean": ",".join(f"{v:.4f}" for v in serving["mean"]),
                             "normalise_std": ",".join(f"{v:.4f}" for v in serving["std"])}
@@ -446,7 +502,7 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
 
         decision = _recorded_decision(client, inputs, version, frozen)
         if decision is None:
-            decision = _decide(client, inputs, version, model, frozen, Path(tmp))
+            decision = _decide(client, inputs, version, (model, rule, aggregator), frozen, Path(tmp))
             # Record before moving the alias: a crash in between re-applies this decision on the re-run.
             client.set_model_version_tag(inputs.model_name, str(version.version), GATE_TAG,
                                          json.dumps(_json_safe(decision), sort_keys=True))
@@ -458,39 +514,63 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
                     "champion_after": str((alias_version(client, inputs.model_name, CHAMPION) or version).version)}
 
         mlflow.log_params({"model_name": inputs.model_name, "version": str(version.version),
-                           "positive_class": inputs.positive_class, "smear_threshold": inputs.smear_threshold,
+                           "positive_class": rule.positive_class, "smear_score": rule.score,
+                           "smear_threshold": rule.threshold,
                            **{f"promote_if.{k}": v for k, v in asdict(inputs.criteria).items()}})
         mlflow.log_metrics({f"gate/{role}/{key}": float(decision[role][key])
                             for role in ("challenger", "champion") if decision.get(role)
                             for key in GATE_METRICS if _finite(decision[role][key])})
         mlflow.log_metric("gate/promoted", float(decision["promoted"]))
         mlflow.log_dict(_json_safe(decision), "register/decision.json")
+        mlflow.log_text(explained_smears_html(model, rule, aggregator, frozen, inputs.model_name),
+                        "register/explained_blind_smears.html")
         mlflow.log_text(decision_markdown(decision), "register/decision.md")
     return decision
 
 
-def _decide(client: MlflowClient, inputs: RegisterInputs, version: ModelVersion, model: TrainedModel,
-            split_set: FrozenSet, tmp: Path) -> dict[str, Any]:
+def explained_smears_html(model: TrainedModel, rule: SmearRule, aggregator: MILAggregator | None, frozen: FrozenSet,
+                          title: str, n_per_class: int = 2) -> str:
+    """An HTML page (`smearnet.explain`) of a few blind evaluation smears, positive and negative, as the model
+    calls them: what the MLflow UI shows of what the model looks at. Cells are named by rank, not file name."""
+    from smearnet.explain import explain_cells, smear_report_html
+
+    smears = frozen.smears
+    keys = sorted(set(frozen.sensitivity_smears or smears["smear_key"]))
+    truth = (smears["label"] == rule.positive_class).groupby(smears["smear_key"]).any()
+    chosen = [key for value in (True, False) for key in [k for k in keys if bool(truth[k]) == value][:n_per_class]]
+    cells = smears[smears["smear_key"].isin(chosen)]
+    explained = explain_cells(model, rule, aggregator, cells[["path"]].assign(smear_id=cells["smear_key"]),
+                              name_cells=False)
+    return smear_report_html(explained, title=f"{title}: blind smears as this version calls them",
+                             model=f"{model.name} ({rule.describe()})", positive_class=rule.positive_class)
+
+
+def _decide(client: MlflowClient, inputs: RegisterInputs, version: ModelVersion,
+            candidate: tuple[TrainedModel, SmearRule, MILAggregator | None], split_set: FrozenSet,
+            tmp: Path) -> dict[str, Any]:
     """Evaluate challenger and champion on the same frozen set and apply the promotion criteria.
 
     The set is today's test split and smear cells without the patients the champion was trained or validated
     on (recorded with it at registration), so a reshuffled split cannot favour the champion.
     """
-    from smearnet.inference import load_trained
+    from smearnet.inference import load_trained, serving_engine
+    from smearnet.smear.calls import served_rule
 
-    def evaluate(candidate: TrainedModel, frozen: FrozenSet, threshold: float) -> dict[str, Any]:
-        return evaluate_frozen(candidate, frozen, inputs.positive_class, threshold, batch_size=inputs.batch_size,
-                               confidence=inputs.confidence, n_resamples=inputs.n_resamples, seed=inputs.seed)
+    def evaluate(judged: tuple[TrainedModel, SmearRule, MILAggregator | None], frozen: FrozenSet) -> dict[str, Any]:
+        return evaluate_frozen(*judged, frozen, batch_size=inputs.batch_size, confidence=inputs.confidence,
+                               n_resamples=inputs.n_resamples, seed=inputs.seed)
+
+    rule = candidate[1]
 
     champion_version = alias_version(client, inputs.model_name, CHAMPION)
     champion: dict[str, Any] | None = None
     frozen, patients = split_set, "not applicable"
     notes: list[str] = []
     if champion_version is None:
-        challenger = evaluate(model, frozen, inputs.smear_threshold)
+        challenger = evaluate(candidate, frozen)
         promoted, reasons = promotion_decision(challenger, None, inputs.criteria)
     elif str(champion_version.version) == str(version.version):
-        challenger = evaluate(model, frozen, inputs.smear_threshold)
+        challenger = evaluate(candidate, frozen)
         champion = challenger
         promoted, reasons = True, [f"version {version.version} is already the champion"]
     else:
@@ -503,15 +583,18 @@ def _decide(client: MlflowClient, inputs: RegisterInputs, version: ModelVersion,
             notes.append("the champion was registered without its training patients, so some of today's test "
                          "patients may be ones it was trained on (its numbers may be optimistic)")
         try:
-            frozen = frozen_set(inputs.split_manifest, inputs.blind_smear_ids, seen or ())
-            champion_threshold = float(json.loads((champion_dir / SERVING_FILE).read_text())["smear_threshold"])
-            challenger = evaluate(model, frozen, inputs.smear_threshold)
-            champion = evaluate(load_trained(champion_dir), frozen, champion_threshold)
+            frozen = frozen_set(inputs.split_manifest, inputs.compose, positive_class=rule.positive_class,
+                                seed=inputs.seed, blind_smear_ids=inputs.blind_smear_ids, exclude_patients=seen or ())
+            champion_serving = json.loads((champion_dir / SERVING_FILE).read_text())
+            champion_model = serving_engine(load_trained(champion_dir), champion_serving, champion_dir)
+            challenger = evaluate(candidate, frozen)
+            champion = evaluate((champion_model, *served_rule(champion_dir, champion_serving)), frozen)
         except SmearnetError as err:
             frozen, champion = split_set, None
-            challenger = evaluate(model, frozen, inputs.smear_threshold)
+            challenger = evaluate(candidate, frozen)
             promoted, reasons = False, [f"the champion cannot be compared on this data ({err.what.rstrip('.')}); "
-                                        "promote by hand if the challenger should replace it"]
+                                        f"models for other classes belong under another name: set data.name (or "
+                                        f"registry.model_name) for this task, or promote by hand"]
         else:
             promoted, reasons = promotion_decision(challenger, champion, inputs.criteria)
     return {
@@ -527,7 +610,8 @@ def _decide(client: MlflowClient, inputs: RegisterInputs, version: ModelVersion,
                            "excluded_smear_cells": frozen.excluded_smear_cells,
                            "champion_training_patients": patients, "smear_cells_from": frozen.smears_from,
                            "sensitivity_on": "blind smears of the smear stage" if frozen.sensitivity_smears
-                           else "all smears"},
+                           else "all smears",
+                           "rules": "each model with its own packaged smear rule (SmearRule.classify)"},
         "reused_decision": False,
     }
 

@@ -57,10 +57,13 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "",
         "## 3. Smears (paper Figures 6 and 7)",
         "",
-        f"Smears scored: {smear.get('n_smears')} ({smear.get('n_positive_smears')} positive, "
+        f"Smears scored: {smear.get('n_smears')} ({smear.get('smears_from', 'smears')}; "
+        f"{smear.get('n_positive_smears')} positive, "
         f"{smear.get('n_negative_smears')} negative); blind-classified: {smear.get('n_blind_smears')}. "
-        f"Score: `{smear.get('score')}`; threshold rule `{smear.get('rule')}`, chosen "
-        f"`{smear.get('threshold_selection')}`: **{smear.get('threshold', float('nan')):.4f}**.",
+        f"Deployed score: `{smear.get('score')}` ({(smear.get('deployed_rule') or {}).get('chosen_by', '')}); "
+        f"threshold rule `{smear.get('rule')}`, chosen `{smear.get('threshold_selection')}`: "
+        f"**{smear.get('threshold', float('nan')):.4g}**. This rule (reports/smear/smear_rule.json) is the one the "
+        "register stage packages and predict and serving apply.",
         "",
         "| metric | smearnet (95% CI) | paper (92 smears) |",
         "|---|---|---|",

@@ -295,7 +295,6 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
     from smearnet.inference import save_trained
     from smearnet.io import write_text
     from smearnet.models import model_input_spec
-    from smearnet.registry import log_model_version
     from smearnet.tracking import revision_tags, setup_mlflow, tracking_uri
 
     model_cfg = model_config(cfg, name)
@@ -364,12 +363,9 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
     client = mlflow.MlflowClient()
     client.log_metric(logger.run_id, "best_val_loss", metrics["best_val_loss"])
     client.log_metric(logger.run_id, "train_images_per_second", metrics["train_images_per_second"])
-    with mlflow.start_run(run_id=logger.run_id):
-        version = log_model_version(model_dir, f"{cfg.registry.model_name}-{name}",
-                                    tags={"backbone": name, "classes": ",".join(classes),
-                                          "input_size": "x".join(map(str, input_spec["input_size"])),
-                                          "git_commit": tags["git_commit"]})
-    metrics["registered_version"] = int(version.version)
+    # The weights go to the run; only the register stage registers a version, the selected backbone with the
+    # smear rule measured for it (one registered model per task, smearnet-<data.name>).
+    client.log_artifacts(logger.run_id, str(model_dir), artifact_path="model_dir")
     return metrics
 
 

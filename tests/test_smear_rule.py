@@ -1,0 +1,100 @@
+"""SmearRule: the one smear call, its packaging, and the smear stage's measurement of it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from smearnet.errors import SmearnetError
+from smearnet.mil import MILConfig, train_mil
+from smearnet.smear import SmearRule, load_rule, measure_rule, save_rule
+
+CLASSES = ["normal", "classic_rl", "covid_rl"]
+
+
+def probabilities(p_covid):
+    p = np.asarray(p_covid, dtype=float)
+    return np.stack([1 - p - 0.01, np.full_like(p, 0.01), p], axis=1)
+
+
+def test_share_rule_calls_smears_by_the_share_of_argmax_positive_cells():
+    rule = SmearRule(score="share_predicted_positive", positive_class="covid_rl", threshold=0.25)
+    ids = ["a"] * 4 + ["b"] * 4 + ["c"]
+    p = probabilities([0.9, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.1, 0.5])
+    p[-1] = np.nan  # smear c: its only cell could not be decoded
+    smears, weights = rule.classify(ids, p, CLASSES)
+    by_id = smears.set_index("smear_id")
+    assert by_id.loc["a", "score"] == 0.25 and by_id.loc["a", "call"] == "positive"  # >= threshold is positive
+    assert by_id.loc["b", "score"] == 0.0 and by_id.loc["b", "call"] == "negative"
+    assert math.isnan(by_id.loc["c", "score"]) and by_id.loc["c", "call"] == "undetermined"
+    assert weights[:4].sum() == pytest.approx(1.0) and weights[0] == weights[:4].max() and math.isnan(weights[-1])
+
+
+def test_temperature_calibrates_probability_scores_but_never_an_argmax_share():
+    ids, p = ["a"] * 3, probabilities([0.9, 0.2, 0.05])
+    cold = SmearRule(score="score_mean_prob", positive_class="covid_rl", threshold=0.5)
+    warm = SmearRule(score="score_mean_prob", positive_class="covid_rl", threshold=0.5, temperature=4.0)
+    assert cold.classify(ids, p, CLASSES)[0]["score"][0] != warm.classify(ids, p, CLASSES)[0]["score"][0]
+    share = [SmearRule(score="share_predicted_positive", positive_class="covid_rl", threshold=0.5, temperature=t)
+             for t in (1.0, 4.0)]
+    assert share[0].classify(ids, p, CLASSES)[0]["score"][0] == share[1].classify(ids, p, CLASSES)[0]["score"][0]
+
+
+def test_rules_refuse_what_they_cannot_do():
+    with pytest.raises(SmearnetError, match="Unknown smear score 'median'"):
+        SmearRule(score="median", positive_class="covid_rl")
+    with pytest.raises(SmearnetError, match="no threshold"):
+        SmearRule(score="score_share", positive_class="covid_rl").classify(["a"], probabilities([0.5]), CLASSES)
+    with pytest.raises(SmearnetError, match="embeddings and the MIL aggregator"):
+        SmearRule(score="score_mil", positive_class="covid_rl", threshold=0.5).classify(
+            ["a"], probabilities([0.5]), CLASSES)
+
+
+def test_a_mil_rule_is_saved_with_its_aggregator_and_calls_the_same_after_loading(tmp_path):
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(6, 4)) + (1.5 if i % 2 else 0.0) for i in range(20)]
+    aggregator = train_mil(bags, [bool(i % 2) for i in range(20)], MILConfig(hidden=8, attention=4, epochs=5), seed=0)
+    rule = SmearRule(score="score_mil", positive_class="covid_rl", threshold=0.5, temperature=1.3,
+                     chosen_by="test", threshold_from="test")
+    save_rule(rule, tmp_path, aggregator)
+    loaded, loaded_aggregator = load_rule(tmp_path)
+    assert loaded == rule and (tmp_path / "mil").is_dir()
+    ids = [f"s{i}" for i in range(20) for _ in range(6)]
+    embeddings, p = np.concatenate(bags), probabilities(rng.uniform(0.01, 0.9, size=120))
+    before, w_before = rule.classify(ids, p, CLASSES, embeddings=embeddings, aggregator=aggregator)
+    after, w_after = loaded.classify(ids, p, CLASSES, embeddings=embeddings, aggregator=loaded_aggregator)
+    pd.testing.assert_frame_equal(before, after)
+    np.testing.assert_allclose(w_before, w_after)
+    assert np.allclose([w_after[i * 6:(i + 1) * 6].sum() for i in range(20)], 1.0)  # attention per smear
+
+
+def evaluation_cells(parts: bool) -> pd.DataFrame:
+    rows = []
+    for index in range(16):
+        positive = index % 2 == 0
+        p = [0.8 if positive and j == 0 else 0.05 + 0.01 * (index % 5) for j in range(5)]
+        for j, value in enumerate(p):
+            rows.append({"smear_id": f"s{index:02d}", "label": "covid_rl" if positive and j == 0 else "normal",
+                         "prob_normal": 0.99 - value, "prob_classic_rl": 0.01, "prob_covid_rl": value,
+                         **({"part": index // 8} if parts else {})})
+    return pd.DataFrame(rows)
+
+
+def test_measurement_fixes_the_threshold_as_configured_and_calls_through_the_rule():
+    proposed = SmearRule(score="score_top3_mean", positive_class="covid_rl", threshold=0.9,
+                         threshold_from="development")
+    kept = measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="development", n_resamples=50)
+    assert kept.rule.threshold == 0.9 and kept.result["threshold_selection"] == "development"
+    assert kept.calls["blind"].all() and set(kept.calls["call"]) == {"negative"}  # 0.9 is above every score
+
+    chosen = measure_rule(proposed, evaluation_cells(parts=True), CLASSES, selection="held_out", n_resamples=50)
+    assert chosen.rule.threshold != 0.9 and chosen.rule.score == "score_top3_mean"
+    assert set(chosen.blind_smear_ids) == {f"s{i:02d}" for i in range(8, 16)}  # part 1 is judged blind
+    blind = chosen.calls[chosen.calls["blind"]]
+    assert chosen.result["confusion"]["tp"] == int(((blind["call"] == "positive") & blind["truth_positive"]).sum())
+    assert chosen.result["deployed_rule"] == chosen.rule.to_dict()
+    with pytest.raises(SmearnetError, match="threshold_selection"):
+        measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="best_on_test")
