@@ -192,6 +192,7 @@ def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggrega
 
     Raises SmearnetError when the model cannot classify this data (other classes).
     """
+    from smearnet.calibration import scaled_probabilities
     from smearnet.evaluate import class_indices
     from smearnet.inference import predict_probabilities
     from smearnet.metrics import binary_counts, binary_summary, cell_metrics
@@ -210,7 +211,7 @@ def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggrega
     outputs = cell_outputs(model, unique, batch_size=batch_size, embeddings=rule.uses_mil)
     rows = unique.reset_index(drop=True).reset_index().set_index("path")["index"]
     positions = frozen.smears["path"].map(rows).to_numpy()
-    smear_probabilities = _softmax(outputs.logits)[positions]
+    smear_probabilities = scaled_probabilities(outputs.logits, 1.0)[positions]  # the engine's softmax
     calls, _ = rule.classify(frozen.smears["smear_key"], smear_probabilities, model.classes,
                              labels=frozen.smears["label"].to_numpy(),
                              embeddings=outputs.embeddings[positions] if rule.uses_mil else None,
@@ -237,14 +238,6 @@ def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggrega
         "n_smears": int(len(calls)),
         "n_sensitivity_smears": int(len(judged)),
     }
-
-
-def _softmax(logits: Any) -> Any:
-    import numpy as np
-
-    values = np.asarray(logits, dtype=np.float64)
-    values = np.exp(values - values.max(axis=1, keepdims=True))
-    return values / values.sum(axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------- logging a version
