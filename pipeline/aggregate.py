@@ -25,7 +25,8 @@ from smearnet.io import read_table, write_json, write_text
 from smearnet.metrics import json_safe
 from smearnet.mil import cell_outputs
 from smearnet.plots import roc_png
-from smearnet.smear import AggregateParams, CellSet, SmearRule, evaluation_smears, run_aggregation, save_rule
+from smearnet.smear import (AggregateParams, CellSet, SmearRule, evaluation_smears, run_aggregation, save_rule,
+                            smear_keys)
 from smearnet.smear.report import roc_curves, scores_markdown
 from smearnet.tracking import flatten_metrics, hash_patient_id, revision_tags, setup_mlflow
 
@@ -48,7 +49,7 @@ def main() -> None:
 
     smears, smears_from = evaluation_smears(split_manifest, cfg.smear.compose, positive_class=positive, seed=seed)
     development_splits = ["val", "test"] if smears_from == "assessment cohort" else ["val"]
-    cells = split_manifest[split_manifest["split"].isin([*development_splits, "test", "assessment"])]
+    cells = split_manifest[split_manifest["split"].isin(["val", "test", "assessment"])]
     is_val = (cells["split"] == "val").to_numpy()
     if not is_val.any():
         raise SmearnetError("The validation split is empty: nothing to fit the temperature on.",
@@ -63,9 +64,7 @@ def main() -> None:
     every_cell = CellSet(table, outputs.embeddings)
     development = every_cell.subset(cells["split"].isin(development_splits).to_numpy())
     positions = cells.index.get_indexer(smears["cell_index"] if "cell_index" in smears else smears.index)
-    composed = "part" in smears.columns
-    smear_ids = smears["smear_id"].astype(str).to_numpy() if composed else \
-        np.array([hash_patient_id(s) for s in smears["smear_id"]], dtype=object)
+    smear_ids = np.array(smear_keys(smears), dtype=object)
     evaluation = every_cell.subset(positions)
     evaluation.cells["smear_id"] = smear_ids
 
@@ -80,7 +79,7 @@ def main() -> None:
     engine_probabilities = predictions_table(cells, scaled_probabilities(outputs.logits, 1.0), model.classes)
     evaluation_cells = engine_probabilities.iloc[positions].reset_index(drop=True)
     evaluation_cells["smear_id"] = smear_ids
-    if composed:
+    if "part" in smears.columns:
         evaluation_cells.insert(1, "part", smears["part"].to_numpy())
     write_text(evaluation_cells.to_csv(index=False), OUT / "evaluation_cells.csv")
     if rule.uses_mil:

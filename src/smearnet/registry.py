@@ -129,15 +129,6 @@ class FrozenSet:
     excluded_smear_cells: int = 0
 
 
-def smear_keys(smears: pd.DataFrame) -> list[str]:
-    """The smear ids as the smear stage writes them: pseudonyms of real smears, composed ids as they are."""
-    from smearnet.tracking import hash_patient_id
-
-    if "part" in smears.columns:
-        return [str(s) for s in smears["smear_id"]]
-    return [hash_patient_id(s) for s in smears["smear_id"]]
-
-
 def frozen_set(split_manifest: pd.DataFrame, compose: Mapping[str, Any] | None, *, positive_class: str, seed: int,
                blind_smear_ids: Sequence[str] | None = None, exclude_patients: Collection[str] = ()) -> FrozenSet:
     """The evaluation set of the current split: its test cells and the very smears the smear stage judges.
@@ -149,7 +140,7 @@ def frozen_set(split_manifest: pd.DataFrame, compose: Mapping[str, Any] | None, 
     new data reshuffles the split, some of the champion's training patients can land in today's test split,
     and evaluating it on them would favour it.
     """
-    from smearnet.smear import evaluation_smears
+    from smearnet.smear import evaluation_smears, smear_keys
     from smearnet.tracking import hash_patient_id
 
     excluded = set(exclude_patients)

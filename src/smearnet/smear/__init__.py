@@ -11,7 +11,7 @@
 
 from smearnet.smear.compose import (BACKGROUND, LOOKALIKE, TARGET, SmearDesign, SmearMix, compose_bags,
                                     compose_smears, design_from_config, evaluation_smears, patient_parts,
-                                    plan_smear_mixes)
+                                    plan_smear_mixes, smear_keys)
 from smearnet.smear.measure import SELECTIONS, RuleMeasurement, measure_rule
 from smearnet.smear.report import roc_curves, scores_markdown
 from smearnet.smear.roc import (SAME_NOTE, THRESHOLD_RULES, THRESHOLD_SELECTIONS, auc_interval, classify,
@@ -36,5 +36,5 @@ __all__ = [
     "development_folds", "expected_positive", "implied_cell_auc", "load_rule", "mean_probability",
     "natural_bags", "noisy_or", "patient_parts", "plan_smear_mixes", "roc_curves", "roc_points", "run_aggregation", "scores_markdown",
     "save_rule", "score_aucs", "score_smears", "select_threshold", "share_of_calls",
-    "simulate_smear_probabilities", "smear_evaluation", "smear_table", "top_k_mean", "train_composed_mil",
+    "simulate_smear_probabilities", "smear_keys", "smear_evaluation", "smear_table", "top_k_mean", "train_composed_mil",
 ]

@@ -215,3 +215,13 @@ def evaluation_smears(split_manifest: pd.DataFrame, compose: Any, *, positive_cl
                                 smears_per_class=per_class, seed=seed)
         return smears, "composed from test cells (two halves of disjoint patients)"
     return test, "test split's own smears"
+
+
+def smear_keys(smears: pd.DataFrame) -> list[str]:
+    """The ids of ``evaluation_smears`` as the smear stage writes them: pseudonyms of real smears, composed ids
+    (which name no patient) as they are."""
+    from smearnet.tracking import hash_patient_id
+
+    if "part" in smears.columns:
+        return [str(s) for s in smears["smear_id"]]
+    return [hash_patient_id(s) for s in smears["smear_id"]]
