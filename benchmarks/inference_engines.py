@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from smearnet.benchmark import benchmark_specs, markdown_table
-from smearnet.engines import EngineSpec, build_engine, engine_spec
-from smearnet.inference import calibration_batches, load_trained
+from smearnet.evaluation.benchmark import benchmark_specs, markdown_table
+from smearnet.models.engines import EngineSpec, build_engine, engine_spec
+from smearnet.models.inference import calibration_batches, load_trained
 from smearnet.io import read_table, write_text
 
 DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8,compile-int8-cl,"

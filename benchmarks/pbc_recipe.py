@@ -5,7 +5,7 @@
         [--crop 0.75] [--epochs 20] [--lr 0.002] [--weight-decay 0.05] [--label-smoothing 0.1] [--batch-size 64]
 
 A trial is a plain PyTorch loop (no Lightning, no DVC) over the same split as `experiment=pbc` (the project's
-`split_by_patient`, seed 42, 70/15/15) and the same preprocessing (`smearnet.data.cell_tensor`: centre crop,
+`split_by_patient`, seed 42, 70/15/15) and the same preprocessing (`smearnet.data.loaders.cell_tensor`: centre crop,
 bilinear resize, ImageNet normalisation), with everything decoded once into memory: AdamW + one-cycle,
 label smoothing, random dihedral flips/rotations, bf16 autocast + channels_last. It prints and logs
 validation and test accuracy, with and without 8-view dihedral test-time augmentation, and the training time.
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smearnet.data import cell_tensor
-from smearnet.datasets import manifest_from_folder
-from smearnet.engines import dihedral_views
-from smearnet.ingest import load_rgb
-from smearnet.models import build_model, model_input_spec
-from smearnet.split import split_by_patient
+from smearnet.data.loaders import cell_tensor
+from smearnet.data.sources import manifest_from_folder
+from smearnet.models.engines import dihedral_views
+from smearnet.data.ingest import load_rgb
+from smearnet.models.factory import build_model, model_input_spec
+from smearnet.data.split import split_by_patient
 
 
 def load_cells(paths, input_spec) -> torch.Tensor:

@@ -4,7 +4,7 @@
         [--batch-size 16] [--root ../shared/data/pbc]
 
 Each model starts from one random init (seeded) and trains with the project's optimiser and schedule
-(`smearnet.training.build_optimizer/build_schedule`, experiment=pbc's AdamW + one-cycle) on the same sequence of
+(`smearnet.models.training.build_optimizer/build_schedule`, experiment=pbc's AdamW + one-cycle) on the same sequence of
 PBC training batches, once in fp32 and once in bf16 autocast with channels_last. Printed per model: images/s of
 each, the speed-up, the mean loss over the first and last 10 steps of each and the largest gap between the two
 curves (smoothed over 5 steps). The curves are plotted to reports/benchmarks/precision_loss_curves.png.
@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from smearnet.config import compose_config, model_config
-from smearnet.data import cell_tensor
-from smearnet.ingest import load_rgb
-from smearnet.models import build_model, model_input_spec
-from smearnet.training import build_optimizer, build_schedule
+from smearnet.data.loaders import cell_tensor
+from smearnet.data.ingest import load_rgb
+from smearnet.models.factory import build_model, model_input_spec
+from smearnet.models.training import build_optimizer, build_schedule
 
 
 def batches(root: Path, spec, steps: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from smearnet.datasets import manifest_from_folder
+    from smearnet.data.sources import manifest_from_folder
 
     manifest = manifest_from_folder(root)
     classes = sorted(manifest["label"].unique())

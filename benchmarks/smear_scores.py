@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smearnet.mil import MILConfig, logit_features, train_mil
+from smearnet.smear.mil import MILConfig, logit_features, train_mil
 from smearnet.smear import smear_table
 from smearnet.smear import (
     FIXED_SCORES,

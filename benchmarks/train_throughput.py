@@ -148,8 +148,8 @@ class PlainLoop:
     def __init__(self, spec: RunSpec):
         import torch
 
-        from smearnet.models import build_model
-        from smearnet.training import triangular_cyclic_lr
+        from smearnet.models.factory import build_model
+        from smearnet.models.training import triangular_cyclic_lr
 
         train_cfg = spec.train_cfg
         self.bf16 = spec.bf16
@@ -192,7 +192,7 @@ def run_lightning(spec: RunSpec, after_step: Callable[[], bool]) -> None:
     import lightning as L
     import torch
 
-    from smearnet.training import CellClassifier, build_trainer
+    from smearnet.models.training import CellClassifier, build_trainer
 
     class AfterStep(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from smearnet.calibration import CALIBRATION_FILE, fit_temperature, save_calibration, scaled_probabilities
+from smearnet.evaluation.calibration import CALIBRATION_FILE, fit_temperature, save_calibration, scaled_probabilities
 from smearnet.config import load_params
 from smearnet.errors import SmearnetError, run_cli
-from smearnet.evaluate import class_indices
-from smearnet.inference import load_for_inference, predictions_table
+from smearnet.evaluation.cells import class_indices
+from smearnet.models.inference import load_for_inference, predictions_table
 from smearnet.io import read_table, write_json, write_text
-from smearnet.metrics import json_safe
-from smearnet.mil import cell_outputs
-from smearnet.plots import roc_png
+from smearnet.evaluation.metrics import json_safe
+from smearnet.smear.mil import cell_outputs
+from smearnet.evaluation.plots import roc_png
 from smearnet.smear import (AggregateParams, CellSet, SmearRule, evaluation_smears, run_aggregation, save_rule,
                             smear_keys)
 from smearnet.smear.report import roc_curves, scores_markdown
-from smearnet.tracking import flatten_metrics, hash_patient_id, revision_tags, setup_mlflow
+from smearnet.tracking.runs import flatten_metrics, hash_patient_id, revision_tags, setup_mlflow
 
 OUT = Path("reports/aggregate")
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from smearnet.benchmark import benchmark_engines, markdown_table, select_model
+from smearnet.evaluation.benchmark import benchmark_engines, markdown_table, select_model
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
-from smearnet.tracking import revision_tags, setup_mlflow
+from smearnet.tracking.runs import revision_tags, setup_mlflow
 
 COLUMNS = ["model", "arch", "input_size", "device", "engine", "precision", "channels_last", "images", "accuracy",
            "agreement", "total_seconds", "ms_per_image", "images_per_second", "preprocess_ms_per_image",

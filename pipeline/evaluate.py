@@ -5,10 +5,10 @@ from pathlib import Path
 
 from smearnet.config import load_params
 from smearnet.errors import run_cli
-from smearnet.evaluate import evaluate_cells
-from smearnet.inference import load_for_inference
+from smearnet.evaluation.cells import evaluate_cells
+from smearnet.models.inference import load_for_inference
 from smearnet.io import read_table, write_json, write_text
-from smearnet.tracking import flatten_metrics, revision_tags, setup_mlflow
+from smearnet.tracking.runs import flatten_metrics, revision_tags, setup_mlflow
 
 OUT = Path("reports/evaluate")
 

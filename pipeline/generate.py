@@ -5,7 +5,7 @@ from pathlib import Path
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.io import remove_stale_siblings
-from smearnet.synthetic import generate_cohort
+from smearnet.data.synthetic import generate_cohort
 
 OUT = Path("data/synthetic")
 

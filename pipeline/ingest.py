@@ -4,9 +4,9 @@ import os
 from pathlib import Path
 
 from smearnet.config import load_params
-from smearnet.datasets import load_dataset_manifest
+from smearnet.data.sources import load_dataset_manifest
 from smearnet.errors import SmearnetError, run_cli
-from smearnet.ingest import IngestResult, validate_manifest, write_ingest_outputs
+from smearnet.data.ingest import IngestResult, validate_manifest, write_ingest_outputs
 from smearnet.io import atomic_directory, write_json
 
 OUT = Path("data/ingested")

@@ -6,10 +6,10 @@ from pathlib import Path
 from smearnet.config import load_params, registered_model_name
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
-from smearnet.metrics import json_safe
-from smearnet.registry import (GATE_METRICS, PromotionCriteria, RegisterInputs, decision_markdown, dvc_revision_tags,
+from smearnet.evaluation.metrics import json_safe
+from smearnet.registry.gate import (GATE_METRICS, PromotionCriteria, RegisterInputs, decision_markdown, dvc_revision_tags,
                                register_and_gate)
-from smearnet.tracking import revision_tags, setup_mlflow
+from smearnet.tracking.runs import revision_tags, setup_mlflow
 
 OUT = Path("reports/register")
 RULE = Path("reports/smear")  # the rule the smear stage measured: packaged with the version

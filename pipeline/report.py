@@ -6,8 +6,8 @@ from pathlib import Path
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.io import write_text
-from smearnet.report import build_report
-from smearnet.tracking import revision_tags, setup_mlflow
+from smearnet.evaluation.report import build_report
+from smearnet.tracking.runs import revision_tags, setup_mlflow
 
 
 def main() -> None:

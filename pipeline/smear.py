@@ -13,9 +13,9 @@ import pandas as pd
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.io import write_json, write_text
-from smearnet.plots import roc_png, roc_records
+from smearnet.evaluation.plots import roc_png, roc_records
 from smearnet.smear import load_rule, measure_rule, save_rule
-from smearnet.tracking import flatten_metrics, revision_tags, setup_mlflow
+from smearnet.tracking.runs import flatten_metrics, revision_tags, setup_mlflow
 
 AGGREGATE = Path("reports/aggregate")
 OUT = Path("reports/smear")

@@ -5,7 +5,7 @@ from pathlib import Path
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_manifest
-from smearnet.split import split_by_patient, split_summary
+from smearnet.data.split import split_by_patient, split_summary
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from smearnet.config import load_params, model_config
 from smearnet.errors import SmearnetError, run_cli
 from smearnet.io import read_table, write_json
-from smearnet.training import train_backbone
+from smearnet.models.training import train_backbone
 
 
 def main() -> None:

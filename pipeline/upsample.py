@@ -8,7 +8,7 @@ import pandas as pd
 from smearnet.config import load_params
 from smearnet.errors import run_cli
 from smearnet.io import atomic_directory, read_table, write_json, write_manifest
-from smearnet.upsample import materialise, plan_upsampling, upsample_summary
+from smearnet.data.upsample import materialise, plan_upsampling, upsample_summary
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
 import pytest
 
 from conftest import colour_cells
-from smearnet.benchmark import PeakMemory, benchmark_model, markdown_table, select_model
+from smearnet.evaluation.benchmark import PeakMemory, benchmark_model, markdown_table, select_model
 from smearnet.errors import SmearnetError
-from smearnet.engines import EngineSpec
-from smearnet.inference import TrainedModel, with_engine
-from smearnet.models import build_model, model_input_spec
+from smearnet.models.engines import EngineSpec
+from smearnet.models.inference import TrainedModel, with_engine
+from smearnet.models.factory import build_model, model_input_spec
 
 CFG = {"name": "tiny", "arch": "lightcnn", "input_size": [80, 100], "pretrained": False, "weights_path": None,
        "allow_random_init": True}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from smearnet.calibration import (
+from smearnet.evaluation.calibration import (
     calibrate_probabilities,
     fit_temperature,
     load_calibration,

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from conftest import colour_cells
-from smearnet.data import CellImages, make_loader, random_dihedral
+from smearnet.data.loaders import CellImages, make_loader, random_dihedral
 
 SPEC = {"input_size": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
@@ -17,7 +17,7 @@ def test_images_are_resized_normalised_and_labelled(tmp_path):
 def test_center_crop_keeps_the_middle_of_the_frame():
     from PIL import Image
 
-    from smearnet.data import cell_tensor
+    from smearnet.data.loaders import cell_tensor
 
     pixels = np.zeros((90, 120, 3), dtype=np.uint8)
     pixels[30:60, 45:75] = 255  # a white 30x30 "cell" in the middle of a black frame

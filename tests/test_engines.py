@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from smearnet.engines import (EngineSpec, build_engine, engine_artifact, engine_spec, runs_from_artifact,
+from smearnet.models.engines import (EngineSpec, build_engine, engine_artifact, engine_spec, runs_from_artifact,
                               weights_digest)
 from smearnet.errors import SmearnetError
-from smearnet.models import build_model, model_input_spec
+from smearnet.models.factory import build_model, model_input_spec
 
 CFG = {"name": "tiny", "arch": "resnet18", "input_size": [32, 32], "pretrained": False, "weights_path": None,
        "allow_random_init": True}
@@ -85,8 +85,8 @@ def test_cached_int8_program_runs_on_int8_kernels_in_a_fresh_process(trained_lik
     script = f"""
 import torch
 from torch._dynamo.utils import counters
-from smearnet.engines import EngineSpec, build_engine
-from smearnet.models import build_model, model_input_spec
+from smearnet.models.engines import EngineSpec, build_engine
+from smearnet.models.factory import build_model, model_input_spec
 net = build_model({CFG!r}, num_classes=3)
 net.load_state_dict(torch.load({str(tmp_path / "weights.pt")!r}))
 spec = EngineSpec(engine="compile", precision="int8", channels_last=True, batch_size=8)

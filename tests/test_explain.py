@@ -18,7 +18,7 @@ from torch import nn
 from smearnet.errors import SmearnetError
 from smearnet.explain import (CellExplanation, SmearExplanation, feature_layer, grad_cam, overlay, png_bytes,
                               smear_report_html)
-from smearnet.models import build_model
+from smearnet.models.factory import build_model
 
 TINY_LIGHTCNN = {"channels": [4, 8], "fc_units": 16}
 

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from smearnet.errors import SmearnetError
-from smearnet.ingest import IngestResult, load_rgb, validate_manifest, write_ingest_outputs
+from smearnet.data.ingest import IngestResult, load_rgb, validate_manifest, write_ingest_outputs
 from smearnet.io import read_table
-from smearnet.manifest import read_manifest
+from smearnet.data.manifest import read_manifest
 
 CLASSES = corpus.CLASSES
 QUIET: dict[str, Any] = {"workers": 1, "progress": False}

@@ -9,7 +9,7 @@ from bad_inputs import permissions_are_enforced, snapshot, write_manifest
 from omegaconf import OmegaConf
 
 from smearnet.errors import SmearnetError
-from smearnet.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, read_configured_manifest, read_manifest
+from smearnet.data.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, read_configured_manifest, read_manifest
 
 
 def _error(csv_path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Known-answer tests for smearnet.metrics (cell level)."""
+"""Known-answer tests for smearnet.evaluation.metrics (cell level)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
 from smearnet.errors import SmearnetError
-from smearnet.metrics import (
+from smearnet.evaluation.metrics import (
     binary_counts,
     binary_summary,
     bootstrap_interval,

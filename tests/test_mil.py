@@ -9,8 +9,8 @@ from conftest import colour_cells
 from sklearn.metrics import roc_auc_score
 
 from smearnet.errors import SmearnetError
-from smearnet.inference import TrainedModel, predict_probabilities
-from smearnet.mil import (
+from smearnet.models.inference import TrainedModel, predict_probabilities
+from smearnet.smear.mil import (
     MILConfig,
     cell_embeddings,
     cell_outputs,
@@ -19,7 +19,7 @@ from smearnet.mil import (
     save_mil,
     train_mil,
 )
-from smearnet.models import build_model, model_input_spec
+from smearnet.models.factory import build_model, model_input_spec
 
 FAST = MILConfig(hidden=32, attention=16, dropout=0.0, epochs=20, batch_size=16, lr=3e-3)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from smearnet.training import CellClassifier, build_trainer
+from smearnet.models.training import CellClassifier, build_trainer
 
 CLASSES = ["red", "green", "blue"]
 # A small constant rate: from random init, 1e-3 (the paper's lr_min) throws EfficientNet-B8 off a fixed batch.

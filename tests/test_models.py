@@ -1,4 +1,4 @@
-"""Tests for smearnet.models: paper architectures, local weights, offline behaviour, reparameterisation."""
+"""Tests for smearnet.models.factory: paper architectures, local weights, offline behaviour, reparameterisation."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from smearnet import models
+from smearnet.models import factory as models
 from smearnet.errors import SmearnetError
-from smearnet.models import LightCNN, build_model, model_input_spec, reparameterize_for_inference
+from smearnet.models.factory import LightCNN, build_model, model_input_spec, reparameterize_for_inference
 
 
 @pytest.fixture(autouse=True)

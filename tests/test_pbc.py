@@ -7,8 +7,8 @@ import pytest
 from conftest import PBC_DIR
 from smearnet.config import compose_config
 from smearnet.smear import evaluation_smears
-from smearnet.datasets import load_dataset_manifest, manifest_from_folder
-from smearnet.ingest import load_rgb, validate_manifest
+from smearnet.data.sources import load_dataset_manifest, manifest_from_folder
+from smearnet.data.ingest import load_rgb, validate_manifest
 
 pytestmark = [pytest.mark.pbc,
               pytest.mark.skipif(not PBC_DIR.is_dir(), reason=f"PBC images not present at {PBC_DIR}")]
@@ -60,8 +60,8 @@ def test_the_pbc_recipe_trains_on_real_cells_and_serves_the_same_preprocessing(p
     """experiment=pbc's recipe (centre crop, AdamW one-cycle, bf16 + channels_last, dihedral) on 32 real cells."""
     import json
 
-    from smearnet.inference import load_for_inference, predict_probabilities
-    from smearnet.training import train_backbone
+    from smearnet.models.inference import load_for_inference, predict_probabilities
+    from smearnet.models.training import train_backbone
 
     cfg = compose_config(["experiment=pbc", f"data.root={pbc_sample}", "train.cycles=2", "train.batch_size=8",
                           "model.resnet18.input_size=[48,48]", "registry.model_name=test-pbc-recipe"])

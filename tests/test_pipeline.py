@@ -65,7 +65,7 @@ def smear_calls_of_the_pipeline(project: Path) -> dict[str, str]:
 def assessment_cells(project: Path):
     """The assessment cells with their smears' pseudonyms (the ids the smear stage writes)."""
     from smearnet.io import read_table
-    from smearnet.tracking import hash_patient_id
+    from smearnet.tracking.runs import hash_patient_id
 
     split = read_table(project / "data/split/manifest.csv")
     cells = split[split["split"] == "assessment"]

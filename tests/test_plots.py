@@ -1,4 +1,4 @@
-"""Tests for smearnet.plots: PNGs are written, records have the dvc plots fields."""
+"""Tests for smearnet.evaluation.plots: PNGs are written, records have the dvc plots fields."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.plots import confusion_matrix_png, confusion_matrix_records, roc_png, roc_records
+from smearnet.evaluation.plots import confusion_matrix_png, confusion_matrix_records, roc_png, roc_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["lymphocyte", "covid_rl", "neutrophil", "monocyte"]

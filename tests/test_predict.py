@@ -17,7 +17,7 @@ import torch
 from conftest import colour_cells
 from smearnet.cli import main as smearnet
 from smearnet.errors import SmearnetError
-from smearnet.predict import collect_cells, load_model, predict_cells
+from smearnet.serving.predict import collect_cells, load_model, predict_cells
 from workspace import CLASSES, POSITIVE, random_model, write_rule
 
 
@@ -66,7 +66,7 @@ def test_folder_is_one_smear_with_bad_image_reported(tmp_path, smear_folder, cap
 
 
 def test_least_certain_images_are_the_lowest_max_probability(tmp_path, smear_folder):
-    from smearnet.predict import least_sure
+    from smearnet.serving.predict import least_sure
 
     loaded = load_model(str(serving_model(tmp_path / "model")))
     cells, skipped = collect_cells(smear_folder)
@@ -104,7 +104,7 @@ def test_train_stage_folder_takes_the_workspace_measured_rule(tmp_path, monkeypa
 def test_registry_uri_gives_the_same_calls_as_the_local_folder(tmp_path, smear_folder, mlflow_uri):
     import mlflow
 
-    from smearnet.registry import log_model_version
+    from smearnet.registry.gate import log_model_version
 
     name = f"predict-{uuid.uuid4().hex[:8]}"
     model = serving_model(tmp_path / "model", threshold=0.3)
@@ -140,9 +140,9 @@ def test_cli_prints_the_call_within_30_seconds_for_30_cells(tmp_path):
 
 def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_path, smear_folder):
     """bf16 from serving.json; an int8 ONNX export packaged with the version is used without recalibrating."""
-    from smearnet.engines import EngineSpec, engine_artifact
-    from smearnet.inference import load_trained
-    from smearnet.registry import package_model
+    from smearnet.models.engines import EngineSpec, engine_artifact
+    from smearnet.models.inference import load_trained
+    from smearnet.registry.gate import package_model
 
     model_dir = serving_model(tmp_path / "model")
     cells, _ = collect_cells(smear_folder)
@@ -176,9 +176,9 @@ def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_pa
 @pytest.mark.slow
 def test_packaged_int8_program_is_served_in_a_fresh_process_without_calibration(tmp_path, smear_folder):
     """compile int8 (PT2E): the quantised program made at registration is what `smearnet predict` runs."""
-    from smearnet.engines import EngineSpec, engine_artifact
-    from smearnet.inference import load_trained
-    from smearnet.registry import package_model
+    from smearnet.models.engines import EngineSpec, engine_artifact
+    from smearnet.models.inference import load_trained
+    from smearnet.registry.gate import package_model
 
     model_dir = serving_model(tmp_path / "model")
     model = load_trained(model_dir)

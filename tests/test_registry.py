@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.registry import (CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG, PromotionCriteria, RegisterInputs,
+from smearnet.registry.gate import (CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG, PromotionCriteria, RegisterInputs,
                                frozen_set, model_fingerprint, promotion_decision, register_and_gate)
 from workspace import (POSITIVE, colour_split, make_register_workspace, patient_ids, random_model, scan_mlflow_for,
                        write_rule)
@@ -75,8 +75,8 @@ def test_fingerprint_follows_content_and_serving(tmp_path):
 
 
 def test_frozen_set_leaves_out_patients_a_model_was_trained_on(tmp_path):
-    from smearnet.registry import training_patients
-    from smearnet.tracking import hash_patient_id
+    from smearnet.registry.gate import training_patients
+    from smearnet.tracking.runs import hash_patient_id
 
     split = colour_split(tmp_path)
     trained_on = split.assign(split=split["split"].where(split["patient_id"] != "P0001", "train"))
@@ -177,8 +177,8 @@ def test_crash_after_registration_leaves_no_duplicate_and_no_running_run(tmp_pat
     experiment_id = store.get_experiment_by_name("registry-test").experiment_id
 
     # A run abandoned by a SIGKILLed attempt (still RUNNING, same model fingerprint).
-    from smearnet.inference import load_trained
-    from smearnet.registry import version_serving
+    from smearnet.models.inference import load_trained
+    from smearnet.registry.gate import version_serving
     from smearnet.smear import load_rule
 
     serving = version_serving(load_trained(inputs.model_dir).meta, load_rule(inputs.rule_dir)[0], inputs.rule_dir)

@@ -1,4 +1,4 @@
-from smearnet.report import build_report
+from smearnet.evaluation.report import build_report
 
 CELL = {"n_cells": 100, "accuracy": {"value": 0.9, "low": 0.82, "high": 0.95},
         "macro_f1": {"value": 0.85, "low": 0.8, "high": 0.9},

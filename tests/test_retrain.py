@@ -28,7 +28,7 @@ def retrain(project: Path, env: dict, *args: str) -> str:
 def test_new_site_reruns_downstream_only_and_the_gate_decides(tmp_path, monkeypatch):
     import mlflow
 
-    from smearnet.synthetic import generate_cohort
+    from smearnet.data.synthetic import generate_cohort
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=store, GIT_AUTHOR_NAME="t",
@@ -141,8 +141,8 @@ def small_project(tmp_path) -> Path:
 
 def test_ingest_site_copies_namespaces_and_lists_the_site(tmp_path, small_project):
     from smearnet.config import compose_config
-    from smearnet.datasets import load_dataset_manifest
-    from smearnet.sites import ingest_site
+    from smearnet.data.sources import load_dataset_manifest
+    from smearnet.data.sites import ingest_site
 
     base = site_folder(tmp_path / "hospital_a", [f"P{1 + i // 3:04d}" for i in range(6)], seed=1)
     delivery = site_folder(tmp_path / "delivery", [f"P{1 + i // 3:04d}" for i in range(6)], seed=2)
@@ -174,8 +174,8 @@ def test_ingest_site_copies_namespaces_and_lists_the_site(tmp_path, small_projec
 
 
 def test_sites_sharing_patient_ids_are_refused(tmp_path, small_project):
-    from smearnet.datasets import load_dataset_manifest
-    from smearnet.sites import ingest_site
+    from smearnet.data.sources import load_dataset_manifest
+    from smearnet.data.sites import ingest_site
 
     base = site_folder(tmp_path / "hospital_a", ["P0001"] * 3, seed=1)
     result = ingest_site(site_folder(tmp_path / "delivery", ["P0001"] * 3, seed=2), "hospital_b",
@@ -186,7 +186,7 @@ def test_sites_sharing_patient_ids_are_refused(tmp_path, small_project):
 
 
 def test_bad_site_name_is_refused(tmp_path, small_project):
-    from smearnet.sites import ingest_site
+    from smearnet.data.sites import ingest_site
 
     with pytest.raises(SmearnetError, match="not allowed"):
         ingest_site(tmp_path, "../hospital", project=small_project, dvc_add=False)

@@ -292,7 +292,7 @@ def test_unreachable_tracking_server_stops_a_logging_stage_fast_naming_the_uri(t
 def test_setup_mlflow_fails_within_seconds_naming_the_uri(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow  # noqa: F401 - imported before timing
 
-    from smearnet.tracking import setup_mlflow
+    from smearnet.tracking.runs import setup_mlflow
 
     with socket.socket() as listener:
         if server == "silent_server":  # accepts the connection, never answers (a hung or firewalled server)
@@ -315,7 +315,7 @@ def test_a_stage_failing_inside_its_run_leaves_it_failed_not_running(mlflow_uri:
                                                                       exit_code: int | None) -> None:
     import mlflow
 
-    from smearnet.tracking import setup_mlflow
+    from smearnet.tracking.runs import setup_mlflow
 
     run_ids = []
 

@@ -80,7 +80,7 @@ def test_pyfunc_reports_bad_rows_and_leaves_an_unreadable_smear_undetermined(tmp
     import mlflow
     import pandas as pd
 
-    from smearnet.registry import log_model_version
+    from smearnet.registry.gate import log_model_version
     from workspace import random_model
 
     model_dir = random_model(tmp_path / "resnet18", seed=0)
@@ -103,8 +103,8 @@ def test_pyfunc_reports_bad_rows_and_leaves_an_unreadable_smear_undetermined(tmp
 @pytest.mark.slow
 def test_train_register_promote_and_serve_champion_over_http(tmp_path, monkeypatch):
     from smearnet.io import read_table, write_manifest
-    from smearnet.registry import CHAMPION, PromotionCriteria, RegisterInputs, register_and_gate
-    from smearnet.training import train_backbone
+    from smearnet.registry.gate import CHAMPION, PromotionCriteria, RegisterInputs, register_and_gate
+    from smearnet.models.training import train_backbone
 
     tracking_port, serving_port = free_port(), free_port()
     tracking = f"http://127.0.0.1:{tracking_port}"

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.mil import MILConfig, train_mil
+from smearnet.smear.mil import MILConfig, train_mil
 from smearnet.smear import SmearRule, load_rule, measure_rule, save_rule
 
 CLASSES = ["normal", "classic_rl", "covid_rl"]

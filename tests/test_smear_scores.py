@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from smearnet.config import compose_config
 from smearnet.errors import SmearnetError
-from smearnet.mil import MILConfig
+from smearnet.smear.mil import MILConfig
 from smearnet.smear import smear_table
 from smearnet.smear import (
     BACKGROUND,

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.split import assert_no_patient_leakage, split_by_patient, split_summary
+from smearnet.data.split import assert_no_patient_leakage, split_by_patient, split_summary
 
 
 def cohort(n_patients_per_class=10, cells=(3, 12), seed=0, classes=("normal", "classic_rl", "covid_rl")):

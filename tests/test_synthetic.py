@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from smearnet import synthetic
+from smearnet.data import synthetic
 from smearnet.errors import SmearnetError
-from smearnet.synthetic import CLASSES, CellSpec, generate_cohort, plan_cohort, render_cell
+from smearnet.data.synthetic import CLASSES, CellSpec, generate_cohort, plan_cohort, render_cell
 
 TINY_SCALE = 0.005  # development only: 3 + 25 + 12 cells
 

@@ -5,9 +5,9 @@ import torch
 
 from conftest import colour_cells
 from smearnet.config import compose_config
-from smearnet.inference import load_trained, predict_probabilities
+from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.errors import SmearnetError
-from smearnet.training import (CellClassifier, build_optimizer, build_schedule, reset_checkpoint_dir,
+from smearnet.models.training import (CellClassifier, build_optimizer, build_schedule, reset_checkpoint_dir,
                                resumable_checkpoint, run_fingerprint, train_backbone, triangular_cyclic_lr)
 
 RECIPE = {"lr_min": 1e-4, "lr_max": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}

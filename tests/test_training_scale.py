@@ -39,8 +39,8 @@ from torch.utils.data import DistributedSampler
 
 from conftest import REPO_ROOT, colour_cells
 from smearnet.errors import SmearnetError
-from smearnet.inference import load_trained
-from smearnet.training import EpochShuffleSampler, TimmSyncBatchNorm, build_trainer
+from smearnet.models.inference import load_trained
+from smearnet.models.training import EpochShuffleSampler, TimmSyncBatchNorm, build_trainer
 
 TRAIN_SCRIPT = REPO_ROOT / "pipeline" / "train.py"
 CLASSES = ["red", "green", "blue"]
@@ -67,7 +67,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-import smearnet.training
+import smearnet.models.training
 from smearnet.errors import run_cli
 
 
@@ -95,8 +95,8 @@ class Probe(L.Callback):
               "steps": self.steps}}))
 
 
-build_trainer = smearnet.training.build_trainer
-smearnet.training.build_trainer = lambda *a, callbacks=(), **k: build_trainer(*a, callbacks=[*callbacks, Probe()], **k)
+build_trainer = smearnet.models.training.build_trainer
+smearnet.models.training.build_trainer = lambda *a, callbacks=(), **k: build_trainer(*a, callbacks=[*callbacks, Probe()], **k)
 spec = importlib.util.spec_from_file_location("train_stage", {str(TRAIN_SCRIPT)!r})
 stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stage)

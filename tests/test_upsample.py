@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import colour_cells
 from smearnet.errors import SmearnetError
-from smearnet.upsample import materialise, paper_augmentation, plan_upsampling, upsample_summary
+from smearnet.data.upsample import materialise, paper_augmentation, plan_upsampling, upsample_summary
 
 AUGMENT = {"rotate_max": 120, "zoom_max": 1.01, "horizontal_flip": True, "vertical_flip": True,
            "brightness": 0.1, "jpeg_quality": 95}

@@ -29,8 +29,8 @@ def random_model(model_dir: Path, seed: int, *, size: int = 32) -> Path:
     import torch
 
     from smearnet.config import model_config
-    from smearnet.inference import save_trained
-    from smearnet.models import build_model, model_input_spec
+    from smearnet.models.inference import save_trained
+    from smearnet.models.factory import build_model, model_input_spec
 
     model_cfg = model_config(tiny_config(f"model.resnet18.input_size=[{size},{size}]"), "resnet18")
     torch.manual_seed(seed)
@@ -66,7 +66,7 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
     """A folder holding exactly what the register stage reads: params, selection, smear metrics, model, split."""
     from smearnet.cli import compose_params
     from smearnet.io import write_json, write_manifest
-    from smearnet.tracking import hash_patient_id
+    from smearnet.tracking.runs import hash_patient_id
 
     root.mkdir(parents=True, exist_ok=True)
     compose_params([*OVERRIDES, f"registry.model_name={model_name}", *extra], root / "params.yaml")

@@ -63,7 +63,7 @@ def _predict(args: argparse.Namespace) -> None:
     import time
 
     from smearnet.io import write_json, write_text
-    from smearnet.predict import (collect_cells, load_model, predict_cells, print_summary, to_html, to_json,
+    from smearnet.serving.predict import (collect_cells, load_model, predict_cells, print_summary, to_html, to_json,
                                   to_markdown)
 
     started = time.perf_counter()
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "predict":
             _predict(args)
         elif args.command == "ingest-site":
-            from smearnet.sites import ingest_site
+            from smearnet.data.sites import ingest_site
 
             result = ingest_site(args.folder, args.site, project=args.project, id_prefix=args.id_prefix,
                                  dvc_add=not args.no_dvc_add)

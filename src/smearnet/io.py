@@ -1,7 +1,7 @@
 """Small, atomic file writers shared by the stages (a killed stage never leaves a half-written output).
 
 Temporary folders are hidden siblings of their output named ``.<name>.<purpose>-<pid>-<8 hex>`` (the
-scheme `smearnet.synthetic.generate_cohort` uses too), so the next run can recognise and delete the
+scheme `smearnet.data.synthetic.generate_cohort` uses too), so the next run can recognise and delete the
 ones a killed process (``kill -9``, OOM killer, power loss) left behind.
 """
 

@@ -39,7 +39,7 @@ def has_remote(project: Path) -> bool:
 def retrain(project: Path = Path("."), *, base: str = "main", site_folder: Path | None = None,
             site: str | None = None, summary: Path | None = None) -> str:
     """Run the retraining steps in `project`; return the Markdown summary (also appended to `summary`)."""
-    from smearnet.sites import ingest_site
+    from smearnet.data.sites import ingest_site
 
     project = Path(project)
     remote = has_remote(project)

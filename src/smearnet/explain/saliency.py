@@ -2,7 +2,7 @@
 
 A pathologist reading a smear call wants to see *where* in each cell the network looked. Grad-CAM (captum's
 ``LayerGradCam``) answers that from the last spatial feature map of the backbone, so it works unchanged for
-every backbone ``smearnet.models.build_model`` makes (timm models and ``LightCNN``) without naming layers.
+every backbone ``smearnet.models.factory.build_model`` makes (timm models and ``LightCNN``) without naming layers.
 
 Explaining must never change the model that made the call: the network is run in eval mode, in fp32 (a
 copy when it is held in another precision), with gradients switched on even inside a caller's

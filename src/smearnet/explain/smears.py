@@ -17,8 +17,8 @@ from PIL import Image
 
 from smearnet.explain.html import CellExplanation, SmearExplanation, png_bytes
 from smearnet.explain.saliency import grad_cam, overlay
-from smearnet.inference import TrainedModel
-from smearnet.mil import MILAggregator
+from smearnet.models.inference import TrainedModel
+from smearnet.smear.mil import MILAggregator
 from smearnet.smear.rule import SmearRule
 
 THUMBNAIL = 160  # px: the longest side of a cell image on the page
@@ -35,7 +35,7 @@ def explain_smears(model: TrainedModel, positive_class: str, score_name: str, ce
     are never shown. ``name_cells=False`` labels cells by their rank instead of their file name (for pages
     that leave the hospital, e.g. MLflow, where file names may carry identifiers).
     """
-    from smearnet.data import cell_tensor
+    from smearnet.data.loaders import cell_tensor
 
     positive_index = model.classes.index(positive_class)
     explanations = []
@@ -77,7 +77,7 @@ def _input_view(tensor: torch.Tensor, input_spec: dict) -> np.ndarray:
 def explain_cells(model: TrainedModel, rule: SmearRule, aggregator: MILAggregator | None, cells: pd.DataFrame, *,
                   cells_per_smear: int = 6, name_cells: bool = True) -> list[SmearExplanation]:
     """Classify the cells of ``cells`` (``path``, ``smear_id``), call their smears with ``rule`` and explain them."""
-    from smearnet.ingest import load_rgb
+    from smearnet.data.ingest import load_rgb
     from smearnet.smear.calls import call_cells, cell_outputs_for_images
 
     images = [load_rgb(Path(path)) for path in cells["path"]]

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from smearnet.errors import SmearnetError
-from smearnet.inference import TrainedModel
-from smearnet.mil import MILAggregator, batch_embeddings
+from smearnet.models.inference import TrainedModel
+from smearnet.smear.mil import MILAggregator, batch_embeddings
 from smearnet.smear.rule import RULE_FILE, SmearRule, load_rule
 
 
@@ -42,7 +42,7 @@ def cell_outputs_for_images(model: TrainedModel, images: Sequence, *,
                             embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Softmax probabilities (rows of NaN for ``None``, undecodable, entries) through the model's engine,
     and penultimate embeddings (rows of NaN likewise) when asked."""
-    from smearnet.data import cell_tensor
+    from smearnet.data.loaders import cell_tensor
 
     good = [i for i, image in enumerate(images) if image is not None]
     probabilities = np.full((len(images), len(model.classes)), np.nan, dtype=np.float32)

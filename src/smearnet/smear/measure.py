@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from smearnet.errors import SmearnetError
-from smearnet.mil import MILAggregator
+from smearnet.smear.mil import MILAggregator
 from smearnet.smear.roc import THRESHOLD_SELECTIONS, smear_evaluation
 from smearnet.smear.rule import SmearRule
 

@@ -28,7 +28,7 @@ def _sizes_text(table: pd.DataFrame) -> str:
 
 
 def roc_curves(aucs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{score: {"fpr", "tpr", "auc"}}`` for ``smearnet.plots.roc_png`` (scores without a ROC left out)."""
+    """``{score: {"fpr", "tpr", "auc"}}`` for ``smearnet.evaluation.plots.roc_png`` (scores without a ROC left out)."""
     return {score: {"fpr": entry["roc"]["fpr"], "tpr": entry["roc"]["tpr"], "auc": entry["value"]}
             for score, entry in aucs.items() if entry.get("roc")}
 

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_curve
 from sklearn.model_selection import StratifiedKFold
 
 from smearnet.errors import SmearnetError
-from smearnet.metrics import binary_counts, binary_summary, bootstrap_interval
+from smearnet.evaluation.metrics import binary_counts, binary_summary, bootstrap_interval
 
 NAN = float("nan")
 THRESHOLD_RULES = ("youden", "fixed")

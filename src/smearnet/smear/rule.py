@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smearnet.calibration import calibrate_probabilities
+from smearnet.evaluation.calibration import calibrate_probabilities
 from smearnet.errors import SmearnetError
-from smearnet.mil import MILAggregator, load_mil, save_mil
+from smearnet.smear.mil import MILAggregator, load_mil, save_mil
 from smearnet.smear.roc import classify as calls_at
 from smearnet.smear.scores import MIL_SCORE, SCORE_DESCRIPTIONS, SCORES, smear_table
 

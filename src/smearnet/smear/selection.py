@@ -4,7 +4,7 @@ The paper calls a smear positive when the share of its cells classified COVID-19
 2%: a rule only as good as the cell classifier's false-positive rate.  This module compares
 that share with the other pure scores of ``smearnet.smear`` (share of ``p >= 0.5``, mean
 probability, top-3 mean, noisy-OR, expected positive count) and a gated-attention MIL
-aggregator over frozen cell embeddings (``smearnet.mil``), and chooses one.
+aggregator over frozen cell embeddings (``smearnet.smear.mil``), and chooses one.
 
 **Development smears, composed.**  In the development cohort every patient has one class,
 so a development smear is all-positive or all-negative and every score separates them: a
@@ -37,8 +37,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from smearnet.errors import SmearnetError
-from smearnet.metrics import binary_counts, binary_summary
-from smearnet.mil import MILAggregator, MILConfig, train_mil
+from smearnet.evaluation.metrics import binary_counts, binary_summary
+from smearnet.smear.mil import MILAggregator, MILConfig, train_mil
 from smearnet.smear.compose import SmearDesign, compose_bags, design_from_config, plan_smear_mixes
 from smearnet.smear.roc import auc_interval, classify, roc_points, select_threshold
 from smearnet.smear.scores import MIL_SCORE, SCORE_DESCRIPTIONS, SCORES, smear_table
@@ -108,7 +108,7 @@ class CellSet:
         missing = {"smear_id", "patient_id", "label", "predicted"} - set(self.cells.columns)
         if missing:
             raise SmearnetError(f"The cell table lacks column(s) {sorted(missing)}.",
-                                "Build it with smearnet.inference.predictions_table plus a patient_id column.")
+                                "Build it with smearnet.models.inference.predictions_table plus a patient_id column.")
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.cells):
             raise SmearnetError(
                 f"Got {len(self.cells)} cells but embeddings of shape {self.embeddings.shape}.",

@@ -61,7 +61,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from smearnet.errors import SmearnetError
-from smearnet.manifest import REQUIRED_COLUMNS, fill_optional_columns
+from smearnet.data.manifest import REQUIRED_COLUMNS, fill_optional_columns
 
 POLICIES: tuple[str, ...] = ("error", "quarantine")
 REPORT_SCHEMA_VERSION = 1
@@ -566,7 +566,7 @@ def _prepare_rows(manifest: pd.DataFrame, manifest_path: str | None) -> pd.DataF
             f"{where} lacks the required column(s) {', '.join(missing)}; columns found: "
             f"{', '.join(repr(str(name)) for name in manifest.columns) or 'none'}.",
             f"give the manifest the columns {', '.join(REQUIRED_COLUMNS)} "
-            "(read CSVs with smearnet.manifest.read_manifest).",
+            "(read CSVs with smearnet.data.manifest.read_manifest).",
         )
     if manifest.empty:
         raise SmearnetError(f"{where} has no rows, so there is nothing to ingest.", "add one row per image.")

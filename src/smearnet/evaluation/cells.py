@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from smearnet.inference import TrainedModel, predict_probabilities, predictions_table
-from smearnet.metrics import cell_metrics
-from smearnet.plots import confusion_matrix_png
+from smearnet.models.inference import TrainedModel, predict_probabilities, predictions_table
+from smearnet.evaluation.metrics import cell_metrics
+from smearnet.evaluation.plots import confusion_matrix_png
 
 
 def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str, *, batch_size: int,

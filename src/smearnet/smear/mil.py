@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smearnet.errors import SmearnetError
-from smearnet.inference import TrainedModel
+from smearnet.models.inference import TrainedModel
 
 MIL_WEIGHTS = "mil.safetensors"
 MIL_META = "mil.json"
@@ -98,7 +98,7 @@ def cell_outputs(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int
     """
     from tqdm import tqdm
 
-    from smearnet.data import make_loader
+    from smearnet.data.loaders import make_loader
 
     net = model.net.eval()
     loader = make_loader(manifest, model.classes, model.input_spec, batch_size=batch_size, shuffle=False)

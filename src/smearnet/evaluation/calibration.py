@@ -134,7 +134,7 @@ def log_probabilities(probabilities: Any) -> np.ndarray:
     if values.ndim != 2 or not np.all(np.isfinite(values)) or values.min(initial=0.0) < 0.0:
         raise SmearnetError(
             f"Probabilities must be a finite, non-negative (n_cells, n_classes) array; got shape {values.shape}.",
-            "Pass softmax probabilities, e.g. from smearnet.inference.predict_probabilities.",
+            "Pass softmax probabilities, e.g. from smearnet.models.inference.predict_probabilities.",
         )
     if len(values) and not np.allclose(values.sum(axis=1), 1.0, atol=1e-3):
         raise SmearnetError("Probability rows do not sum to 1.", "Pass softmax probabilities, not logits.")

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from smearnet.errors import SmearnetError
-from smearnet.inference import TrainedModel
-from smearnet.mil import MILAggregator
+from smearnet.models.inference import TrainedModel
+from smearnet.smear.mil import MILAggregator
 from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
 from smearnet.smear.rule import RULE_FILE, SmearRule, load_rule
 
@@ -62,8 +62,8 @@ def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str |
     A registered version carries its rule (`smear_rule.json`); a workspace's `models/<name>` folder takes the
     workspace's measured rule (`reports/smear/smear_rule.json`). `threshold` replaces the rule's threshold.
     """
-    from smearnet.inference import load_trained, serving_engine
-    from smearnet.registry import SERVING_FILE, local_model_dir
+    from smearnet.models.inference import load_trained, serving_engine
+    from smearnet.registry.gate import SERVING_FILE, local_model_dir
 
     path = Path(spec).expanduser()
     if spec.startswith(URI_SCHEMES):
@@ -136,7 +136,7 @@ def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int =
     from PIL import Image
     from tqdm import tqdm
 
-    from smearnet.ingest import load_rgb
+    from smearnet.data.ingest import load_rgb
 
     classes = loaded.model.classes
     chunks, features, errors = [], [], []
@@ -193,7 +193,7 @@ def least_sure(prediction: Prediction, k: int = 10) -> pd.DataFrame:
 
 def to_json(prediction: Prediction) -> dict[str, Any]:
     """The JSON document: model, rule, cells per class, smears and one row per cell (NaN -> null)."""
-    from smearnet.metrics import json_safe
+    from smearnet.evaluation.metrics import json_safe
 
     rule = prediction.loaded.rule
     return json_safe({
@@ -232,7 +232,7 @@ def to_html(prediction: Prediction, *, cells_per_smear: int = 6) -> str:
     """A self-contained HTML page: per smear the score against the threshold and the cells that weighed most,
     each with its Grad-CAM heat map of the positive class (`smearnet.explain`)."""
     from smearnet.explain import explain_smears, smear_report_html
-    from smearnet.ingest import load_rgb
+    from smearnet.data.ingest import load_rgb
 
     rule = prediction.loaded.rule
     smears = prediction.smears.rename(columns={"cells": "n_cells"})
@@ -268,8 +268,8 @@ def _markdown_table(frame: pd.DataFrame, floats: tuple[str, ...] = ()) -> str:
 def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
     import mlflow
 
-    from smearnet.registry import download_model_dir
-    from smearnet.tracking import check_reachable
+    from smearnet.registry.gate import download_model_dir
+    from smearnet.tracking.runs import check_reachable
 
     uri_store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _workspace_tracking_uri()
     check_reachable(uri_store)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from smearnet.errors import SmearnetError
-from smearnet.manifest import read_configured_manifest
+from smearnet.data.manifest import read_configured_manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SOURCES = ("synthetic", "manifest", "folder")
@@ -31,15 +31,15 @@ def with_extra_manifests(base: pd.DataFrame, entries: Sequence) -> pd.DataFrame:
     """`base` followed by the rows of each extra manifest (a CSV path, or {manifest, sha256}).
 
     A `sha256` entry (written by `smearnet ingest-site`) must match the site's content digest
-    (`smearnet.sites.site_digest`), so changed or half-pulled site data is refused rather than ingested.
+    (`smearnet.data.sites.site_digest`), so changed or half-pulled site data is refused rather than ingested.
     Rows keep their order: an extra manifest's `row` numbers continue after the previous manifest's
     (row - offset = its CSV line). Patient ids shared by two manifests are refused (they would merge two
     hospitals' patients into one in the split).
     """
     if not entries:
         return base
-    from smearnet.manifest import read_manifest
-    from smearnet.sites import site_digest
+    from smearnet.data.manifest import read_manifest
+    from smearnet.data.sites import site_digest
 
     frames, offset = [base], int(base["row"].max())
     for entry in entries:

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 
 from smearnet.errors import SmearnetError
-from smearnet.models import build_model
+from smearnet.models.factory import build_model
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -291,11 +291,11 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
     from lightning.pytorch.loggers import MLFlowLogger
 
     from smearnet.config import model_config
-    from smearnet.data import CellImages, make_loader
-    from smearnet.inference import save_trained
+    from smearnet.data.loaders import CellImages, make_loader
+    from smearnet.models.inference import save_trained
     from smearnet.io import write_text
-    from smearnet.models import model_input_spec
-    from smearnet.tracking import revision_tags, setup_mlflow, tracking_uri
+    from smearnet.models.factory import model_input_spec
+    from smearnet.tracking.runs import revision_tags, setup_mlflow, tracking_uri
 
     model_cfg = model_config(cfg, name)
     classes = list(cfg.data.classes)

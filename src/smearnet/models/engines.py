@@ -1,6 +1,6 @@
 """Inference engines: one trained network run eager, `torch.compile`d or through ONNX Runtime, in fp32, bf16 or int8.
 
-An engine maps a batch of preprocessed cells (N x 3 x H x W, float32, as `smearnet.data.cell_tensor` makes them)
+An engine maps a batch of preprocessed cells (N x 3 x H x W, float32, as `smearnet.data.loaders.cell_tensor` makes them)
 to float32 logits. Which one runs is configuration (`inference.engine`, `inference.precision`,
 `inference.channels_last`), read by the benchmark, evaluate, predict and serving code alike:
 

@@ -4,7 +4,7 @@ A manifest is the one contract every dataset follows: a UTF-8, comma-separated
 CSV with the required columns ``path, label, patient_id`` and the optional
 columns ``smear_id, site, cohort``. Relative paths resolve against the CSV's
 folder. Reading is structural only (columns, cohort values); image files are
-checked later by :func:`smearnet.ingest.validate_manifest`.
+checked later by :func:`smearnet.data.ingest.validate_manifest`.
 """
 
 from __future__ import annotations

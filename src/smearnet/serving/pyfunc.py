@@ -26,7 +26,7 @@ class SmearnetPyfunc(PythonModel):
     """Serves a trained smearnet model directory (weights + model.json + serving.json + smear_rule.json)."""
 
     def load_context(self, context) -> None:
-        from smearnet.inference import load_trained, serving_engine
+        from smearnet.models.inference import load_trained, serving_engine
         from smearnet.smear.calls import served_rule
 
         model_dir = Path(context.artifacts["model_dir"])
@@ -37,7 +37,7 @@ class SmearnetPyfunc(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from smearnet.errors import SmearnetError
-        from smearnet.inference import decode_image_bytes
+        from smearnet.models.inference import decode_image_bytes
         from smearnet.smear.calls import call_cells, cell_outputs_for_images
 
         if "image" not in model_input:

@@ -12,9 +12,9 @@ import pandas as pd
 import psutil
 import torch
 
-from smearnet.data import make_loader
+from smearnet.data.loaders import make_loader
 from smearnet.errors import SmearnetError
-from smearnet.inference import TrainedModel, predict_probabilities
+from smearnet.models.inference import TrainedModel, predict_probabilities
 
 
 class PeakMemory:
@@ -57,7 +57,7 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int,
     user waits for them) and also alone (`preprocess_ms_per_image`; pass `preprocess_ms` when already measured
     for these cells), so a slow image pipeline shows.
     """
-    from smearnet.engines import EngineSpec
+    from smearnet.models.engines import EngineSpec
 
     if manifest.empty:
         raise SmearnetError("The benchmark split holds no cells.", "check data/split/manifest.csv (test split).")
@@ -159,7 +159,7 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
     """One row per engine spec over the same cells, in one run; the first spec is the reference the others'
     `agreement` is measured against (eager fp32 in every caller). `build_seconds` covers export, quantisation or
     compilation and the first batch; the image pipeline is timed alone once. `on_row(row)` sees each row as done."""
-    from smearnet.inference import with_engine
+    from smearnet.models.inference import with_engine
 
     preprocess_ms = 1000 * preprocess_seconds(model, cells) / len(cells) if len(cells) else 0.0
     warm_batch, _ = next(iter(make_loader(cells.iloc[:1], model.classes, model.input_spec, batch_size=1,
@@ -191,8 +191,8 @@ def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame, infere
 
     Returns (rows, the configured engine's row). Each row carries `agreement` with eager fp32.
     """
-    from smearnet.engines import EngineSpec, engine_spec
-    from smearnet.inference import engine_inputs, load_trained
+    from smearnet.models.engines import EngineSpec, engine_spec
+    from smearnet.models.inference import engine_inputs, load_trained
 
     model = load_trained(model_dir)
     configured = engine_spec(inference_cfg)

@@ -64,8 +64,8 @@ def site_digest(manifest_csv: Path) -> str:
 
 def read_site_folder(folder: Path) -> pd.DataFrame:
     """A site's rows: its `manifest.csv` if present, else the class-per-folder tree (folder name = label)."""
-    from smearnet.datasets import manifest_from_folder
-    from smearnet.manifest import read_manifest
+    from smearnet.data.sources import manifest_from_folder
+    from smearnet.data.manifest import read_manifest
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -32,12 +32,12 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from smearnet.inference import TrainedModel
-    from smearnet.mil import MILAggregator
+    from smearnet.models.inference import TrainedModel
+    from smearnet.smear.mil import MILAggregator
     from smearnet.smear import SmearRule
 
-SERVING_CODE = Path(__file__).with_name("serving.py")
-PACKAGE_DIR = Path(__file__).parent
+SERVING_CODE = Path(__file__).parents[1] / "serving" / "pyfunc.py"
+PACKAGE_DIR = Path(__file__).parents[1]
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", "lightning==2.6.6",
                     "torchmetrics==1.9.0", "mlflow==3.17.2", "safetensors", "pandas", "pillow", "scikit-learn",
                     "matplotlib", "tqdm", "psutil", "albumentations==2.0.8", "hydra-core==1.3.8", "onnx==1.23.2",
@@ -141,7 +141,7 @@ def frozen_set(split_manifest: pd.DataFrame, compose: Mapping[str, Any] | None, 
     and evaluating it on them would favour it.
     """
     from smearnet.smear import evaluation_smears, smear_keys
-    from smearnet.tracking import hash_patient_id
+    from smearnet.tracking.runs import hash_patient_id
 
     excluded = set(exclude_patients)
     test = split_manifest[split_manifest["split"] == "test"]
@@ -169,7 +169,7 @@ def frozen_set(split_manifest: pd.DataFrame, compose: Mapping[str, Any] | None, 
 
 def training_patients(split_manifest: pd.DataFrame) -> list[str]:
     """Pseudonyms (salted hashes) of the patients a model trained on this split saw: train and val."""
-    from smearnet.tracking import hash_patient_id
+    from smearnet.tracking.runs import hash_patient_id
 
     seen = split_manifest[split_manifest["split"].isin(["train", "val"])]["patient_id"]
     return sorted({hash_patient_id(p) for p in seen})
@@ -183,11 +183,11 @@ def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggrega
 
     Raises SmearnetError when the model cannot classify this data (other classes).
     """
-    from smearnet.calibration import scaled_probabilities
-    from smearnet.evaluate import class_indices
-    from smearnet.inference import predict_probabilities
-    from smearnet.metrics import binary_counts, binary_summary, cell_metrics
-    from smearnet.mil import cell_outputs
+    from smearnet.evaluation.calibration import scaled_probabilities
+    from smearnet.evaluation.cells import class_indices
+    from smearnet.models.inference import predict_probabilities
+    from smearnet.evaluation.metrics import binary_counts, binary_summary, cell_metrics
+    from smearnet.smear.mil import cell_outputs
     from smearnet.smear import auc_interval, roc_points
 
     labels = set(frozen.test["label"]) | set(frozen.smears["label"]) | {rule.positive_class}
@@ -237,8 +237,8 @@ def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggrega
 def serving_config(model_meta: Mapping[str, Any], rule: SmearRule,
                    inference: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What serving needs beside the weights: the class list, input spec, the smear rule (also packaged as
-    `smear_rule.json`) and the inference engine (`smearnet.engines`) predict and the served model run."""
-    from smearnet.engines import engine_spec
+    `smear_rule.json`) and the inference engine (`smearnet.models.engines`) predict and the served model run."""
+    from smearnet.models.engines import engine_spec
     classes = list(model_meta["classes"])
     if rule.positive_class not in classes:
         raise SmearnetError(f"Positive class {rule.positive_class!r} is not one of the model's classes {classes}.",
@@ -327,7 +327,7 @@ def log_model_version(model_dir: Path, registered_name: str, *, tags: Mapping[st
     from mlflow.models.signature import infer_signature
     from mlflow.types.schema import ColSpec, Schema
 
-    from smearnet.inference import decode_image_bytes, load_trained
+    from smearnet.models.inference import decode_image_bytes, load_trained
     from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
 
     example = example_request()
@@ -436,8 +436,8 @@ class RegisterInputs:
 def engine_files(model, inference: Mapping[str, Any], inputs: RegisterInputs) -> list[Path]:
     """The file its inference engine runs from (ONNX model, or int8 PyTorch program), exported and int8-calibrated
     on training cells into the engine cache if not there yet; none for engines that run the weights as they are."""
-    from smearnet.engines import engine_artifact, engine_spec
-    from smearnet.inference import engine_inputs
+    from smearnet.models.engines import engine_artifact, engine_spec
+    from smearnet.models.inference import engine_inputs
 
     train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
     engine = engine_inputs(model, inputs.inference, train, seed=inputs.seed)  # cells decoded only if calibrating
@@ -449,9 +449,9 @@ def engine_files(model, inference: Mapping[str, Any], inputs: RegisterInputs) ->
 def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
     """Log + register the challenger (or reuse its version), run the gate, move aliases; return the decision.
 
-    MLflow must already point at the tracking store and experiment (`smearnet.tracking.setup_mlflow`).
+    MLflow must already point at the tracking store and experiment (`smearnet.tracking.runs.setup_mlflow`).
     """
-    from smearnet.inference import load_trained, serving_engine
+    from smearnet.models.inference import load_trained, serving_engine
     from smearnet.smear import load_rule
 
     client = mlflow.MlflowClient()
@@ -537,7 +537,7 @@ def _decide(client: MlflowClient, inputs: RegisterInputs, version: ModelVersion,
     The set is today's test split and smear cells without the patients the champion was trained or validated
     on (recorded with it at registration), so a reshuffled split cannot favour the champion.
     """
-    from smearnet.inference import load_trained, serving_engine
+    from smearnet.models.inference import load_trained, serving_engine
     from smearnet.smear.calls import served_rule
 
     def evaluate(judged: tuple[TrainedModel, SmearRule, MILAggregator | None], frozen: FrozenSet) -> dict[str, Any]:
@@ -669,7 +669,7 @@ def _finite(value: Any) -> bool:
 
 def _json_safe(value: Any) -> Any:
     """NaN -> None (strict JSON for tags and artifacts)."""
-    from smearnet.metrics import json_safe
+    from smearnet.evaluation.metrics import json_safe
 
     return json_safe(value)
 

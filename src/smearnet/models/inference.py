@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from smearnet.data import make_loader
-from smearnet.engines import Engine, EngineSpec, build_engine
+from smearnet.data.loaders import make_loader
+from smearnet.models.engines import Engine, EngineSpec, build_engine
 from smearnet.errors import SmearnetError
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -42,7 +42,7 @@ class TrainedModel:
 
 def with_engine(model: TrainedModel, spec: EngineSpec, *, cache_dir: Path | None = None,
                 calibration=None) -> TrainedModel:
-    """The same model run by the engine `spec` describes (see `smearnet.engines`)."""
+    """The same model run by the engine `spec` describes (see `smearnet.models.engines`)."""
     return replace(model, engine=build_engine(model.net, model.input_spec, spec, cache_dir=cache_dir,
                                               calibration=calibration))
 
@@ -64,7 +64,7 @@ def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibrati
                        *, seed: int = 0) -> TrainedModel:
     """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training
     split) unless its export is cached."""
-    from smearnet.engines import engine_spec
+    from smearnet.models.engines import engine_spec
 
     model = load_trained(model_dir)
     return with_engine(model, engine_spec(inference_cfg), **engine_inputs(model, inference_cfg, calibration_cells,
@@ -75,7 +75,7 @@ def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> Tr
     """`model` run by the engine its serving.json names (eager fp32 for versions registered before engines);
     engine files (ONNX, int8 programs) packaged in `model_dir/engines` are used as they are (int8 is calibrated
     once, at registration)."""
-    from smearnet.engines import engine_spec
+    from smearnet.models.engines import engine_spec
 
     settings = serving.get("inference") or {}
     packaged = Path(model_dir) / "engines"
@@ -110,7 +110,7 @@ def save_trained(net: torch.nn.Module, model_dir: Path, meta: Mapping) -> None:
 
 def load_trained(model_dir: Path) -> TrainedModel:
     """Rebuild the architecture from model.json and load the safetensors weights."""
-    from smearnet.models import build_model, reparameterize_for_inference
+    from smearnet.models.factory import build_model, reparameterize_for_inference
 
     model_dir = Path(model_dir)
     if not (model_dir / META_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
@@ -139,7 +139,7 @@ def predict_probabilities(model: TrainedModel, manifest: pd.DataFrame, *, batch_
 
 def predictions_table(manifest: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
     """One row per cell: smear (pseudonymised), true label (if known), predicted label, one probability column a class."""
-    from smearnet.tracking import hash_patient_id
+    from smearnet.tracking.runs import hash_patient_id
 
     table = pd.DataFrame({"smear_id": [hash_patient_id(s) for s in manifest["smear_id"]],
                           "label": manifest["label"].to_numpy(),
@@ -150,11 +150,11 @@ def predictions_table(manifest: pd.DataFrame, probabilities: np.ndarray, classes
 
 
 def decode_image_bytes(data: bytes, *, max_pixels: int = 40_000_000):
-    """Decode image bytes to 8-bit RGB exactly as the pipeline decodes files (`smearnet.ingest.load_rgb`).
+    """Decode image bytes to 8-bit RGB exactly as the pipeline decodes files (`smearnet.data.ingest.load_rgb`).
 
     Raises SmearnetError with the reason (not an image, truncated, too large, ...).
     """
-    from smearnet.ingest import _decode_rgb, _ImageProblem
+    from smearnet.data.ingest import _decode_rgb, _ImageProblem
 
     if not data:
         raise SmearnetError("Cannot decode image: zero bytes.", "send the image file's bytes, base64-encoded.")

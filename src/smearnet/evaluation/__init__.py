@@ -1,0 +1,1 @@
+"""Evaluation: cell metrics with intervals, calibration, plots, the benchmark and the report."""

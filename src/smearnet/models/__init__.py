@@ -1,0 +1,1 @@
+"""Models: the backbone factory, Lightning training, the trained-model store and the inference engines."""

@@ -1,0 +1,1 @@
+"""Registry: the promotion gate, packaging, and MLflow model-registry I/O."""
