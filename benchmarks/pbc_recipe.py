@@ -25,7 +25,7 @@ from tqdm import tqdm
 from smearnet.data.loaders import cell_tensor
 from smearnet.data.sources import manifest_from_folder
 from smearnet.models.engines import dihedral_views
-from smearnet.data.ingest import load_rgb
+from smearnet.data.decode import load_rgb
 from smearnet.models.factory import build_model, model_input_spec
 from smearnet.data.split import split_by_patient
 

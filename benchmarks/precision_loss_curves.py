@@ -22,7 +22,7 @@ import torch
 
 from smearnet.config import compose_config, model_config
 from smearnet.data.loaders import cell_tensor
-from smearnet.data.ingest import load_rgb
+from smearnet.data.decode import load_rgb
 from smearnet.models.factory import build_model, model_input_spec
 from smearnet.models.training import build_optimizer, build_schedule
 

@@ -22,7 +22,7 @@ from smearnet.errors import SmearnetError, run_cli
 from smearnet.evaluation.cells import class_indices
 from smearnet.models.inference import load_for_inference, predictions_table
 from smearnet.io import read_table, write_json, write_text
-from smearnet.evaluation.metrics import json_safe
+from smearnet.io import json_safe
 from smearnet.smear.mil import cell_outputs
 from smearnet.evaluation.plots import roc_png
 from smearnet.smear import (AggregateParams, CellSet, SmearRule, evaluation_smears, run_aggregation, save_rule,

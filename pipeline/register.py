@@ -6,7 +6,7 @@ from pathlib import Path
 from smearnet.config import load_params, registered_model_name
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
-from smearnet.evaluation.metrics import json_safe
+from smearnet.io import json_safe
 from smearnet.registry.gate import (GATE_METRICS, PromotionCriteria, RegisterInputs, decision_markdown, dvc_revision_tags,
                                register_and_gate)
 from smearnet.tracking.runs import revision_tags, setup_mlflow

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from smearnet.errors import SmearnetError
-from smearnet.data.ingest import IngestResult, load_rgb, validate_manifest, write_ingest_outputs
+from smearnet.data.decode import load_rgb
+from smearnet.data.ingest import IngestResult, validate_manifest, write_ingest_outputs
 from smearnet.io import read_table
 from smearnet.data.manifest import read_manifest
 

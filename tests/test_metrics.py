@@ -10,12 +10,12 @@ import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
 from smearnet.errors import SmearnetError
+from smearnet.io import json_safe
 from smearnet.evaluation.metrics import (
     binary_counts,
     binary_summary,
     bootstrap_interval,
     cell_metrics,
-    json_safe,
     wilson_interval,
 )
 

@@ -8,7 +8,8 @@ from conftest import PBC_DIR
 from smearnet.config import compose_config
 from smearnet.smear import evaluation_smears
 from smearnet.data.sources import load_dataset_manifest, manifest_from_folder
-from smearnet.data.ingest import load_rgb, validate_manifest
+from smearnet.data.decode import load_rgb
+from smearnet.data.ingest import validate_manifest
 
 pytestmark = [pytest.mark.pbc,
               pytest.mark.skipif(not PBC_DIR.is_dir(), reason=f"PBC images not present at {PBC_DIR}")]

@@ -12,7 +12,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from smearnet.errors import SmearnetError
-from smearnet.evaluation.metrics import json_safe
+from smearnet.io import json_safe
 from smearnet.smear import (
     SAME_NOTE,
     SMEAR_SCORES,

@@ -8,16 +8,19 @@ ones a killed process (``kill -9``, OOM killer, power loss) left behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from smearnet.errors import SmearnetError
@@ -27,9 +30,34 @@ PATH_COLUMNS = ("path", "augmented_from")
 _SIBLING_PURPOSES = ("partial", "old")
 
 
-def write_json(data: dict, path: Path) -> Path:
-    """Write `data` as pretty JSON through a temporary file and an atomic rename."""
-    return write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n", path)
+def json_safe(value: Any) -> Any:
+    """The one JSON cleaner: numpy scalars/arrays and paths made plain, nan/inf replaced by None (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(data: Mapping, path: Path) -> Path:
+    """Write `data` as pretty, strict JSON (through `json_safe`) via a temporary file and an atomic rename."""
+    return write_text(json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n", path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON document at `path`, or `default` when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_text(text: str, path: Path) -> Path:
@@ -178,12 +206,3 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()
 
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")

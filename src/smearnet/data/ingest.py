@@ -35,31 +35,25 @@ name only, never by patient_id.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import io
 import json
 import os
-import stat
 import tempfile
-import threading
 import unicodedata
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from smearnet.data.decode import (TOO_LARGE, UNREADABLE, ImageProblem, decode_rgb, folder_names_by_key,
+                                  read_image_bytes, short_message)
 from smearnet.errors import SmearnetError
 from smearnet.data.manifest import REQUIRED_COLUMNS, fill_optional_columns
 
@@ -68,15 +62,6 @@ REPORT_SCHEMA_VERSION = 1
 OUTPUT_FILES: tuple[str, ...] = ("manifest.csv", "quarantine.csv", "validation.json", "validation.md")
 
 EMPTY_PATH = "empty_path"
-FILE_MISSING = "file_missing"
-IS_DIRECTORY = "is_directory"
-NOT_REGULAR_FILE = "not_regular_file"
-UNREADABLE = "unreadable"
-SYMLINK_LOOP = "symlink_loop"
-ZERO_BYTE = "zero_byte"
-NOT_IMAGE = "not_image"
-CORRUPT = "corrupt"
-TOO_LARGE = "too_large"
 TOO_SMALL = "too_small"
 EMPTY_PATIENT_ID = "empty_patient_id"
 UNKNOWN_LABEL = "unknown_label"
@@ -84,16 +69,11 @@ DUPLICATE = "duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
 DUPLICATE_CHECKS: frozenset[str] = frozenset({DUPLICATE, CONFLICTING_LABELS})
 
-# Modes with an alpha channel; composited on white (see _to_rgb).
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _IMAGE_COLUMNS: tuple[str, ...] = ("label_raw", "sha256", "width", "height", "mode")
 _VERDICT_COLUMNS: tuple[str, ...] = ("check", "reason")
 _MAX_ROWS_IN_MESSAGE = 5
-_MAX_DECODER_MESSAGE = 200
 # Patient ids shorter than this are not redacted from file names (too many false hits, not identifying).
 _MIN_REDACTED_ID_LENGTH = 3
-# Image.open mutates nothing, but we briefly change PIL's bomb limit and the warnings filter around it.
-_PIL_OPEN_LOCK = threading.Lock()
 
 
 @dataclass
@@ -125,236 +105,20 @@ class FileCheck:
     mode: str | None = None
 
 
-class _ImageProblem(Exception):
-    """Internal: why a file cannot be used, as a (check, reason) pair."""
-
-    def __init__(self, check: str, reason: str):
-        super().__init__(reason)
-        self.check = check
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def load_rgb(path: Path, *, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode ``path`` fully and return an 8-bit RGB image, the way every stage must.
-
-    - EXIF orientation is applied (``ImageOps.exif_transpose``), so width and
-      height may be swapped relative to the stored pixels.
-    - RGBA / LA / PA / P-with-transparency are alpha-composited on white
-      (slide background), not alpha-dropped, so transparent areas never turn black.
-    - 16-bit ``I;16*`` images (and ``I`` images within 0..65535) are scaled
-      linearly by 1/257 (0..65535 -> 0..255); no per-image contrast stretch, so
-      intensities stay comparable across images. Other ``I``/``F`` data is
-      min-max scaled per image (``F`` within 0..1 is scaled by 255).
-    - L, 1, P, CMYK, YCbCr, ... are converted with PIL's ``convert("RGB")``.
-    - Multi-frame files (TIFF stacks, GIF) yield their first frame.
-    - More than ``max_pixels`` pixels is refused before decoding (decompression
-      bomb guard); truncated files are refused (``LOAD_TRUNCATED_IMAGES`` must
-      stay False).
-
-    Raises SmearnetError naming the file and the reason.
-    """
-    try:
-        rgb, _original_mode = _decode_rgb(_read_image_bytes(os.fspath(path), max_pixels), max_pixels)
-    except _ImageProblem as problem:
-        raise SmearnetError(
-            f"Cannot load image {path}: {problem.reason}.",
-            "re-run the ingest stage so the manifest only lists images that decode; if this file was accepted "
-            "before, it has changed or been replaced since.",
-        ) from None
-    return rgb
-
-
-def _max_file_bytes(max_pixels: int) -> int:
-    """Largest plausible file for ``max_pixels`` (16 bytes/pixel uncompressed + 16 MiB metadata)."""
-    return max_pixels * 16 + 16 * 2**20
-
-
-def _read_image_bytes(path: str, max_pixels: int) -> bytes:
-    """Return the file's bytes, or raise _ImageProblem with the file-level reason.
-
-    Files bigger than any image of ``max_pixels`` could be are refused before
-    being read into memory (e.g. a video or archive misnamed .jpg).
-    """
-    try:
-        file_stat = os.stat(path)
-    except FileNotFoundError:
-        raise _ImageProblem(FILE_MISSING, "file missing" + _case_mismatch_hint(path)) from None
-    except PermissionError:
-        raise _ImageProblem(UNREADABLE, "unreadable (permission denied)") from None
-    except OSError as exc:
-        raise _os_error_problem(exc) from None
-    if stat.S_ISDIR(file_stat.st_mode):
-        raise _ImageProblem(IS_DIRECTORY, "path is a directory")
-    if not stat.S_ISREG(file_stat.st_mode):
-        raise _ImageProblem(NOT_REGULAR_FILE, "not a regular file (FIFO, device or socket)")
-    if file_stat.st_size == 0:
-        raise _ImageProblem(ZERO_BYTE, "zero-byte file")
-    if file_stat.st_size > _max_file_bytes(max_pixels):
-        raise _ImageProblem(
-            TOO_LARGE,
-            f"too large (file is {file_stat.st_size / 2**20:,.1f} MiB, more than an image of max_pixels "
-            f"{max_pixels:,} can be)",
-        )
-    try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except PermissionError:
-        raise _ImageProblem(UNREADABLE, "unreadable (permission denied)") from None
-    except OSError as exc:
-        raise _os_error_problem(exc) from None
-    try:
-        with os.fdopen(descriptor, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise _os_error_problem(exc) from None
-    if not data:
-        raise _ImageProblem(ZERO_BYTE, "zero-byte file")
-    return data
-
-
-def _os_error_problem(exc: OSError) -> _ImageProblem:
-    """Map an OSError from stat/open/read to a row reason (without the path in it)."""
-    if exc.errno == errno.ELOOP:
-        return _ImageProblem(SYMLINK_LOOP, "symlink loop")
-    if exc.errno == errno.ENOTDIR:
-        return _ImageProblem(FILE_MISSING, "file missing (a parent folder in the path is a file)")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return _ImageProblem(UNREADABLE, "unreadable (permission denied)")
-    return _ImageProblem(UNREADABLE, f"unreadable ({exc.strerror or type(exc).__name__})")
-
-
-def _case_mismatch_hint(path: str) -> str:
-    """' (a file named X exists ...)' when only letter case / Unicode form differs, else ''."""
-    folder, name = os.path.split(path)
-    candidates = _folder_names_by_key(folder).get(_name_key(name), ())
-    if not candidates:
-        return ""
-    return f" (but {candidates[0]!r} exists in the same folder: paths are case-sensitive here)"
-
-
-@lru_cache(maxsize=64)
-def _folder_names_by_key(folder: str) -> dict[str, tuple[str, ...]]:
-    """File names in ``folder`` keyed by their case/Unicode-insensitive form (empty if unreadable)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return {}
-    grouped: dict[str, list[str]] = {}
-    for name in sorted(names):
-        grouped.setdefault(_name_key(name), []).append(name)
-    return {key: tuple(value) for key, value in grouped.items()}
-
-
-def _name_key(name: str) -> str:
-    return unicodedata.normalize("NFC", name).casefold()
-
-
-@contextmanager
-def _bomb_guard(max_pixels: int) -> Iterator[None]:
-    """Make PIL's decompression-bomb warning an error and keep its limit >= max_pixels.
-
-    PIL's own limit stays as a backstop; our explicit size check (with a clear
-    message) runs right after the header is parsed. The global limit is only
-    raised, never lowered, and restored afterwards.
-    """
-    with _PIL_OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        saved_limit = Image.MAX_IMAGE_PIXELS
-        if saved_limit is not None and saved_limit < max_pixels:
-            Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved_limit
-
-
-def _decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Fully decode ``data``; return (oriented RGB image, original PIL mode)."""
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise SmearnetError(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated images would be "
-            "silently accepted with grey areas.",
-            "remove the code (or library setting) that sets ImageFile.LOAD_TRUNCATED_IMAGES = True.",
-        )
-    try:
-        with _bomb_guard(max_pixels):
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise _ImageProblem(NOT_IMAGE, "not an image (PIL cannot identify the file format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _ImageProblem(TOO_LARGE, f"too large (more than max_pixels {max_pixels:,} px)") from None
-    except Exception as exc:
-        raise _ImageProblem(CORRUPT, f"truncated or corrupt image ({_short_message(exc)})") from None
-
-    width, height = image.size
-    if width * height > max_pixels:
-        raise _ImageProblem(
-            TOO_LARGE, f"too large ({width}x{height} = {width * height:,} px > max_pixels {max_pixels:,})"
-        )
-    original_mode = image.mode
-    try:
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)
-        rgb = _to_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _ImageProblem(TOO_LARGE, f"too large (more than max_pixels {max_pixels:,} px)") from None
-    except Exception as exc:
-        raise _ImageProblem(CORRUPT, f"truncated or corrupt image ({_short_message(exc)})") from None
-    return rgb, original_mode
-
-
-def _short_message(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text if len(text) <= _MAX_DECODER_MESSAGE else text[: _MAX_DECODER_MESSAGE - 3] + "..."
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (see load_rgb for the rules)."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        return _high_bit_depth_to_l(image).convert("RGB")
-    if mode in _ALPHA_MODES or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float single-channel image to 8-bit ``L``."""
-    values = np.asarray(image).astype(np.float64)
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    unsigned_16 = image.mode.startswith("I;16") and not image.mode.startswith("I;16S")
-    if unsigned_16 or (image.mode == "I" and low >= 0 and high <= 65535):
-        scaled = values / 257.0
-    elif image.mode == "F" and low >= 0 and high <= 1:
-        scaled = values * 255.0
-    elif high > low:
-        scaled = (values - low) / (high - low) * 255.0
-    else:
-        scaled = np.zeros_like(values)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-
-
 def _check_file(task: tuple[str, int, int]) -> FileCheck:
     """Worker: read, hash, decode and size-check one file (top-level so it pickles)."""
     path, min_size, max_pixels = task
     try:
-        data = _read_image_bytes(path, max_pixels)
-        rgb, original_mode = _decode_rgb(data, max_pixels)
-    except _ImageProblem as problem:
+        data = read_image_bytes(path, max_pixels)
+        rgb, original_mode = decode_rgb(data, max_pixels)
+    except ImageProblem as problem:
         return FileCheck(problem.check, problem.reason)
     except SmearnetError:
         raise
     except MemoryError:
         return FileCheck(TOO_LARGE, "too large (out of memory while decoding)")
     except Exception as exc:
-        return FileCheck(UNREADABLE, f"unreadable ({_short_message(exc)})")
+        return FileCheck(UNREADABLE, f"unreadable ({short_message(exc)})")
     digest = hashlib.sha256(data).hexdigest()
     width, height = rgb.size
     if min(width, height) < min_size:
@@ -372,7 +136,7 @@ def _check_file(task: tuple[str, int, int]) -> FileCheck:
 def _run_file_checks(paths: list[str], min_size: int, max_pixels: int, workers: int, progress: bool) -> list[FileCheck]:
     """Check every path, in order; a process pool when workers > 1, in-process otherwise."""
     tasks = [(path, min_size, max_pixels) for path in paths]
-    _folder_names_by_key.cache_clear()  # file-name hints must reflect the folders as they are now
+    folder_names_by_key.cache_clear()  # file-name hints must reflect the folders as they are now
     if workers == 1 or len(tasks) < 2:
         with tqdm(total=len(tasks), desc="Validating images", unit="img", disable=not progress) as bar:
             results = []

@@ -28,7 +28,7 @@ class CellImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from smearnet.data.ingest import load_rgb
+        from smearnet.data.decode import load_rgb
 
         tensor = self.cache.get(i) if self.cache is not None else None
         if tensor is None:

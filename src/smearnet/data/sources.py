@@ -10,7 +10,7 @@ import pandas as pd
 from smearnet.errors import SmearnetError
 from smearnet.data.manifest import read_configured_manifest
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+from smearnet.data.decode import IMAGE_SUFFIXES
 SOURCES = ("synthetic", "manifest", "folder")
 
 

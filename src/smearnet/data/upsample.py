@@ -72,7 +72,7 @@ def plan_upsampling(train: pd.DataFrame, classes: Sequence[str], per_class: int,
 
 def _augment_one(job: tuple[str, str, int, dict, int]) -> None:
     source, target, seed, augment_cfg, quality = job
-    from smearnet.data.ingest import load_rgb
+    from smearnet.data.decode import load_rgb
 
     image = np.asarray(load_rgb(Path(source)))
     augmented = paper_augmentation(augment_cfg, seed=seed)(image=image)["image"]

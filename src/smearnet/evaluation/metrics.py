@@ -2,8 +2,7 @@
 
 Pure functions: arrays in, plain Python values out (ints, floats, lists, dicts), so every
 result can be written with ``json.dump``.  Undefined quantities (a rate whose denominator
-is zero) are ``float('nan')``; ``json.dump`` writes them as ``NaN``.  Call :func:`json_safe`
-first when strict JSON (``null`` instead of ``NaN``/``Infinity``) is needed.
+is zero) are ``float('nan')``; `smearnet.io.write_json` writes them as ``null`` (strict JSON).
 """
 
 from __future__ import annotations
@@ -284,17 +283,3 @@ def cell_metrics(
         },
     }
 
-
-def json_safe(value: Any) -> Any:
-    """Copy of ``value`` with numpy scalars/arrays made plain and nan/inf replaced by None (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -77,7 +77,7 @@ def _input_view(tensor: torch.Tensor, input_spec: dict) -> np.ndarray:
 def explain_cells(model: TrainedModel, rule: SmearRule, aggregator: MILAggregator | None, cells: pd.DataFrame, *,
                   cells_per_smear: int = 6, name_cells: bool = True) -> list[SmearExplanation]:
     """Classify the cells of ``cells`` (``path``, ``smear_id``), call their smears with ``rule`` and explain them."""
-    from smearnet.data.ingest import load_rgb
+    from smearnet.data.decode import load_rgb
     from smearnet.smear.calls import call_cells, cell_outputs_for_images
 
     images = [load_rgb(Path(path)) for path in cells["path"]]

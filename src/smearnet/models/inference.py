@@ -148,17 +148,3 @@ def predictions_table(manifest: pd.DataFrame, probabilities: np.ndarray, classes
         table[f"prob_{name}"] = probabilities[:, index]
     return table
 
-
-def decode_image_bytes(data: bytes, *, max_pixels: int = 40_000_000):
-    """Decode image bytes to 8-bit RGB exactly as the pipeline decodes files (`smearnet.data.ingest.load_rgb`).
-
-    Raises SmearnetError with the reason (not an image, truncated, too large, ...).
-    """
-    from smearnet.data.ingest import _decode_rgb, _ImageProblem
-
-    if not data:
-        raise SmearnetError("Cannot decode image: zero bytes.", "send the image file's bytes, base64-encoded.")
-    try:
-        return _decode_rgb(data, max_pixels)[0]
-    except _ImageProblem as problem:
-        raise SmearnetError(f"Cannot decode image: {problem.reason}.", "send a JPEG, PNG, BMP or TIFF file.") from None

@@ -27,6 +27,7 @@ import mlflow
 import pandas as pd
 
 from smearnet.errors import SmearnetError
+from smearnet.io import json_safe
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -327,7 +328,8 @@ def log_model_version(model_dir: Path, registered_name: str, *, tags: Mapping[st
     from mlflow.models.signature import infer_signature
     from mlflow.types.schema import ColSpec, Schema
 
-    from smearnet.models.inference import decode_image_bytes, load_trained
+    from smearnet.data.decode import decode_image_bytes
+    from smearnet.models.inference import load_trained
     from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
 
     example = example_request()
@@ -489,7 +491,7 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
             decision = _decide(client, inputs, version, (model, rule, aggregator), frozen, Path(tmp))
             # Record before moving the alias: a crash in between re-applies this decision on the re-run.
             client.set_model_version_tag(inputs.model_name, str(version.version), GATE_TAG,
-                                         json.dumps(_json_safe(decision), sort_keys=True))
+                                         json.dumps(json_safe(decision), sort_keys=True))
             for key, value in _flat_gate_tags(decision).items():
                 client.set_model_version_tag(inputs.model_name, str(version.version), key, value)
         if decision["promoted"]:
@@ -505,7 +507,7 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
                             for role in ("challenger", "champion") if decision.get(role)
                             for key in GATE_METRICS if _finite(decision[role][key])})
         mlflow.log_metric("gate/promoted", float(decision["promoted"]))
-        mlflow.log_dict(_json_safe(decision), "register/decision.json")
+        mlflow.log_dict(json_safe(decision), "register/decision.json")
         mlflow.log_text(explained_smears_html(model, rule, aggregator, frozen, inputs.model_name),
                         "register/explained_blind_smears.html")
         mlflow.log_text(decision_markdown(decision), "register/decision.md")
@@ -666,12 +668,6 @@ def decision_markdown(decision: Mapping[str, Any]) -> str:
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(float(value))
 
-
-def _json_safe(value: Any) -> Any:
-    """NaN -> None (strict JSON for tags and artifacts)."""
-    from smearnet.evaluation.metrics import json_safe
-
-    return json_safe(value)
 
 
 def _nan_restored(value: Any) -> Any:

@@ -28,7 +28,7 @@ from smearnet.smear.mil import MILAggregator
 from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
 from smearnet.smear.rule import RULE_FILE, SmearRule, load_rule
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+from smearnet.data.decode import IMAGE_SUFFIXES
 WORKSPACE_RULE = Path("reports/smear")
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
 
@@ -136,7 +136,7 @@ def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int =
     from PIL import Image
     from tqdm import tqdm
 
-    from smearnet.data.ingest import load_rgb
+    from smearnet.data.decode import load_rgb
 
     classes = loaded.model.classes
     chunks, features, errors = [], [], []
@@ -193,7 +193,7 @@ def least_sure(prediction: Prediction, k: int = 10) -> pd.DataFrame:
 
 def to_json(prediction: Prediction) -> dict[str, Any]:
     """The JSON document: model, rule, cells per class, smears and one row per cell (NaN -> null)."""
-    from smearnet.evaluation.metrics import json_safe
+    from smearnet.io import json_safe
 
     rule = prediction.loaded.rule
     return json_safe({
@@ -232,7 +232,7 @@ def to_html(prediction: Prediction, *, cells_per_smear: int = 6) -> str:
     """A self-contained HTML page: per smear the score against the threshold and the cells that weighed most,
     each with its Grad-CAM heat map of the positive class (`smearnet.explain`)."""
     from smearnet.explain import explain_smears, smear_report_html
-    from smearnet.data.ingest import load_rgb
+    from smearnet.data.decode import load_rgb
 
     rule = prediction.loaded.rule
     smears = prediction.smears.rename(columns={"cells": "n_cells"})

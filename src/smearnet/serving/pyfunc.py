@@ -37,7 +37,7 @@ class SmearnetPyfunc(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from smearnet.errors import SmearnetError
-        from smearnet.models.inference import decode_image_bytes
+        from smearnet.data.decode import decode_image_bytes
         from smearnet.smear.calls import call_cells, cell_outputs_for_images
 
         if "image" not in model_input:

@@ -22,6 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from smearnet.errors import SmearnetError
 from smearnet.evaluation.metrics import binary_counts, binary_summary, bootstrap_interval
+from smearnet.io import json_safe
 
 NAN = float("nan")
 THRESHOLD_RULES = ("youden", "fixed")
@@ -237,7 +238,7 @@ def smear_evaluation(
         "n_positive_smears": int(truth.sum()),
         "n_negative_smears": int((~truth).sum()),
         "n_empty_smears_excluded": len(excluded_ids),
-        "excluded_smear_ids": [_plain(item) for item in excluded_ids],
+        "excluded_smear_ids": json_safe(list(excluded_ids)),
     }
 
     if threshold_selection == "same":
@@ -264,7 +265,7 @@ def smear_evaluation(
             selection_fraction=selection_fraction,
             n_selection_smears=int(in_selection.sum()),
             n_blind_smears=int(blind.sum()),
-            blind_smear_ids=[_plain(item) for item in kept.loc[blind, "smear_id"]],
+            blind_smear_ids=json_safe(list(kept.loc[blind, "smear_id"])),
         )
     else:
         if folds < 2:
@@ -295,6 +296,3 @@ def smear_evaluation(
     )
     return result
 
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
