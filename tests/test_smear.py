@@ -112,8 +112,8 @@ def _cells() -> pd.DataFrame:
 
 def test_smear_table_with_empty_and_single_cell_smears():
     table = smear_table(_cells(), POSITIVE, all_smear_ids=["C", "A", "B"])
-    assert list(table["smear_id"]) == ["A", "B", "C"]
-    a, b, c = (table.iloc[i] for i in range(3))
+    assert list(table["smear_id"]) == ["C", "A", "B"]  # the given order, never the ids' own (pseudonyms)
+    c, a, b = (table.iloc[i] for i in range(3))
 
     assert a["n_cells"] == 4 and a["n_true_positive_cells"] == 1
     assert a["n_predicted_positive"] == 1 and a["share_predicted_positive"] == 0.25

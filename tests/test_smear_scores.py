@@ -268,3 +268,32 @@ def test_params_from_the_composed_configuration():
         AggregateParams(folds=1)
     with pytest.raises(SmearnetError, match="tie_tolerance"):
         AggregateParams(tie_tolerance=0.6)
+
+
+def test_every_figure_is_the_same_under_any_pseudonym_key():
+    """Ids are pseudonyms under a secret key: renaming every patient and smear through two different keys must
+    change no figure (folds, composition, the held-out half and the blind calls follow the data's order)."""
+    from smearnet.pseudonyms import pseudonym
+    from smearnet.smear import SmearRule, measure_rule
+
+    params = AggregateParams(mil=MILConfig(hidden=16, attention=8, epochs=2), smears_per_class=10, folds=2,
+                             bootstrap_resamples=50)
+
+    def renamed(cell_set: CellSet, key: bytes) -> CellSet:
+        cells = cell_set.cells.copy()
+        for column in ("smear_id", "patient_id"):
+            cells[column] = [pseudonym(value, key) for value in cells[column]]
+        return CellSet(cells, cell_set.embeddings)
+
+    figures = []
+    for key in (b"first key", b"a different key"):
+        development, assessment = renamed(toy_cells(30, (4, 4, 2)), key), renamed(toy_cells(31, (5, 5, 2)), key)
+        result = run_aggregation(development, assessment, POSITIVE, params, seed=3)
+        rule = SmearRule(score=result.choice.chosen, positive_class=POSITIVE, threshold=result.threshold)
+        cells = assessment.cells.assign(prob_normal=1 - assessment.cells["prob_covid_rl"], prob_classic_rl=0.0)
+        measured = measure_rule(rule, cells, ["classic_rl", "covid_rl", "normal"], selection="held_out",
+                                n_resamples=50, seed=3)
+        metrics = result.metrics()
+        figures.append((metrics["chosen_score"], metrics["threshold"], metrics["development_composed"]["auc"],
+                        measured.rule.threshold, measured.result["confusion"], measured.result["auc"]["value"]))
+    assert figures[0] == figures[1]

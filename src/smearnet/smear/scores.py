@@ -123,7 +123,9 @@ def smear_table(
     ``prob_<positive_class> >= cell_threshold``; ``score_share`` uses the same cell
     threshold (0.5 when None).  ``all_smear_ids`` lists every smear that should appear:
     smears without cells get ``n_cells == 0``, NaN share and scores, ``truth_positive ==
-    False``; cells of a smear not in the list raise.  Rows are sorted by ``smear_id``.
+    False``; cells of a smear not in the list raise.  Rows keep the order of ``all_smear_ids``, else the
+    order in which smears first appear in ``cells``: never the order of the ids themselves, which are
+    pseudonyms under a secret key, so nothing computed from the table's order depends on the key.
     """
     probability_column = f"prob_{positive_class}"
     required = ["smear_id", "label", "predicted", probability_column]
@@ -181,9 +183,5 @@ def smear_table(
     table = pd.DataFrame(rows, columns=columns)
     table = table.astype({"n_cells": int, "n_true_positive_cells": int, "n_predicted_positive": int})
     table["truth_positive"] = table["truth_positive"].astype(bool)
-    try:
-        table = table.sort_values("smear_id", kind="stable")
-    except TypeError:  # mixed id types: order by their text
-        table = table.sort_values("smear_id", key=lambda ids: ids.astype(str), kind="stable")
-    return table.reset_index(drop=True)
+    return table
 

@@ -130,7 +130,8 @@ def development_folds(cells: pd.DataFrame, positive_class: str, folds: int, seed
     (unit ``"cell"``: leakier, reported as such).
     """
     is_positive_cell = (cells["label"] == positive_class).to_numpy()
-    patient_positive = pd.Series(is_positive_cell).groupby(cells["patient_id"].to_numpy()).any()
+    # In order of first appearance: patient ids are pseudonyms, and the folds must not depend on their key.
+    patient_positive = pd.Series(is_positive_cell).groupby(cells["patient_id"].to_numpy(), sort=False).any()
     n_positive, n_negative = int(patient_positive.sum()), int((~patient_positive).sum())
     n_folds = min(folds, n_positive, n_negative)
     if n_folds >= 2:
@@ -155,8 +156,8 @@ def development_folds(cells: pd.DataFrame, positive_class: str, folds: int, seed
 
 
 def natural_bags(cells: pd.DataFrame) -> tuple[list[Any], list[np.ndarray]]:
-    """Smear ids (sorted as ``smear_table`` sorts them) and each smear's cell positions."""
-    groups = cells.groupby("smear_id", sort=True).indices
+    """Smear ids (in order of first appearance, as ``smear_table`` orders them) and each smear's cell positions."""
+    groups = cells.groupby("smear_id", sort=False).indices
     ids = list(groups)
     return ids, [np.asarray(groups[smear_id]) for smear_id in ids]
 

@@ -1,13 +1,18 @@
-"""MLflow at the edge: tracking URI, shared run tags, reachability, and patient-id hashing."""
+"""MLflow at the edge: tracking URI, reachability, one parent run per pipeline execution with each stage nested
+under it, shared tags, and datasets as run inputs."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import subprocess
+import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
+
+import pandas as pd
 
 from smearnet.errors import SmearnetError
 
@@ -48,22 +53,96 @@ def setup_mlflow(mlflow_cfg: Mapping) -> str:
     return uri
 
 
+#: What a pipeline execution is made of: a change here is a new execution (stage outputs are not).
+SOURCE_PATHS = ("src", "pipeline", "conf", "dvc.yaml", "params.yaml", "pyproject.toml")
+PARENT_TAG = "smearnet.pipeline_parent"
+
+
 def revision_tags(params_path: Path = Path("params.yaml"), experiment: str | None = None) -> dict[str, str]:
-    """Tags shared by every run of one `dvc repro`: git revision, params hash, experiment name."""
+    """Tags shared by every run of one pipeline execution: git revision, params hash, experiment name.
+
+    `git_dirty` looks at code and configuration only (`SOURCE_PATHS`), never at stage outputs, so a stage
+    that writes `metrics/` does not make the next stage's run look dirty.  A dirty tree's uncommitted diff
+    is part of the pipeline-run key, so two executions with different local edits never share a parent run.
+    """
     git_rev = _git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    diff = _git("diff", "HEAD", "--", *SOURCE_PATHS)
+    dirty = bool(diff)
     params_hash = hashlib.sha256(params_path.read_bytes()).hexdigest()[:12] if params_path.is_file() else "none"
+    dirty_part = f"-dirty{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if dirty else ""
     tags = {
         "git_commit": git_rev,
         "git_dirty": str(dirty).lower(),
         "params_sha": params_hash,
-        PIPELINE_TAG: f"{git_rev[:10]}{'-dirty' if dirty else ''}-{params_hash}",
+        PIPELINE_TAG: f"{git_rev[:10]}{dirty_part}-{params_hash}",
     }
     if experiment:
         tags["smearnet.experiment"] = experiment
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags
+
+
+def pipeline_parent_run(experiment_name: str, tags: Mapping[str, str]) -> str:
+    """The id of this pipeline execution's parent run: found by its pipeline-run tag, else created.
+
+    The first stage of an execution that runs creates it; later stages (and re-runs of a stage with the same
+    code, config and params) nest under the same parent.  Named after the DVC experiment when `dvc exp run`
+    runs the pipeline, else after the pipeline-run key.
+    """
+    import mlflow
+    from mlflow.entities import RunStatus
+
+    experiment = mlflow.set_experiment(experiment_name)
+    key = tags[PIPELINE_TAG]
+    found = mlflow.search_runs([experiment.experiment_id], output_format="list", max_results=1,
+                               filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`{PARENT_TAG}` = 'true'",
+                               order_by=["attributes.start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    name = tags.get("dvc_exp_name") or f"pipeline-{key}"
+    run = client.create_run(experiment.experiment_id, run_name=name, tags={**tags, PARENT_TAG: "true"})
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run.info.run_id
+
+
+def stage_tags(mlflow_cfg: Mapping, stage: str, **extra: str) -> dict[str, str]:
+    """The tags of one stage's run: the execution's revision tags, the stage, and `mlflow.parentRunId` so the
+    MLflow UI shows the stage nested under its pipeline execution (for loggers that create runs themselves)."""
+    tags = revision_tags(experiment=str(mlflow_cfg["experiment"]))
+    parent = pipeline_parent_run(str(mlflow_cfg["experiment"]), tags)
+    return {**tags, "stage": stage, "mlflow.parentRunId": parent, **extra}
+
+
+@contextmanager
+def stage_run(mlflow_cfg: Mapping, stage: str, *, run_name: str | None = None, **extra_tags: str):
+    """An MLflow run spanning a stage's work, nested under the pipeline execution's parent run.
+
+    Open it before the work starts (not after), so the run's duration is the stage's.
+    """
+    import mlflow
+
+    setup_mlflow(mlflow_cfg)
+    tags = stage_tags(mlflow_cfg, stage, **extra_tags)
+    parent = tags.pop("mlflow.parentRunId")
+    with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent, tags=tags) as run:
+        yield run
+
+
+def log_dataset(frame: pd.DataFrame, *, name: str, context: str, source: str) -> None:
+    """Log a manifest as an MLflow dataset input of the active run (its digest, schema and size).
+
+    Only the image path and label columns are described; patient identifiers never reach MLflow."""
+    import mlflow
+
+    columns = [c for c in ("path", "label") if c in frame.columns]
+    described = frame[columns].astype(str).reset_index(drop=True)
+    with warnings.catch_warnings():  # a relative path reads as two kinds of local source; both mean the file
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(described, source=source, name=name,
+                                          targets="label" if "label" in columns else None)
+    mlflow.log_input(dataset, context=context)
 
 
 def hash_patient_id(patient_id: str, salt: str | None = None) -> str:
