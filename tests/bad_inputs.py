@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
 CLASSES = ("covid_rl", "normal")
 GOOD_SIZE = (96, 80)  # width, height: above the default min_size of 64
@@ -197,6 +197,120 @@ def make_bomb_png(folder: Path, width: int = 20_000, height: int = 20_000, name:
     crc = zlib.crc32(bytes(data[12 : ihdr_start + 13]))
     data[ihdr_start + 13 : ihdr_start + 17] = struct.pack(">I", crc)
     path = folder / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+# --------------------------------------------------------------------------- formats and pictures smearnet refuses
+
+
+def _two_frames() -> list[Image.Image]:
+    return [Image.new("RGB", GOOD_SIZE, (200, 30, 30)), Image.new("RGB", GOOD_SIZE, (30, 200, 30))]
+
+
+def make_gif(folder: Path) -> Path:
+    """A single-frame GIF: a valid image in a format outside the allowlist."""
+    path = folder / "cell.gif"
+    _two_frames()[0].save(path, "GIF")
+    return path
+
+
+def make_pdf_as_jpg(folder: Path) -> Path:
+    """A one-page PDF renamed .jpg (what a scanner's "save as PDF" and a rename produce)."""
+    path = folder / "scan.jpg"
+    _two_frames()[0].save(path, "PDF")
+    return path
+
+
+def make_eps(folder: Path) -> Path:
+    """An EPS file named .jpg: Pillow would hand it to Ghostscript if the format were allowed."""
+    path = folder / "figure.jpg"
+    _two_frames()[0].save(path, "EPS")
+    return path
+
+
+def make_ppm(folder: Path) -> Path:
+    """A PPM (Netpbm) image: Pillow reads it, smearnet does not."""
+    path = folder / "cell.ppm"
+    _two_frames()[0].save(path, "PPM")
+    return path
+
+
+def make_dicom_as_jpg(folder: Path) -> Path:
+    """The start of a DICOM file (128-byte preamble, then DICM), named .jpg as a PACS export might."""
+    path = folder / "study.jpg"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + bytes(64))
+    return path
+
+
+def make_apng(folder: Path) -> Path:
+    """An animated PNG (two frames) in an allowed format."""
+    path = folder / "animated.png"
+    first, second = _two_frames()
+    first.save(path, "PNG", save_all=True, append_images=[second])
+    return path
+
+
+def make_multipage_tiff(folder: Path) -> Path:
+    """A two-page TIFF (a stack, or a whole-slide pyramid)."""
+    path = folder / "stack.tif"
+    first, second = _two_frames()
+    first.save(path, "TIFF", save_all=True, append_images=[second])
+    return path
+
+
+def make_mpo(folder: Path) -> Path:
+    """A multi-picture JPEG (MPO, as stereo or preview-carrying cameras write), named .jpg."""
+    path = folder / "multi_picture.jpg"
+    first, second = _two_frames()
+    first.save(path, "MPO", save_all=True, append_images=[second])
+    return path
+
+
+# --------------------------------------------------------------------------- odd but usable images
+
+
+def make_invalid_orientation(folder: Path) -> Path:
+    """A JPEG whose EXIF Orientation is 9 (valid values are 1-8)."""
+    exif = Image.Exif()
+    exif[0x0112] = 9
+    path = folder / "bad_orientation.jpg"
+    rng = np.random.default_rng(31)
+    Image.fromarray(rng.integers(0, 256, size=(80, 120, 3), dtype=np.uint8)).save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
+def make_lab_tiff(folder: Path) -> Path:
+    """A CIELAB TIFF of pure sRGB red (as some microscope cameras write)."""
+    to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    path = folder / "lab.tif"
+    ImageCms.applyTransform(Image.new("RGB", GOOD_SIZE, (255, 0, 0)), to_lab).save(path, "TIFF")
+    return path
+
+
+def make_foreign_profile_jpeg(folder: Path) -> Path:
+    """A JPEG carrying an ICC profile that is not sRGB (here: Lab identity)."""
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    path = folder / "profiled.jpg"
+    rng = np.random.default_rng(32)
+    Image.fromarray(rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)).save(path, "JPEG", icc_profile=profile)
+    return path
+
+
+def make_one_pixel_high(folder: Path) -> Path:
+    """A 96x1 PNG."""
+    path = folder / "line.png"
+    Image.new("RGB", (96, 1), (10, 20, 30)).save(path)
+    return path
+
+
+def make_zero_width_bmp(folder: Path) -> Path:
+    """A BMP whose header says 0x0 pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "BMP")
+    data = bytearray(buffer.getvalue())
+    data[18:26] = struct.pack("<ii", 0, 0)
+    path = folder / "zero.bmp"
     path.write_bytes(bytes(data))
     return path
 

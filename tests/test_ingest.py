@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,12 @@ from typing import Any
 import bad_inputs as corpus
 import pandas as pd
 import pytest
-from PIL import Image, ImageFile
+from PIL import EpsImagePlugin, GifImagePlugin, Image, ImageFile
 
 from smearnet.errors import SmearnetError
-from smearnet.data.decode import load_rgb
-from smearnet.data.ingest import IngestResult, validate_manifest, write_ingest_outputs
+from smearnet.data.decode import decode_image_bytes, load_rgb
+from smearnet.data.ingest import validate_manifest
+from smearnet.data.ingest_report import IngestResult, render_report_markdown, write_ingest_outputs
 from smearnet.io import read_table
 from smearnet.data.manifest import read_manifest
 
@@ -78,7 +81,7 @@ BAD_CASES: dict[str, BadCase] = {
         corpus.make_truncated_jpeg, "corrupt", "truncated or corrupt image (OSError: image file is truncated"
     ),
     "text_named_jpg": BadCase(
-        corpus.make_text_as_jpg, "not_image", "not an image (PIL cannot identify the file format)"
+        corpus.make_text_as_jpg, "not_image", "not an image (not a JPEG, PNG, BMP or TIFF file)"
     ),
     "directory": BadCase(corpus.make_directory, "is_directory", "path is a directory"),
     "symlink_loop": BadCase(corpus.make_symlink_loop, "symlink_loop", "symlink loop"),
@@ -117,6 +120,38 @@ BAD_CASES: dict[str, BadCase] = {
         patient_id="  ",
     ),
     "empty_path": BadCase(lambda folder: "", "empty_path", "empty path"),
+    # Only JPEG, PNG, BMP and TIFF reach a parser; other formats are named from their signature.
+    "gif": BadCase(corpus.make_gif, "format_not_allowed", "format not allowed (GIF; allowed: JPEG, PNG, BMP, TIFF)"),
+    "pdf_named_jpg": BadCase(
+        corpus.make_pdf_as_jpg, "format_not_allowed", "format not allowed (PDF; allowed: JPEG, PNG, BMP, TIFF)"
+    ),
+    "eps_named_jpg": BadCase(
+        corpus.make_eps, "format_not_allowed", "format not allowed (PostScript/EPS; allowed: JPEG, PNG, BMP, TIFF)"
+    ),
+    "ppm": BadCase(corpus.make_ppm, "format_not_allowed",
+                   "format not allowed (Netpbm PBM/PGM/PPM; allowed: JPEG, PNG, BMP, TIFF)"),
+    "dicom_named_jpg": BadCase(
+        corpus.make_dicom_as_jpg, "format_not_allowed", "format not allowed (DICOM; allowed: JPEG, PNG, BMP, TIFF)"
+    ),
+    # More than one picture in a file: never silently reduced to the first frame.
+    "animated_png": BadCase(
+        corpus.make_apng, "multi_frame",
+        "more than one picture in the file (2 frames of PNG; smearnet reads one picture per file)",
+    ),
+    "multipage_tiff": BadCase(
+        corpus.make_multipage_tiff, "multi_frame",
+        "more than one picture in the file (2 frames of TIFF; smearnet reads one picture per file)",
+    ),
+    "multi_picture_jpeg": BadCase(
+        corpus.make_mpo, "multi_frame",
+        "more than one picture in the file (2 frames of MPO; smearnet reads one picture per file)",
+    ),
+    "one_pixel_high": BadCase(
+        corpus.make_one_pixel_high, "too_small", "too small (96x1 px; both sides must be at least 64 px)"
+    ),
+    "zero_by_zero_bmp": BadCase(
+        corpus.make_zero_width_bmp, "corrupt", "truncated or corrupt image (a BMP file whose header cannot be read)"
+    ),
 }
 
 
@@ -421,6 +456,151 @@ def test_dataframe_built_in_code_is_accepted(tmp_path: Path) -> None:
         validate_manifest(frame[["path", "label"]], CLASSES, **QUIET)
 
 
+# --------------------------------------------------------------------------- input safety: formats, frames, paths
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (corpus.make_gif, "format not allowed (GIF; allowed: JPEG, PNG, BMP, TIFF)"),
+    (corpus.make_pdf_as_jpg, "format not allowed (PDF; allowed: JPEG, PNG, BMP, TIFF)"),
+    (corpus.make_apng, "more than one picture in the file (2 frames of PNG"),
+    (corpus.make_multipage_tiff, "more than one picture in the file (2 frames of TIFF"),
+])
+def test_predict_and_serving_refuse_what_ingest_refuses(tmp_path: Path, make: Callable[[Path], Path],
+                                                        reason: str) -> None:
+    """load_rgb (training, predict) and decode_image_bytes (serving) are the same decoder as ingest."""
+    path = make(tmp_path)
+    with pytest.raises(SmearnetError, match=rf"Cannot load image .*{re.escape(path.name)}: {re.escape(reason)}"):
+        load_rgb(path)
+    with pytest.raises(SmearnetError, match=rf"Cannot decode image: {re.escape(reason)}") as caught:
+        decode_image_bytes(path.read_bytes())
+    assert caught.value.fix == "send one picture as a JPEG, PNG, BMP or TIFF file."
+
+
+def test_a_refused_format_never_reaches_its_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPS goes to Ghostscript in Pillow; with the allowlist Pillow's EPS (and GIF) code is never called."""
+    opened: list[str] = []
+    for plugin, image_class in ((EpsImagePlugin, "EpsImageFile"), (GifImagePlugin, "GifImageFile")):
+        monkeypatch.setattr(getattr(plugin, image_class), "_open", lambda self, name=image_class: opened.append(name))
+    data = _mkdir(tmp_path / "data")
+    rows = [{"path": corpus.make_eps(data).name, "label": "normal", "patient_id": "p1"},
+            {"path": corpus.make_gif(data).name, "label": "normal", "patient_id": "p2"}]
+    result = _run(data, rows, on_bad_row="quarantine")
+    assert result.quarantined["check"].tolist() == ["format_not_allowed"] * 2 and opened == []
+
+
+def _confinement_corpus(tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
+    """A manifest folder with one good row and three rows that leave it (file names hold the patient ids)."""
+    data = _mkdir(tmp_path / "site")
+    elsewhere = _mkdir(tmp_path / "elsewhere")
+    corpus.make_rgb_jpeg(elsewhere, "patient-31_cell.jpg", seed=31)
+    corpus.make_rgb_jpeg(elsewhere, "patient-32_cell.jpg", seed=32)
+    os.symlink(elsewhere / "patient-33_cell.jpg", data / "patient-33_cell.jpg")
+    corpus.make_rgb_jpeg(elsewhere, "patient-33_cell.jpg", seed=33)
+    return data, [
+        _good_row(data),
+        {"path": str(elsewhere / "patient-31_cell.jpg"), "label": "normal", "patient_id": "patient-31"},
+        {"path": "../elsewhere/patient-32_cell.jpg", "label": "normal", "patient_id": "patient-32"},
+        {"path": "patient-33_cell.jpg", "label": "normal", "patient_id": "patient-33"},
+    ]
+
+
+def test_confine_refuses_absolute_dotdot_and_symlinked_paths_row_by_row(tmp_path: Path) -> None:
+    data, rows = _confinement_corpus(tmp_path)
+    assert len(_run(data, rows).accepted) == 4  # not confined: the files are read where they are
+
+    result = _run(data, rows, on_bad_row="quarantine", confine=True)
+    assert result.accepted["row"].tolist() == [2]
+    assert result.quarantined["check"].tolist() == ["absolute_path", "outside_folder", "outside_folder"]
+    assert _reason(result, 3) == "absolute path (paths must be relative to the manifest's folder)"
+    assert _reason(result, 4) == "path leaves the manifest's folder through '..'"
+    assert _reason(result, 5) == "path leads outside the manifest's folder through a symlink"
+    assert result.quarantined["sha256"].isna().all()  # never opened
+    assert result.report["policy"]["confine"] is True
+    report_text = json.dumps(result.report)
+    assert all(f"patient-3{n}" not in report_text for n in (1, 2, 3))
+    assert [row["file"] for row in result.report["quarantined_rows"]] == ["<patient_id>_cell.jpg"] * 3
+
+    message = _run_error(data, rows, confine=True)
+    assert "3 bad row(s) out of 4" in message and "(absolute_path 1, outside_folder 2)" in message
+    assert "row 3 (" in message and "row 4 (" in message and "row 5 (" in message
+    assert "through a symlink" in message and all(f"patient-3{n}" not in message for n in (1, 2, 3))
+
+
+def test_confine_keeps_symlinks_inside_the_folder(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "site")
+    corpus.make_rgb_jpeg(_mkdir(data / "store"), "cell.jpg")
+    os.symlink("store/cell.jpg", data / "linked.jpg")
+    result = _run(data, [{"path": "linked.jpg", "label": "normal", "patient_id": "p1"}], confine=True)
+    assert len(result.accepted) == 1
+
+
+def test_confine_needs_rows_read_from_a_manifest(tmp_path: Path) -> None:
+    frame = pd.DataFrame([{"path": str(corpus.make_rgb_jpeg(tmp_path)), "label": "normal", "patient_id": "p1"}])
+    with pytest.raises(SmearnetError, match=r"no folder to confine them to"):
+        validate_manifest(frame, CLASSES, confine=True, **QUIET)
+
+
+def test_windows_manifest_crlf_and_backslashes_read_as_on_windows(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(_mkdir(data / "images" / "smear 1"), "cell1.jpg", seed=1)
+    corpus.make_rgb_jpeg(_mkdir(data / "images"), "cell2.jpg", seed=2)
+    (data / "manifest.csv").write_bytes(
+        "path,label,patient_id\r\nimages\\smear 1\\cell1.jpg,normal,p1\r\n.\\images\\cell2.jpg,covid_rl,p2\r\n"
+        "C:\\export\\cell3.jpg,normal,p3\r\n".encode())
+    before = corpus.snapshot(data)
+    result = validate_manifest(read_manifest(data / "manifest.csv"), CLASSES, on_bad_row="quarantine",
+                               confine=False, **QUIET)
+    assert corpus.snapshot(data) == before
+    assert result.accepted["path"].tolist() == [str(data / "images" / "smear 1" / "cell1.jpg"),
+                                                str(data / "images" / "cell2.jpg")]
+    assert result.accepted["source_path"].tolist() == ["images\\smear 1\\cell1.jpg", ".\\images\\cell2.jpg"]
+    assert result.report["paths_fixed"] == {"backslash_separators": 2, "unicode_form": 0}
+    assert _reason(result, 4).startswith("file missing (a Windows absolute path")
+    assert result.report["quarantined_rows"][0]["file"] == "cell3.jpg"
+    confined = validate_manifest(read_manifest(data / "manifest.csv"), CLASSES, on_bad_row="quarantine",
+                                 confine=True, **QUIET)
+    assert len(confined.accepted) == 2 and confined.quarantined["check"].tolist() == ["absolute_path"]
+
+
+def test_file_name_in_the_other_unicode_form_is_found_and_noted(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    decomposed = unicodedata.normalize("NFD", "Zelle_ü.jpg")  # as macOS writes it
+    corpus.make_rgb_jpeg(data, decomposed)
+    result = _run(data, [{"path": unicodedata.normalize("NFC", "Zelle_ü.jpg"), "label": "normal", "patient_id": "p1"}])
+    assert result.accepted["path"].tolist() == [str(data / decomposed)]
+    assert result.report["paths_fixed"]["unicode_form"] == 1
+    [noted] = result.report["accepted_with_notes"]
+    assert noted["row"] == 2 and "another Unicode form" in noted["note"]
+
+
+def test_odd_but_usable_images_are_accepted_with_a_note(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    made = [corpus.make_invalid_orientation(data), corpus.make_foreign_profile_jpeg(data), corpus.make_grayscale(data)]
+    rows = [{"path": path.name, "label": "normal", "patient_id": f"p{index}"} for index, path in enumerate(made)]
+    result = _run(data, rows)
+    assert len(result.accepted) == 3
+    assert (result.accepted.at[0, "width"], result.accepted.at[0, "height"]) == (120, 80)  # used as stored
+    notes = {item["row"]: item["note"] for item in result.report["accepted_with_notes"]}
+    assert notes[2] == "invalid EXIF orientation 9 ignored (valid: 1-8); image used as stored"
+    assert notes[3] == "embedded colour profile 'Lab identity built-in' ignored; pixels read as sRGB"
+    assert notes[4].startswith("blank image")
+    markdown = render_report_markdown(result.report)
+    assert "## Accepted with a note" in markdown and "| 2 | bad_orientation.jpg | invalid EXIF orientation 9" in markdown
+
+
+def test_cielab_tiff_is_converted_by_colour_not_by_channel(tmp_path: Path) -> None:
+    accepted, image = _accept_one(tmp_path / "data", corpus.make_lab_tiff(_mkdir(tmp_path / "data")))
+    red, green, blue = _rgb(image, 10, 10)
+    assert accepted["mode"] == "LAB" and red > 240 and green < 20 and blue < 20  # pure red, not (L, a, b)
+
+
+def test_one_pixel_high_image_is_accepted_when_min_size_allows(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    result = _run(data, [{"path": corpus.make_one_pixel_high(data).name, "label": "normal", "patient_id": "p1"}],
+                  min_size=1)
+    assert (result.accepted.at[0, "width"], result.accepted.at[0, "height"]) == (96, 1)
+
+
 # --------------------------------------------------------------------------- report content
 
 
@@ -480,6 +660,9 @@ def _whole_corpus(data: Path) -> list[dict[str, str]]:
             corpus.make_exif_rotated,
             corpus.make_non_ascii_name,
             corpus.make_large,
+            corpus.make_invalid_orientation,
+            corpus.make_lab_tiff,
+            corpus.make_foreign_profile_jpeg,
         ]
     ):
         made = make(_mkdir(data / f"good_{index}"))
@@ -495,7 +678,8 @@ def test_process_pool_gives_the_same_result_as_in_process(tmp_path: Path) -> Non
     pd.testing.assert_frame_equal(serial.accepted, pooled.accepted)
     pd.testing.assert_frame_equal(serial.quarantined, pooled.quarantined)
     assert serial.report == pooled.report
-    assert len(serial.accepted) == 7 and len(serial.quarantined) == len(rows) - 7
+    assert len(serial.accepted) == 10 and len(serial.quarantined) == len(rows) - 10
+    assert len(serial.report["accepted_with_notes"]) == 6  # orientation, profile, 4 blank (flat) images
     assert serial.quarantined["row"].is_monotonic_increasing
     assert Image.MAX_IMAGE_PIXELS == 89_478_485 and not ImageFile.LOAD_TRUNCATED_IMAGES  # globals restored
 

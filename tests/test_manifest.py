@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,29 @@ def test_header_whitespace_bom_blank_lines_quotes_and_trailing_comma(tmp_path: P
     assert manifest["row"].tolist() == [2, 4]  # line numbers, blank line 3 skipped
     assert manifest["source_path"].tolist() == ["a.jpg", "my, file.jpg"]
     assert manifest["patient_id"].tolist() == ["p1", "p2"]
+
+
+def test_windows_export_crlf_sep_line_and_backslash_paths(tmp_path: Path) -> None:
+    """Excel / hospital exports on Windows: CRLF line ends, a leading `sep=,` hint line, `images\\x.jpg` paths."""
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfsep=,\r\npath,label,patient_id\r\nimages\\a.jpg,normal,p1\r\n"
+                         b"/abs/b\\c.jpg,normal,p2\r\n")
+    manifest = read_manifest(csv_path)
+    assert manifest["row"].tolist() == [3, 4]  # CSV line numbers: the sep line is line 1
+    assert manifest["source_path"].tolist() == ["images\\a.jpg", "/abs/b\\c.jpg"]
+    assert manifest["path"].tolist() == [str(tmp_path / "images" / "a.jpg"), "/abs/b\\c.jpg"]  # absolute: as written
+    assert manifest["manifest_folder"].tolist() == [str(tmp_path)] * 2
+
+
+def test_identifiers_typed_in_either_unicode_form_are_one_patient(tmp_path: Path) -> None:
+    composed, decomposed = (unicodedata.normalize(form, "Müller-01") for form in ("NFC", "NFD"))
+    csv_path = write_manifest(tmp_path / "m.csv", [
+        {"path": "a.jpg", "label": "normal", "patient_id": composed, "site": "Zürich"},
+        {"path": "b.jpg", "label": "normal", "patient_id": decomposed, "site": unicodedata.normalize("NFD", "Zürich")},
+    ], columns=("path", "label", "patient_id", "site"))
+    manifest = read_manifest(csv_path)
+    assert manifest["patient_id"].nunique() == 1 and manifest["smear_id"].nunique() == 1
+    assert manifest["site"].tolist() == [unicodedata.normalize("NFC", "Zürich")] * 2
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -14,6 +14,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT, colour_cells
+from smearnet import retrain as retraining
+from smearnet.cli import compose_params
+from smearnet.config import compose_config
+from smearnet.data.sites import ingest_site
+from smearnet.data.sources import load_dataset_manifest
+from smearnet.data.synthetic import generate_cohort
 from smearnet.errors import SmearnetError
 from test_pipeline import TINY, make_project, run
 from workspace import scan_mlflow_for
@@ -26,9 +32,7 @@ def retrain(project: Path, env: dict, *args: str) -> str:
 
 @pytest.mark.slow
 def test_new_site_reruns_downstream_only_and_the_gate_decides(tmp_path, monkeypatch):
-    import mlflow
-
-    from smearnet.data.synthetic import generate_cohort
+    import mlflow  # seconds to import: only the slow test needs it
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=store, GIT_AUTHOR_NAME="t",
@@ -103,8 +107,6 @@ def test_new_site_reruns_downstream_only_and_the_gate_decides(tmp_path, monkeypa
 
 def test_retrain_without_remote_prints_a_note(tmp_path, monkeypatch, capsys):
     """No DVC remote configured: pull and push are skipped with a note, repro still runs."""
-    from smearnet import retrain as retraining
-
     calls: list[list[str]] = []
 
     def fake_dvc(args, project, *, check=True, capture=False):
@@ -131,8 +133,6 @@ def site_folder(folder: Path, patients: list[str], seed: int) -> Path:
 
 @pytest.fixture
 def small_project(tmp_path) -> Path:
-    from smearnet.cli import compose_params
-
     project = tmp_path / "project"
     shutil.copytree(REPO_ROOT / "conf", project / "conf")
     compose_params(["train.cycles=1"], project / "params.yaml")
@@ -140,10 +140,6 @@ def small_project(tmp_path) -> Path:
 
 
 def test_ingest_site_copies_namespaces_and_lists_the_site(tmp_path, small_project):
-    from smearnet.config import compose_config
-    from smearnet.data.sources import load_dataset_manifest
-    from smearnet.data.sites import ingest_site
-
     base = site_folder(tmp_path / "hospital_a", [f"P{1 + i // 3:04d}" for i in range(6)], seed=1)
     delivery = site_folder(tmp_path / "delivery", [f"P{1 + i // 3:04d}" for i in range(6)], seed=2)
     result = ingest_site(delivery, "hospital_b", project=small_project, dvc_add=False)
@@ -174,9 +170,6 @@ def test_ingest_site_copies_namespaces_and_lists_the_site(tmp_path, small_projec
 
 
 def test_sites_sharing_patient_ids_are_refused(tmp_path, small_project):
-    from smearnet.data.sources import load_dataset_manifest
-    from smearnet.data.sites import ingest_site
-
     base = site_folder(tmp_path / "hospital_a", ["P0001"] * 3, seed=1)
     result = ingest_site(site_folder(tmp_path / "delivery", ["P0001"] * 3, seed=2), "hospital_b",
                          project=small_project, id_prefix="", dvc_add=False)
@@ -186,7 +179,5 @@ def test_sites_sharing_patient_ids_are_refused(tmp_path, small_project):
 
 
 def test_bad_site_name_is_refused(tmp_path, small_project):
-    from smearnet.data.sites import ingest_site
-
     with pytest.raises(SmearnetError, match="not allowed"):
         ingest_site(tmp_path, "../hospital", project=small_project, dvc_add=False)

@@ -13,7 +13,9 @@ import pytest
 
 from smearnet.data import synthetic
 from smearnet.errors import SmearnetError
-from smearnet.data.synthetic import CLASSES, CellSpec, generate_cohort, plan_cohort, render_cell
+from smearnet.data.cell_appearance import CLASSES, CellSpec
+from smearnet.data.cell_render import render_cell
+from smearnet.data.synthetic import generate_cohort, plan_cohort
 
 TINY_SCALE = 0.005  # development only: 3 + 25 + 12 cells
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from smearnet.data.sites import ingest_site
 from smearnet.errors import SmearnetError
 
 DECISION_MD = Path("reports/register/decision.md")
@@ -39,8 +40,6 @@ def has_remote(project: Path) -> bool:
 def retrain(project: Path = Path("."), *, base: str = "main", site_folder: Path | None = None,
             site: str | None = None, summary: Path | None = None) -> str:
     """Run the retraining steps in `project`; return the Markdown summary (also appended to `summary`)."""
-    from smearnet.data.sites import ingest_site
-
     project = Path(project)
     remote = has_remote(project)
     if remote:

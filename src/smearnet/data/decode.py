@@ -2,7 +2,8 @@
 
 ``load_rgb`` (files) and ``decode_image_bytes`` (bytes) decode exactly alike, so an image the ingest stage
 accepted decodes the same way downstream.  A file that cannot be used raises ``ImageProblem`` with a stable
-``check`` key and a human-readable ``reason`` (see `smearnet.data.ingest` for the table of checks).
+``check`` key and a human-readable ``reason`` (see `smearnet.data.ingest` for the table of checks). Only the
+formats of `smearnet.data.formats.ALLOWED_FORMATS` are parsed at all.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import unicodedata
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
+from smearnet.data.formats import ALLOWED_FORMATS, ALLOWED_FORMATS_TEXT, allowed_signature, sniff_format
 from smearnet.errors import SmearnetError
 
 #: File name suffixes smearnet treats as cell images when it lists a folder.
@@ -34,6 +37,8 @@ UNREADABLE = "unreadable"
 SYMLINK_LOOP = "symlink_loop"
 ZERO_BYTE = "zero_byte"
 NOT_IMAGE = "not_image"
+FORMAT_NOT_ALLOWED = "format_not_allowed"
+MULTI_FRAME = "multi_frame"
 CORRUPT = "corrupt"
 TOO_LARGE = "too_large"
 
@@ -42,6 +47,9 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _MAX_DECODER_MESSAGE = 200
 # Image.open mutates nothing, but we briefly change PIL's bomb limit and the warnings filter around it.
 _PIL_OPEN_LOCK = threading.Lock()
+_EXIF_ORIENTATION = 0x0112
+_VALID_ORIENTATIONS = range(1, 9)
+
 
 class ImageProblem(Exception):
     """Why a file cannot be used, as a (check, reason) pair."""
@@ -50,6 +58,19 @@ class ImageProblem(Exception):
         super().__init__(reason)
         self.check = check
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A fully decoded image: 8-bit RGB pixels, the file's own PIL mode, and notes on what was ignored.
+
+    ``notes`` name what the decoder accepted but did not use (an invalid EXIF orientation, an embedded
+    colour profile other than sRGB); ingest lists them in its report.
+    """
+
+    rgb: Image.Image
+    mode: str
+    notes: tuple[str, ...] = ()
 
 
 def load_rgb(path: Path, *, max_pixels: int = 40_000_000) -> Image.Image:
@@ -63,8 +84,13 @@ def load_rgb(path: Path, *, max_pixels: int = 40_000_000) -> Image.Image:
       linearly by 1/257 (0..65535 -> 0..255); no per-image contrast stretch, so
       intensities stay comparable across images. Other ``I``/``F`` data is
       min-max scaled per image (``F`` within 0..1 is scaled by 255).
-    - L, 1, P, CMYK, YCbCr, ... are converted with PIL's ``convert("RGB")``.
-    - Multi-frame files (TIFF stacks, GIF) yield their first frame.
+    - CIELAB (LAB TIFFs) is converted to sRGB colourimetrically; L, 1, P, CMYK,
+      YCbCr, ... are converted with PIL's ``convert("RGB")``. Embedded ICC profiles
+      are not applied (pixels are read as sRGB; ingest notes non-sRGB profiles).
+    - Only JPEG, PNG, BMP and TIFF are parsed (``ALLOWED_FORMATS``); any other
+      format is refused, naming it when its signature is known.
+    - Files holding more than one picture (an animated PNG, a multi-page TIFF, a
+      multi-picture JPEG) are refused: which frame is "the cell" is not ours to guess.
     - More than ``max_pixels`` pixels is refused before decoding (decompression
       bomb guard); truncated files are refused (``LOAD_TRUNCATED_IMAGES`` must
       stay False).
@@ -189,6 +215,12 @@ def _bomb_guard(max_pixels: int) -> Iterator[None]:
 
 def decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """Fully decode ``data``; return (oriented RGB image, original PIL mode)."""
+    decoded = decode_image(data, max_pixels)
+    return decoded.rgb, decoded.mode
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Fully decode ``data`` (see load_rgb for the rules); raise ImageProblem when it cannot be used."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise SmearnetError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated images would be "
@@ -197,14 +229,21 @@ def decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         )
     try:
         with _bomb_guard(max_pixels):
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageProblem(NOT_IMAGE, "not an image (PIL cannot identify the file format)") from None
+        raise _unidentified_problem(data) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(TOO_LARGE, f"too large (more than max_pixels {max_pixels:,} px)") from None
     except Exception as exc:
         raise ImageProblem(CORRUPT, f"truncated or corrupt image ({short_message(exc)})") from None
 
+    try:
+        frames = int(getattr(image, "n_frames", 1))
+    except Exception as exc:  # counting a TIFF's pages walks every page header
+        raise ImageProblem(CORRUPT, f"truncated or corrupt image ({short_message(exc)})") from None
+    if frames > 1:
+        raise ImageProblem(MULTI_FRAME, f"more than one picture in the file ({frames} frames of {image.format}; "
+                                        "smearnet reads one picture per file)")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageProblem(
@@ -213,13 +252,42 @@ def decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     original_mode = image.mode
     try:
         image.load()
+        notes = _ignored_metadata(image)
         ImageOps.exif_transpose(image, in_place=True)
         rgb = _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(TOO_LARGE, f"too large (more than max_pixels {max_pixels:,} px)") from None
     except Exception as exc:
         raise ImageProblem(CORRUPT, f"truncated or corrupt image ({short_message(exc)})") from None
-    return rgb, original_mode
+    return DecodedImage(rgb, original_mode, notes)
+
+
+def _unidentified_problem(data: bytes) -> ImageProblem:
+    """Why no allowed format's parser accepted ``data``: a broken header, another format, or no image at all."""
+    allowed = allowed_signature(data)
+    if allowed is not None:
+        return ImageProblem(CORRUPT, f"truncated or corrupt image (a {allowed} file whose header cannot be read)")
+    named = sniff_format(data)
+    if named is not None:
+        return ImageProblem(FORMAT_NOT_ALLOWED, f"format not allowed ({named}; allowed: {ALLOWED_FORMATS_TEXT})")
+    return ImageProblem(NOT_IMAGE, "not an image (not a JPEG, PNG, BMP or TIFF file)")
+
+
+def _ignored_metadata(image: Image.Image) -> tuple[str, ...]:
+    """Notes on metadata the decoder does not apply: an invalid EXIF orientation, a non-sRGB ICC profile."""
+    notes = []
+    orientation = image.getexif().get(_EXIF_ORIENTATION)
+    if orientation is not None and orientation not in _VALID_ORIENTATIONS:
+        notes.append(f"invalid EXIF orientation {orientation!r} ignored (valid: 1-8); image used as stored")
+    profile = image.info.get("icc_profile")
+    if profile and image.mode != "LAB":  # LAB pixels are converted colourimetrically (see _to_rgb)
+        try:
+            description = ImageCms.ImageCmsProfile(io.BytesIO(profile)).profile.profile_description or ""
+        except Exception:  # noqa: BLE001 - any unreadable profile is ignored the same way
+            description = "unreadable"
+        if "srgb" not in description.casefold():
+            notes.append(f"embedded colour profile {description.strip()[:60]!r} ignored; pixels read as sRGB")
+    return tuple(notes)
 
 
 def short_message(exc: BaseException) -> str:
@@ -235,6 +303,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode.startswith("I") or mode == "F":
         return _high_bit_depth_to_l(image).convert("RGB")
+    if mode == "LAB":  # PIL's convert() would copy L, a and b into R, G and B
+        lab_to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                              "LAB", "RGB")  # built per image: rare, and not shared by threads
+        return ImageCms.applyTransform(image, lab_to_srgb)
     if mode in _ALPHA_MODES or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -270,4 +342,5 @@ def decode_image_bytes(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Im
     try:
         return decode_rgb(data, max_pixels)[0]
     except ImageProblem as problem:
-        raise SmearnetError(f"Cannot decode image: {problem.reason}.", "send a JPEG, PNG, BMP or TIFF file.") from None
+        raise SmearnetError(f"Cannot decode image: {problem.reason}.",
+                            "send one picture as a JPEG, PNG, BMP or TIFF file.") from None

@@ -1,8 +1,9 @@
-"""Validate every image a manifest names; accept or quarantine each row; write the ingest outputs.
+"""Validate every image a manifest names; accept or quarantine each row.
 
 ``load_rgb`` is the single decode routine for the whole pipeline: ingest
 validates images with exactly the code later stages use to read them, so an
-accepted image always decodes the same way downstream.
+accepted image always decodes the same way downstream. The report and the
+output files are built by `smearnet.data.ingest_report`.
 
 Each rejected row gets a stable ``check`` key (used for counts in the report)
 and a human-readable ``reason`` that starts with a stable prefix:
@@ -11,13 +12,18 @@ and a human-readable ``reason`` that starts with a stable prefix:
 check                reason
 ==================== ==========================================================
 empty_path           ``empty path``
-file_missing         ``file missing`` (+ a hint if only the letter case differs)
+absolute_path        ``absolute path (...)`` (only with ``confine``)
+outside_folder       ``path leaves the manifest's folder ...`` (only with ``confine``)
+file_missing         ``file missing`` (+ a hint if only the letter case differs,
+                     or if the path is a Windows absolute path)
 is_directory         ``path is a directory``
 not_regular_file     ``not a regular file`` (FIFO, device, socket)
 unreadable           ``unreadable (permission denied)`` / ``unreadable (<OS error>)``
 symlink_loop         ``symlink loop``
 zero_byte            ``zero-byte file``
-not_image            ``not an image (PIL cannot identify the file format)``
+not_image            ``not an image (not a JPEG, PNG, BMP or TIFF file)``
+format_not_allowed   ``format not allowed (GIF; allowed: JPEG, PNG, BMP, TIFF)``
+multi_frame          ``more than one picture in the file (N frames of PNG; ...)``
 corrupt              ``truncated or corrupt image (<decoder message>)``
 too_large            ``too large (WxH = N px > max_pixels M)``
 too_small            ``too small (WxH px; both sides must be at least N px)``
@@ -29,40 +35,31 @@ conflicting_labels   ``same image under labels A and B (rows N, M)``
 
 A row gets the first failing check in that order. ``duplicate`` and
 ``conflicting_labels`` follow the ``duplicates`` policy; all others follow
-``on_bad_row``. Reports and error messages identify rows by row number and file
-name only, never by patient_id.
+``on_bad_row``. Path cells are read by the rules of `smearnet.data.paths`
+(Windows separators, Unicode forms, confinement). Reports and error messages
+identify rows by row number and file name only, never by patient_id.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from smearnet.data.decode import (TOO_LARGE, UNREADABLE, ImageProblem, decode_rgb, folder_names_by_key,
-                                  read_image_bytes, short_message)
+from smearnet.data.decode import FILE_MISSING
+from smearnet.data.file_checks import FileCheck, run_file_checks
+from smearnet.data.ingest_report import IngestResult, build_report, redact
+from smearnet.data.labels import alias_lookup, canonical_label, class_lookup
+from smearnet.data.manifest import FOLDER_COLUMN, REQUIRED_COLUMNS, fill_optional_columns
+from smearnet.data.paths import confinement_problem, existing_unicode_form, is_windows_absolute
 from smearnet.errors import SmearnetError
-from smearnet.data.manifest import REQUIRED_COLUMNS, fill_optional_columns
 
 POLICIES: tuple[str, ...] = ("error", "quarantine")
-REPORT_SCHEMA_VERSION = 1
-OUTPUT_FILES: tuple[str, ...] = ("manifest.csv", "quarantine.csv", "validation.json", "validation.md")
 
 EMPTY_PATH = "empty_path"
-TOO_SMALL = "too_small"
 EMPTY_PATIENT_ID = "empty_patient_id"
 UNKNOWN_LABEL = "unknown_label"
 DUPLICATE = "duplicate"
@@ -72,98 +69,8 @@ DUPLICATE_CHECKS: frozenset[str] = frozenset({DUPLICATE, CONFLICTING_LABELS})
 _IMAGE_COLUMNS: tuple[str, ...] = ("label_raw", "sha256", "width", "height", "mode")
 _VERDICT_COLUMNS: tuple[str, ...] = ("check", "reason")
 _MAX_ROWS_IN_MESSAGE = 5
-# Patient ids shorter than this are not redacted from file names (too many false hits, not identifying).
-_MIN_REDACTED_ID_LENGTH = 3
 
-
-@dataclass
-class IngestResult:
-    """Outcome of ``validate_manifest``.
-
-    accepted: rows that passed, sorted by ``row``, with ``label`` set to the
-        canonical class name and added columns ``label_raw`` (label as written),
-        ``sha256``, ``width``/``height`` (after EXIF orientation, i.e. as
-        ``load_rgb`` returns them) and ``mode`` (original PIL mode).
-    quarantined: rows that failed, same columns plus ``check`` and ``reason``.
-    report: JSON-serialisable summary; contains no patient_id values.
-    """
-
-    accepted: pd.DataFrame
-    quarantined: pd.DataFrame
-    report: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    """Result of reading and decoding one file; ``check`` is None when the file is usable."""
-
-    check: str | None
-    reason: str | None
-    sha256: str | None = None
-    width: int | None = None
-    height: int | None = None
-    mode: str | None = None
-
-
-def _check_file(task: tuple[str, int, int]) -> FileCheck:
-    """Worker: read, hash, decode and size-check one file (top-level so it pickles)."""
-    path, min_size, max_pixels = task
-    try:
-        data = read_image_bytes(path, max_pixels)
-        rgb, original_mode = decode_rgb(data, max_pixels)
-    except ImageProblem as problem:
-        return FileCheck(problem.check, problem.reason)
-    except SmearnetError:
-        raise
-    except MemoryError:
-        return FileCheck(TOO_LARGE, "too large (out of memory while decoding)")
-    except Exception as exc:
-        return FileCheck(UNREADABLE, f"unreadable ({short_message(exc)})")
-    digest = hashlib.sha256(data).hexdigest()
-    width, height = rgb.size
-    if min(width, height) < min_size:
-        return FileCheck(
-            TOO_SMALL,
-            f"too small ({width}x{height} px; both sides must be at least {min_size} px)",
-            digest,
-            width,
-            height,
-            original_mode,
-        )
-    return FileCheck(None, None, digest, width, height, original_mode)
-
-
-def _run_file_checks(paths: list[str], min_size: int, max_pixels: int, workers: int, progress: bool) -> list[FileCheck]:
-    """Check every path, in order; a process pool when workers > 1, in-process otherwise."""
-    tasks = [(path, min_size, max_pixels) for path in paths]
-    folder_names_by_key.cache_clear()  # file-name hints must reflect the folders as they are now
-    if workers == 1 or len(tasks) < 2:
-        with tqdm(total=len(tasks), desc="Validating images", unit="img", disable=not progress) as bar:
-            results = []
-            for task in tasks:
-                results.append(_check_file(task))
-                bar.update()
-            return results
-    chunksize = max(1, min(64, len(tasks) // (workers * 8)))
-    try:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            # map() submits everything (forking the workers) before tqdm starts its monitor thread.
-            ordered_results = pool.map(_check_file, tasks, chunksize=chunksize)
-            with tqdm(total=len(tasks), desc="Validating images", unit="img", disable=not progress) as bar:
-                results = []
-                for result in ordered_results:
-                    results.append(result)
-                    bar.update()
-                return results
-    except BrokenProcessPool:
-        raise SmearnetError(
-            "An image-validation worker process died during ingest (usually out of memory while decoding a "
-            "very large image).",
-            "lower ingest.workers or ingest.max_pixels and re-run.",
-        ) from None
-
-
-# --------------------------------------------------------------------------- validation
+Verdict = tuple[str, str] | None
 
 
 def validate_manifest(
@@ -175,6 +82,7 @@ def validate_manifest(
     on_bad_row: str = "error",
     label_aliases: Mapping[str, str] | None = None,
     duplicates: str = "error",
+    confine: bool = False,
     workers: int = 2,
     progress: bool = True,
 ) -> IngestResult:
@@ -183,35 +91,43 @@ def validate_manifest(
     Labels match ``classes`` after strip + casefold (+ Unicode NFC), or via
     ``label_aliases`` (alias -> class, matched the same way). Files are read
     once, hashed (sha256) and fully decoded with the same code as ``load_rgb``.
-    Under a policy of ``"error"`` one SmearnetError lists the first bad rows and
-    the total; under ``"quarantine"`` bad rows go to ``quarantined``. The input
-    DataFrame and the files are never modified.
+    With ``confine`` every path must stay inside its manifest's folder (no
+    absolute paths, no ``..`` out of it, no symlink out of it); such rows are
+    never opened. Under a policy of ``"error"`` one SmearnetError lists the
+    first bad rows and the total; under ``"quarantine"`` bad rows go to
+    ``quarantined``. The input DataFrame and the files are never modified.
     """
     _check_options(on_bad_row, duplicates, min_size, max_pixels, workers)
-    class_by_key = _class_lookup(classes)
-    alias_by_key = _alias_lookup(label_aliases, class_by_key)
+    class_by_key = class_lookup(classes)
+    alias_by_key = alias_lookup(label_aliases, class_by_key)
     manifest_path = manifest.attrs.get("manifest_path")
-    rows = _prepare_rows(manifest, manifest_path)
+    rows, folders = _prepare_rows(manifest, manifest_path)
+    if confine and not all(folders):
+        raise SmearnetError(
+            "Ingest was asked to confine paths to their manifest's folder (data.confine), but some rows were not "
+            "read from a manifest CSV, so there is no folder to confine them to.",
+            "use data.confine with data=manifest (rows read by smearnet.data.manifest.read_manifest), or set "
+            "data.confine=false.",
+        )
+    notes_by_row, paths_fixed = _apply_path_rules(rows)
+    path_verdicts = _path_verdicts(rows, folders, confine)
 
     paths = rows["path"].tolist()
-    unique_paths = list(
-        dict.fromkeys(path for path, written in zip(paths, rows["source_path"], strict=True) if written)
-    )
-    checked = _run_file_checks(unique_paths, min_size, max_pixels, workers, progress)
+    to_open = [verdict is None for verdict in path_verdicts]
+    unique_paths = list(dict.fromkeys(path for path, opened in zip(paths, to_open, strict=True) if opened))
+    checked = run_file_checks(unique_paths, min_size, max_pixels, workers, progress)
     check_by_path = dict(zip(unique_paths, checked, strict=True))
-    file_checks = [
-        check_by_path.get(path) if written else None for path, written in zip(paths, rows["source_path"], strict=True)
-    ]
+    file_checks = [check_by_path[path] if opened else None for path, opened in zip(paths, to_open, strict=True)]
 
-    labels = [_canonical_label(raw, class_by_key, alias_by_key) for raw in rows["label"]]
+    labels = [canonical_label(raw, class_by_key, alias_by_key) for raw in rows["label"]]
     allowed = ", ".join(class_by_key.values())
-    verdicts: list[tuple[str, str] | None] = []
-    for file_check, label, raw_label, patient_id in zip(
-        file_checks, labels, rows["label"], rows["patient_id"], strict=True
+    verdicts: list[Verdict] = []
+    for path_verdict, file_check, label, raw_label, patient_id in zip(
+        path_verdicts, file_checks, labels, rows["label"], rows["patient_id"], strict=True
     ):
-        if file_check is None:
-            verdicts.append((EMPTY_PATH, "empty path"))
-        elif file_check.check is not None:
+        if path_verdict is not None:
+            verdicts.append(path_verdict)
+        elif file_check is not None and file_check.check is not None:
             verdicts.append((file_check.check, file_check.reason or file_check.check))
         elif not patient_id.strip():
             verdicts.append((EMPTY_PATIENT_ID, "empty patient_id"))
@@ -221,6 +137,9 @@ def validate_manifest(
             verdicts.append(None)
 
     row_numbers = rows["row"].tolist()
+    for row, file_check in zip(row_numbers, file_checks, strict=True):
+        if file_check is not None and file_check.notes:
+            notes_by_row.setdefault(row, []).extend(file_check.notes)
     duplicate_stats = _mark_duplicates(
         verdicts, labels, [c.sha256 if c else None for c in file_checks], paths, row_numbers
     )
@@ -235,7 +154,7 @@ def validate_manifest(
     accepted["width"] = accepted["width"].astype("int64")
     accepted["height"] = accepted["height"].astype("int64")
 
-    report = _build_report(
+    report = build_report(
         accepted=accepted,
         quarantined=quarantined,
         classes=list(class_by_key.values()),
@@ -244,12 +163,15 @@ def validate_manifest(
             "duplicates": duplicates,
             "min_size": int(min_size),
             "max_pixels": int(max_pixels),
+            "confine": bool(confine),
             "classes": list(class_by_key.values()),
             "label_aliases": dict(label_aliases or {}),
         },
         duplicate_stats=duplicate_stats,
         manifest_path=manifest_path,
         total_rows=len(rows),
+        notes_by_row=notes_by_row,
+        paths_fixed=paths_fixed,
     )
     return IngestResult(accepted=accepted, quarantined=quarantined, report=report)
 
@@ -270,59 +192,9 @@ def _check_options(on_bad_row: str, duplicates: str, min_size: int, max_pixels: 
             )
 
 
-def _label_key(label: str) -> str:
-    return unicodedata.normalize("NFC", str(label)).strip().casefold()
-
-
-def _class_lookup(classes: Sequence[str]) -> dict[str, str]:
-    """Map normalised class name -> class name as configured; reject empty/colliding names."""
-    if isinstance(classes, str) or not classes:
-        raise SmearnetError(
-            f"Config key classes must be a non-empty list of class names, got {classes!r}.",
-            "list the class names, e.g. classes: [covid_rl, normal].",
-        )
-    class_by_key: dict[str, str] = {}
-    for name in classes:
-        key = _label_key(name)
-        if not key:
-            raise SmearnetError("Config key classes contains an empty class name.", "remove the empty entry.")
-        if key in class_by_key:
-            raise SmearnetError(
-                f"Config key classes lists {class_by_key[key]!r} and {name!r}, which are the same class once "
-                "case and surrounding spaces are ignored.",
-                "keep one spelling of each class.",
-            )
-        class_by_key[key] = str(name).strip()
-    return class_by_key
-
-
-def _alias_lookup(label_aliases: Mapping[str, str] | None, class_by_key: dict[str, str]) -> dict[str, str]:
-    """Map normalised alias -> canonical class; every alias must point at a configured class."""
-    alias_by_key: dict[str, str] = {}
-    for alias, target in (label_aliases or {}).items():
-        alias_key, target_key = _label_key(alias), _label_key(target)
-        if target_key not in class_by_key:
-            raise SmearnetError(
-                f"Config key ingest.label_aliases maps {alias!r} to {target!r}, which is not one of the classes "
-                f"({', '.join(class_by_key.values())}).",
-                "point every alias at one of the configured classes.",
-            )
-        if alias_key in class_by_key and alias_key != target_key:
-            raise SmearnetError(
-                f"Config key ingest.label_aliases maps {alias!r} to {target!r}, but {alias!r} is itself a class.",
-                "remove that alias or rename the class.",
-            )
-        alias_by_key[alias_key] = class_by_key[target_key]
-    return alias_by_key
-
-
-def _canonical_label(raw_label: str, class_by_key: dict[str, str], alias_by_key: dict[str, str]) -> str | None:
-    key = _label_key(raw_label)
-    return alias_by_key.get(key) or class_by_key.get(key)
-
-
-def _prepare_rows(manifest: pd.DataFrame, manifest_path: str | None) -> pd.DataFrame:
-    """Copy of the manifest, sorted by row, with string columns and optional columns filled."""
+def _prepare_rows(manifest: pd.DataFrame, manifest_path: str | None) -> tuple[pd.DataFrame, list[str]]:
+    """Copy of the manifest, sorted by row, with string columns and optional columns filled; and each row's
+    manifest folder ('' when unknown), taken out of the rows so the outputs do not carry it."""
     missing = [name for name in REQUIRED_COLUMNS if name not in manifest.columns]
     where = f"The manifest {manifest_path}" if manifest_path else "The manifest DataFrame"
     if missing:
@@ -340,6 +212,8 @@ def _prepare_rows(manifest: pd.DataFrame, manifest_path: str | None) -> pd.DataF
         rows["row"] = range(2, len(rows) + 2)
     if "source_path" not in rows.columns:
         rows["source_path"] = rows["path"]
+    if FOLDER_COLUMN not in rows.columns:
+        rows[FOLDER_COLUMN] = os.path.dirname(manifest_path) if manifest_path else ""
     rows["row"] = pd.to_numeric(rows["row"]).astype("int64")
     rows = rows.sort_values("row", kind="stable").reset_index(drop=True)
     for name in rows.columns:
@@ -347,11 +221,48 @@ def _prepare_rows(manifest: pd.DataFrame, manifest_path: str | None) -> pd.DataF
             rows[name] = rows[name].fillna("").astype(str)
     rows["path"] = [os.path.abspath(path) if path else path for path in rows["path"]]
     fill_optional_columns(rows)
-    return rows
+    folders = rows.pop(FOLDER_COLUMN).tolist()
+    return rows, folders
+
+
+def _apply_path_rules(rows: pd.DataFrame) -> tuple[dict[int, list[str]], dict[str, int]]:
+    """Use a file's other Unicode form when only that exists (in place); count the rows each path rule read.
+
+    Returns notes by row number and the counts for the report's ``paths_fixed``.
+    """
+    notes: dict[int, list[str]] = {}
+    backslashes = unicode_forms = 0
+    fixed_paths = []
+    for row, written, path in zip(rows["row"], rows["source_path"], rows["path"], strict=True):
+        if "\\" in written and not os.path.isabs(written) and not is_windows_absolute(written):
+            backslashes += 1
+        other_form = existing_unicode_form(path) if path else None
+        if other_form is not None:
+            unicode_forms += 1
+            notes.setdefault(int(row), []).append("file name found in another Unicode form (NFC/NFD) than written")
+        fixed_paths.append(other_form or path)
+    rows["path"] = fixed_paths
+    return notes, {"backslash_separators": backslashes, "unicode_form": unicode_forms}
+
+
+def _path_verdicts(rows: pd.DataFrame, folders: list[str], confine: bool) -> list[Verdict]:
+    """Verdicts decided from the path cell alone (empty, outside the folder, Windows absolute), else None."""
+    verdicts: list[Verdict] = []
+    for written, path, folder in zip(rows["source_path"], rows["path"], folders, strict=True):
+        if not written:
+            verdicts.append((EMPTY_PATH, "empty path"))
+        elif confine and (problem := confinement_problem(written, folder, opened=path)) is not None:
+            verdicts.append(problem)
+        elif is_windows_absolute(written) and not os.path.lexists(path):
+            verdicts.append((FILE_MISSING, "file missing (a Windows absolute path, which cannot be opened here; "
+                                           "write paths relative to the manifest's folder)"))
+        else:
+            verdicts.append(None)
+    return verdicts
 
 
 def _mark_duplicates(
-    verdicts: list[tuple[str, str] | None],
+    verdicts: list[Verdict],
     labels: list[str | None],
     sha_per_row: list[str | None],
     paths: list[str],
@@ -387,17 +298,9 @@ def _join_words(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
-def _redact(text: str, patient_id: str) -> str:
-    """Replace the row's own patient_id inside ``text`` (e.g. a file name like P0042_cell.jpg)."""
-    patient_id = patient_id.strip()
-    if len(patient_id) >= _MIN_REDACTED_ID_LENGTH and patient_id in text:
-        return text.replace(patient_id, "<patient_id>")
-    return text
-
-
 def _raise_for_error_policy(
     rows: pd.DataFrame,
-    verdicts: list[tuple[str, str] | None],
+    verdicts: list[Verdict],
     on_bad_row: str,
     duplicates: str,
     manifest_path: str | None,
@@ -415,8 +318,8 @@ def _raise_for_error_policy(
     shown = []
     for index, (_check, reason) in failing[:_MAX_ROWS_IN_MESSAGE]:
         patient_id = str(rows.at[index, "patient_id"])
-        written = _redact(str(rows.at[index, "source_path"]), patient_id) or "<empty>"
-        shown.append(f"row {rows['row'].iloc[index]} ({written}): {_redact(reason, patient_id)}")
+        written = redact(str(rows.at[index, "source_path"]), patient_id) or "<empty>"
+        shown.append(f"row {rows['row'].iloc[index]} ({written}): {redact(reason, patient_id)}")
     more = f"; and {len(failing) - _MAX_ROWS_IN_MESSAGE} more" if len(failing) > _MAX_ROWS_IN_MESSAGE else ""
     by_check = ", ".join(f"{check} {count}" for check, count in sorted(Counter(v[0] for _, v in failing).items()))
     where = f"manifest {manifest_path}" if manifest_path else "the manifest"
@@ -447,215 +350,3 @@ def _with_image_columns(rows: pd.DataFrame, labels: list[str | None], checks: li
     rows["height"] = pd.Series([c.height if c else None for c in checks], dtype="Int64")
     rows["mode"] = pd.Series([c.mode if c else None for c in checks], dtype=object)
     return rows
-
-
-def _count(values: pd.Series) -> dict[str, int]:
-    return {str(key): int(count) for key, count in sorted(Counter(values).items())}
-
-
-def _build_report(
-    *,
-    accepted: pd.DataFrame,
-    quarantined: pd.DataFrame,
-    classes: list[str],
-    policy: dict[str, Any],
-    duplicate_stats: dict[str, int],
-    manifest_path: str | None,
-    total_rows: int,
-) -> dict[str, Any]:
-    """JSON-serialisable summary; rows are identified by row number and file name only."""
-    per_class = {name: 0 for name in classes}
-    per_class.update(_count(accepted["label"]))
-    fixed = accepted[accepted["label"] != accepted["label_raw"]]
-    fixed_mapping = [
-        {"label_as_written": raw, "label": label, "rows": int(count)}
-        for (raw, label), count in sorted(Counter(zip(fixed["label_raw"], fixed["label"], strict=True)).items())
-    ]
-    patients_in_multiple_sites = int((accepted.groupby("patient_id")["site"].nunique() > 1).sum())
-    patients_in_multiple_cohorts = int((accepted.groupby("patient_id")["cohort"].nunique() > 1).sum())
-    smears_with_multiple_patients = int((accepted.groupby("smear_id")["patient_id"].nunique() > 1).sum())
-    warning_messages = []
-    if patients_in_multiple_sites:
-        warning_messages.append(
-            f"{patients_in_multiple_sites} patient(s) have images from more than one site; allowed, but check that "
-            "patient ids are not reused across sites for different people."
-        )
-    if patients_in_multiple_cohorts:
-        warning_messages.append(
-            f"{patients_in_multiple_cohorts} patient(s) appear in both development and assessment cohorts; "
-            "this leaks patients into the assessment set."
-        )
-    if smears_with_multiple_patients:
-        warning_messages.append(
-            f"{smears_with_multiple_patients} smear_id(s) are shared by more than one patient; "
-            "check the smear_id column."
-        )
-    empty_classes = [name for name, count in per_class.items() if count == 0]
-    if empty_classes:
-        warning_messages.append(f"No accepted images for class(es): {', '.join(empty_classes)}.")
-    quarantined_rows = [
-        {
-            "row": int(row),
-            "file": _redact(os.path.basename(written), patient_id) or "<empty path>",
-            "check": check,
-            "reason": _redact(reason, patient_id),
-        }
-        for row, written, patient_id, check, reason in zip(
-            quarantined["row"],
-            quarantined["source_path"],
-            quarantined["patient_id"],
-            quarantined["check"],
-            quarantined["reason"],
-            strict=True,
-        )
-    ]
-    modes = _count(accepted["mode"])
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "manifest": manifest_path,
-        "policy": policy,
-        "counts": {"rows": total_rows, "accepted": len(accepted), "quarantined": len(quarantined)},
-        "per_class": per_class,
-        "per_site": _count(accepted["site"]),
-        "per_cohort": _count(accepted["cohort"]),
-        "per_reason": _count(quarantined["check"]),
-        "modes": modes,
-        "converted_to_rgb": sum(count for mode, count in modes.items() if mode != "RGB"),
-        "labels_fixed": {"rows": len(fixed), "mapping": fixed_mapping},
-        "duplicates": duplicate_stats,
-        "patients_in_multiple_sites": patients_in_multiple_sites,
-        "patients_in_multiple_cohorts": patients_in_multiple_cohorts,
-        "smears_with_multiple_patients": smears_with_multiple_patients,
-        "empty_classes": empty_classes,
-        "warnings": warning_messages,
-        "quarantined_rows": quarantined_rows,
-    }
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def write_ingest_outputs(result: IngestResult, out_dir: Path) -> None:
-    """Write manifest.csv (accepted), quarantine.csv, validation.json and validation.md into ``out_dir``.
-
-    In the CSVs, ``path`` is relative to ``out_dir`` (read_manifest and
-    smearnet.io.read_table resolve it back), like smearnet.io.write_manifest.
-
-    Every file is written to a temporary file in ``out_dir`` and then moved into
-    place with ``os.replace``, so readers never see a half-written file; the
-    four renames happen only after all four temporary files are complete.
-    Refuses to overwrite the input manifest or any input image.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SmearnetError(
-            f"Ingest output folder {out_dir} exists but is a file.", "choose a folder path for the outputs."
-        )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SmearnetError(
-            f"Cannot create the ingest output folder {out_dir} ({exc.strerror}).",
-            "choose a writable location for the ingest outputs.",
-        ) from None
-    _refuse_overwriting_inputs(result, out_dir)
-    contents = {
-        "manifest.csv": _with_paths_relative_to(result.accepted, out_dir).to_csv(index=False),
-        "quarantine.csv": _with_paths_relative_to(result.quarantined, out_dir).to_csv(index=False),
-        "validation.json": json.dumps(result.report, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-        "validation.md": render_report_markdown(result.report),
-    }
-    written: list[tuple[str, Path]] = []
-    try:
-        for name, text in contents.items():
-            written.append((_write_temporary(out_dir, name, text), out_dir / name))
-        for temporary, final in written:
-            os.replace(temporary, final)
-    except OSError as exc:
-        for temporary, _final in written:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        raise SmearnetError(
-            f"Cannot write the ingest outputs to {out_dir} ({exc.strerror or exc}).",
-            "check free disk space and write permission on that folder, then re-run.",
-        ) from None
-
-
-def _with_paths_relative_to(frame: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
-    """Copy of ``frame`` with ``path`` relative to ``out_dir``, so the outputs survive moving the repo + data."""
-    folder = os.path.abspath(out_dir)
-    relative = frame.copy()
-    relative["path"] = [os.path.relpath(path, folder) if path else path for path in frame["path"]]
-    return relative
-
-
-def _write_temporary(out_dir: Path, name: str, text: str) -> str:
-    """Write ``text`` to a fsynced temporary file next to the final one; return its path."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return temporary
-
-
-def _refuse_overwriting_inputs(result: IngestResult, out_dir: Path) -> None:
-    """Raise if an output file would replace the input manifest or an input image."""
-    targets = {os.path.realpath(out_dir / name): name for name in OUTPUT_FILES}
-    inputs = [result.report.get("manifest")] if result.report.get("manifest") else []
-    for frame in (result.accepted, result.quarantined):
-        if "path" in frame.columns:
-            inputs.extend(path for path in frame["path"] if os.path.basename(str(path)) in OUTPUT_FILES)
-    for input_path in inputs:
-        name = targets.get(os.path.realpath(str(input_path)))
-        if name is not None:
-            raise SmearnetError(
-                f"Writing ingest outputs to {out_dir} would overwrite the input file {input_path} ({name}).",
-                "choose an output folder that is not the dataset folder (e.g. data/ingest/).",
-            )
-
-
-def render_report_markdown(report: Mapping[str, Any]) -> str:
-    """Human-readable validation.md for a report from validate_manifest."""
-
-    def table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
-        if not rows:
-            return ["(none)", ""]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
-        return [*lines, ""]
-
-    counts = report["counts"]
-    policy = report["policy"]
-    lines = [
-        "# Ingest validation report",
-        "",
-        f"- Manifest: `{report.get('manifest')}`",
-        f"- Rows: {counts['rows']}; accepted: {counts['accepted']}; quarantined: {counts['quarantined']}",
-        f"- Policy: on_bad_row={policy['on_bad_row']}, duplicates={policy['duplicates']}, "
-        f"min_size={policy['min_size']}, max_pixels={policy['max_pixels']:,}",
-        "",
-    ]
-    if report["warnings"]:
-        lines += ["## Warnings", "", *(f"- {message}" for message in report["warnings"]), ""]
-    fixed = [
-        (repr(item["label_as_written"]), item["label"], item["rows"]) for item in report["labels_fixed"]["mapping"]
-    ]
-    quarantined = [(item["row"], item["file"], item["reason"]) for item in report["quarantined_rows"]]
-    sections: list[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]] = [
-        ("Accepted images per class", ("class", "images"), list(report["per_class"].items())),
-        ("Accepted images per site", ("site", "images"), list(report["per_site"].items())),
-        ("Accepted images per cohort", ("cohort", "images"), list(report["per_cohort"].items())),
-        ("Original image modes (all converted to RGB)", ("mode", "images"), list(report["modes"].items())),
-        ("Labels fixed by normalisation or alias", ("label as written", "label", "rows"), fixed),
-        ("Duplicates", ("kind", "rows"), list(report["duplicates"].items())),
-        ("Quarantined rows by reason", ("check", "rows"), list(report["per_reason"].items())),
-        ("Quarantined rows", ("row", "file", "reason"), quarantined),
-    ]
-    for title, header, table_rows in sections:
-        lines += [f"## {title}", "", *table(header, table_rows)]
-    return "\n".join(lines)

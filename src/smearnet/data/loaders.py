@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from smearnet.data.decode import load_rgb
+
 
 class CellImages(Dataset):
     """Cells of a manifest as (image tensor CxHxW, class index)."""
@@ -28,8 +30,6 @@ class CellImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from smearnet.data.decode import load_rgb
-
         tensor = self.cache.get(i) if self.cache is not None else None
         if tensor is None:
             tensor = cell_tensor(load_rgb(Path(self.paths[i])), self.input_spec)
@@ -38,7 +38,6 @@ class CellImages(Dataset):
         if self.dihedral:
             tensor = random_dihedral(tensor)
         return tensor, self.targets[i]
-
 
 
 def cell_tensor(image: Image.Image, input_spec: Mapping) -> torch.Tensor:

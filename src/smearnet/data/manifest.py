@@ -3,20 +3,24 @@
 A manifest is the one contract every dataset follows: a UTF-8, comma-separated
 CSV with the required columns ``path, label, patient_id`` and the optional
 columns ``smear_id, site, cohort``. Relative paths resolve against the CSV's
-folder. Reading is structural only (columns, cohort values); image files are
-checked later by :func:`smearnet.data.ingest.validate_manifest`.
+folder, read by the rules of :mod:`smearnet.data.paths` (a backslash in a
+relative path is a folder separator, as on Windows). Reading is structural only
+(columns, cohort values); image files are checked later by
+:func:`smearnet.data.ingest.validate_manifest`.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from smearnet.data.paths import with_forward_slashes
 from smearnet.errors import SmearnetError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id")
@@ -24,10 +28,15 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("smear_id", "site", "cohort")
 COHORTS: tuple[str, ...] = ("development", "assessment")
 DEFAULT_SITE = "default"
 DEFAULT_COHORT = "development"
+#: Identifier columns compared as text: read in Unicode NFC, so "Müller" typed on macOS (decomposed) and on
+#: Windows (composed) is one patient, not two that the split could put on both sides.
+IDENTIFIER_COLUMNS: tuple[str, ...] = ("patient_id", "smear_id", "site")
 
+#: The folder a row's relative path resolves against (the CSV's folder): what ``data.confine`` confines to.
+FOLDER_COLUMN = "manifest_folder"
 # Columns read_manifest adds; if a CSV already has them (e.g. an ingest output
 # fed back in) they are recomputed, not trusted.
-DERIVED_COLUMNS: tuple[str, ...] = ("row", "source_path")
+DERIVED_COLUMNS: tuple[str, ...] = ("row", "source_path", FOLDER_COLUMN)
 
 _MAX_ROWS_IN_MESSAGE = 5
 
@@ -36,15 +45,19 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
     """Read ``csv_path`` as strings and return one row per image.
 
     Adds ``row`` (1-based CSV line number; the header is line 1, so the first
-    data row is 2) and ``source_path`` (the path cell as written, surrounding
-    whitespace stripped), and rewrites ``path`` to an absolute path. Missing or
+    data row is 2), ``source_path`` (the path cell as written, surrounding
+    whitespace stripped) and ``manifest_folder`` (the CSV's absolute folder), and
+    rewrites ``path`` to an absolute path (a backslash in a relative path is a
+    folder separator: ``images\cell1.jpg`` is ``images/cell1.jpg``). Line ends
+    may be LF or CRLF, and a UTF-8 byte-order mark is ignored. Missing or
     empty optional columns are filled: ``smear_id`` := patient_id,
     ``site`` := "default", ``cohort`` := "development". Cohort values are
     matched case-insensitively. Header names and every cell except ``label``
     are stripped of surrounding whitespace (``label`` is normalised later, so
-    the ingest report can count fixed labels). Blank lines are skipped; columns
-    with an empty header (trailing commas) are ignored; unknown columns are
-    kept as they are.
+    the ingest report can count fixed labels); ``patient_id``, ``smear_id`` and
+    ``site`` are read in Unicode NFC. Blank lines and a leading Excel ``sep=,``
+    line are skipped; columns with an empty header (trailing commas) are
+    ignored; unknown columns are kept as they are.
 
     Raises SmearnetError for a missing/unreadable/non-UTF-8 file, an empty
     manifest, missing/duplicated columns, rows with the wrong number of fields,
@@ -72,6 +85,8 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
             )
         for name, index in zip(columns, kept_indices, strict=True):
             value = fields[index]
+            if name in IDENTIFIER_COLUMNS:
+                value = unicodedata.normalize("NFC", value)
             data[name].append(value if name == "label" else value.strip())
         line_numbers.append(line_number)
 
@@ -83,6 +98,7 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
     manifest["row"] = pd.Series(line_numbers, dtype="int64")
     manifest["source_path"] = manifest["path"]
     manifest["path"] = [_resolve(csv_folder, written) for written in manifest["source_path"]]
+    manifest[FOLDER_COLUMN] = csv_folder
     manifest.attrs["manifest_path"] = os.path.abspath(csv_path)
     return manifest
 
@@ -140,6 +156,8 @@ def _read_csv_records(csv_path: Path) -> tuple[list[str], list[tuple[int, list[s
                     break
                 if not fields or all(not field.strip() for field in fields):
                     continue
+                if header is None and [field.strip().casefold() for field in fields] == ["sep=", ""]:
+                    continue  # Excel's "sep=," hint line (some export tools write it first)
                 if header is None:
                     header = fields
                 else:
@@ -227,10 +245,10 @@ def _check_cohorts(csv_path: Path, manifest: pd.DataFrame, line_numbers: list[in
 
 
 def _resolve(csv_folder: str, written_path: str) -> str:
-    """Absolute, normalised path; relative paths resolve against the CSV's folder.
+    """Absolute, normalised path; relative paths resolve against the CSV's folder (backslashes read as '/').
 
     Symlinks are deliberately not resolved, so a symlink loop is reported per
     row by ingest instead of failing here.
     """
-    expanded = os.path.expanduser(written_path)
+    expanded = os.path.expanduser(with_forward_slashes(written_path))
     return os.path.normpath(os.path.join(csv_folder, expanded))

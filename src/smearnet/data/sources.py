@@ -1,16 +1,18 @@
-"""Where a dataset comes from: the generated synthetic cohort, a manifest CSV, or a class-per-folder tree."""
+"""Where a dataset comes from: the generated synthetic cohort, a manifest CSV, or a class-per-folder tree,
+followed by the manifests of more sites (each pinned by its content digest, `site_digest`)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from smearnet.errors import SmearnetError
-from smearnet.data.manifest import read_configured_manifest
-
 from smearnet.data.decode import IMAGE_SUFFIXES
+from smearnet.data.manifest import read_configured_manifest, read_manifest
+from smearnet.errors import SmearnetError
+
 SOURCES = ("synthetic", "manifest", "folder")
 
 
@@ -31,16 +33,13 @@ def with_extra_manifests(base: pd.DataFrame, entries: Sequence) -> pd.DataFrame:
     """`base` followed by the rows of each extra manifest (a CSV path, or {manifest, sha256}).
 
     A `sha256` entry (written by `smearnet ingest-site`) must match the site's content digest
-    (`smearnet.data.sites.site_digest`), so changed or half-pulled site data is refused rather than ingested.
+    (`site_digest`), so changed or half-pulled site data is refused rather than ingested.
     Rows keep their order: an extra manifest's `row` numbers continue after the previous manifest's
     (row - offset = its CSV line). Patient ids shared by two manifests are refused (they would merge two
     hospitals' patients into one in the split).
     """
     if not entries:
         return base
-    from smearnet.data.manifest import read_manifest
-    from smearnet.data.sites import site_digest
-
     frames, offset = [base], int(base["row"].max())
     for entry in entries:
         path = Path(str(entry["manifest"] if isinstance(entry, Mapping) else entry))
@@ -64,11 +63,32 @@ def with_extra_manifests(base: pd.DataFrame, entries: Sequence) -> pd.DataFrame:
     return combined
 
 
+def site_digest(manifest_csv: Path) -> str:
+    """Content digest of a site: its manifest's bytes and the bytes of every image it lists.
+
+    A listed file that does not exist counts as "missing" (the ingest stage reports such rows), so a file that
+    disappears later, e.g. after a partial `dvc pull`, changes the digest.
+    """
+    manifest_csv = Path(manifest_csv)
+    if not manifest_csv.is_file():
+        raise SmearnetError(f"The site manifest {manifest_csv} does not exist.",
+                            "run `dvc pull` to fetch the site data, or `smearnet ingest-site` to add it.")
+    digest = hashlib.sha256(manifest_csv.read_bytes())
+    table = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
+    for relative in sorted(set(table["path"])):
+        path = manifest_csv.parent / relative
+        content = hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing"
+        digest.update(relative.encode() + b"\0" + content)
+    return digest.hexdigest()[:32]
+
+
 def manifest_from_folder(root: Path, classes: Sequence[str] | None = None) -> pd.DataFrame:
     """A manifest for a class-per-folder tree (e.g. PBC): the folder name is the label.
 
     Without patient identifiers every image is its own patient (and smear): the split then cannot
     keep one patient's cells together, so cells of one donor may land in train and test alike.
+    Hidden files and folders below a class folder (macOS `._name.jpg` resource forks, `.ipynb_checkpoints`)
+    are not listed: they are copies' metadata, not cells.
     """
     root = Path(root)
     if not root.is_dir():
@@ -85,7 +105,8 @@ def manifest_from_folder(root: Path, classes: Sequence[str] | None = None) -> pd
     rows = []
     for folder in folders:
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+            if not hidden and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 image_id = f"{folder.name}/{path.relative_to(folder).as_posix()}"
                 rows.append({"path": str(path), "label": folder.name, "patient_id": image_id,
                              "smear_id": image_id, "site": "default", "cohort": "development"})

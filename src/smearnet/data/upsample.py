@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from smearnet.data.decode import load_rgb  # noqa: E402
 from smearnet.errors import SmearnetError  # noqa: E402
 
 
@@ -72,8 +73,6 @@ def plan_upsampling(train: pd.DataFrame, classes: Sequence[str], per_class: int,
 
 def _augment_one(job: tuple[str, str, int, dict, int]) -> None:
     source, target, seed, augment_cfg, quality = job
-    from smearnet.data.decode import load_rgb
-
     image = np.asarray(load_rgb(Path(source)))
     augmented = paper_augmentation(augment_cfg, seed=seed)(image=image)["image"]
     Path(target).parent.mkdir(parents=True, exist_ok=True)
