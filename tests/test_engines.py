@@ -1,8 +1,10 @@
-"""Inference engines agree with eager fp32; ONNX exports are cached by weights; bad settings fail clearly."""
+"""Inference engines agree with eager fp32; exports are cached by weights, built once under a lock and never left
+half-written; packaged engine files load only when their sha256 matches; bad settings fail clearly."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_int8_is_calibrated_cached_and_agrees(trained_like, spec, files, tmp_pat
     engine = build_engine(net, input_spec, spec, cache_dir=tmp_path, calibration=calibration)
     agreement, _ = _agreement(engine, net, images)
     assert agreement >= 0.9
-    exports = sorted(p.name for p in tmp_path.iterdir())
+    exports = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))  # build locks stay
     digest = weights_digest(net)
     assert len(exports) == files and all(name.startswith(digest) for name in exports)  # nothing partial
     build_engine(net, input_spec, spec, cache_dir=tmp_path, calibration=calibration)
@@ -136,3 +138,146 @@ def test_settings_are_checked():
         engine_spec({"engine": "eager", "precision": "int8"})
     with pytest.raises(SmearnetError, match="batch_size"):
         engine_spec({"batch_size": 0})
+
+
+# ------------------------------------------------------------------------ the engine cache and packaged files
+
+
+BUILD_SCRIPT = """
+import os, sys, time
+import torch
+from smearnet.models import engines
+from smearnet.models.engines import EngineSpec, engine_artifact
+from smearnet.models.factory import build_model, model_input_spec
+
+cfg, cache, log, builders, mode = {cfg!r}, sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+export = engines._export_onnx
+
+def note(event):
+    with open(log, "a") as handle:
+        handle.write(f"{{event}} {{os.getpid()}} {{time.time()}}\\n")
+
+def slow_export(net, size, path):  # export, then hold the half-built state long enough for the other process
+    note("export")
+    if mode == "die":
+        path.write_bytes(b"half an onnx file")
+        time.sleep(60)  # killed here by the test
+    export(net, size, path)
+    time.sleep(1.5)
+    note("exported")
+
+engines._export_onnx = slow_export
+torch.manual_seed(0)
+net = build_model(cfg, num_classes=3)
+open(log + f".ready-{{os.getpid()}}", "w").close()  # a barrier: every builder is ready before any builds
+while len([n for n in os.listdir(os.path.dirname(log)) if ".ready-" in n]) < builders:
+    time.sleep(0.01)
+note("build")
+path = engine_artifact(net.eval(), model_input_spec(cfg), EngineSpec(engine="onnxruntime"), cache_dir=cache,
+                       calibration=None)
+print(path)
+"""
+
+
+def _builder(tmp_path, cache, builders: int = 1, mode: str = "build") -> subprocess.Popen:
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_SCRIPT.format(cfg=CFG))
+    for ready in tmp_path.glob("events.log.ready-*"):
+        ready.unlink()
+    log = tmp_path / "events.log"
+    return subprocess.Popen([sys.executable, str(script), str(cache), str(log), str(builders), mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_two_processes_building_one_engine_end_with_one_valid_file(tmp_path):
+    """Both ask for the same ONNX export at the same instant: one exports under the lock, the other waits and
+    reuses its file; one whole file, nothing temporary left."""
+    import onnxruntime
+
+    cache = tmp_path / "cache"
+    script = _builder(tmp_path, cache, builders=2)
+    builders = [script, subprocess.Popen(script.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})]
+    outputs = [process.communicate(timeout=600) for process in builders]
+    assert [process.returncode for process in builders] == [0, 0], [err[-2000:] for _, err in outputs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(paths) == 1
+    events = [line.split() for line in (tmp_path / "events.log").read_text().splitlines()]
+    starts = [float(t) for event, _, t in events if event == "build"]
+    [exported] = [float(t) for event, _, t in events if event == "exported"]  # exported once
+    assert len(starts) == 2 and max(starts) < exported  # the second asked while the first was exporting
+    files = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert files == [os.path.basename(paths.pop())]
+    session = onnxruntime.InferenceSession(str(cache / files[0]), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": torch.zeros(1, 3, 32, 32).numpy()})[0].shape == (1, 3)
+
+
+@pytest.mark.slow  # kills a builder mid-export
+def test_a_killed_export_never_takes_the_final_name_and_the_next_build_succeeds(tmp_path):
+    import time
+
+    cache = tmp_path / "cache"
+    dying = _builder(tmp_path, cache, mode="die")
+    deadline = time.monotonic() + 300
+    while not (cache.is_dir() and any(".partial" in p.name for p in cache.iterdir())):
+        assert dying.poll() is None and time.monotonic() < deadline, dying.communicate()[1][-2000:]
+        time.sleep(0.2)
+    dying.kill()  # SIGKILL while it holds the lock, half a file written
+    dying.communicate(timeout=60)
+    assert not [p for p in cache.iterdir() if p.suffix == ".onnx" and not p.name.startswith(".")]
+    survivor = _builder(tmp_path, cache)  # the kernel released the lock with the dead process
+    out, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err[-2000:]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [Path(out.split()[-1]).name]
+
+
+@pytest.mark.parametrize("failure", ["raises", "writes a truncated file"])
+def test_a_failed_or_truncated_export_leaves_nothing(trained_like, tmp_path, monkeypatch, failure):
+    from smearnet.models import engines
+
+    net, _, input_spec = trained_like
+
+    def broken_export(net, size, path):
+        path.write_bytes(b"\x08\x07 not a whole protobuf")
+        if failure == "raises":
+            raise SmearnetError("Exporting the network to ONNX failed (disk full).", "free space.")
+
+    monkeypatch.setattr(engines, "_export_onnx", broken_export)
+    with pytest.raises(SmearnetError, match="disk full" if failure == "raises" else "unreadable"):
+        engine_artifact(net, input_spec, EngineSpec(engine="onnxruntime"), cache_dir=tmp_path, calibration=None)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_packaged_engine_files_are_loaded_only_when_their_sha256_matches(trained_like, tmp_path, monkeypatch):
+    """A tampered int8 program is refused before torch.export.load (which would unpickle what it holds) sees it;
+    an ONNX file is loaded from the very bytes that were checked."""
+    import hashlib
+
+    from smearnet.models.engines import engine_file_path, file_sha256
+
+    net, images, input_spec = trained_like
+    spec = EngineSpec(engine="onnxruntime")
+    export = engine_artifact(net, input_spec, spec, cache_dir=tmp_path, calibration=None)
+    hashes = {export.name: file_sha256(export)}
+    assert hashes[export.name] == hashlib.sha256(export.read_bytes()).hexdigest()
+    engine = build_engine(net, input_spec, spec, cache_dir=tmp_path, packaged_files=hashes)
+    assert torch.allclose(engine(images), net(images), atol=1e-3)
+
+    data = bytearray(export.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    export.write_bytes(bytes(data))
+    with pytest.raises(SmearnetError, match="sha256 .* serving.json records, so it was altered"):
+        build_engine(net, input_spec, spec, cache_dir=tmp_path, packaged_files=hashes)
+    with pytest.raises(SmearnetError, match="records no sha256"):
+        build_engine(net, input_spec, spec, cache_dir=tmp_path, packaged_files={})
+
+    int8 = EngineSpec(engine="compile", precision="int8", batch_size=8)
+    program = engine_file_path(net, input_spec, int8, tmp_path)
+    program.write_bytes(b"PK a program someone replaced")
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("an unverified program was loaded"))
+    with pytest.raises(SmearnetError, match="altered"):
+        build_engine(net, input_spec, int8, cache_dir=tmp_path, packaged_files={program.name: "0" * 64})
+    program.unlink()
+    with pytest.raises(SmearnetError, match="carries no engine file"):  # never rebuilt where it is served
+        build_engine(net, input_spec, int8, cache_dir=tmp_path, packaged_files={}, calibration=lambda: [images])

@@ -1,4 +1,4 @@
-"""Tests for smearnet.models.factory: paper architectures, local weights, offline behaviour, reparameterisation."""
+"""smearnet.models.factory and .lightcnn: paper architectures, local weights, offline use, reparameterisation."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from torch import nn
 
 from smearnet.models import factory as models
 from smearnet.errors import SmearnetError
-from smearnet.models.factory import LightCNN, build_model, model_input_spec, reparameterize_for_inference
+from smearnet.models.factory import build_model, model_input_spec, reparameterize_for_inference
+from smearnet.models.lightcnn import LightCNN
 
 
 @pytest.fixture(autouse=True)
@@ -289,6 +290,7 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow  # a large backbone
 def test_reparameterize_repvgg_b3g4_keeps_outputs() -> None:
     torch.manual_seed(0)
     model = build_model(cfg("repvgg_b3g4"), num_classes=3)

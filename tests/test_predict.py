@@ -104,7 +104,7 @@ def test_train_stage_folder_takes_the_workspace_measured_rule(tmp_path, monkeypa
 def test_registry_uri_gives_the_same_calls_as_the_local_folder(tmp_path, smear_folder, mlflow_uri):
     import mlflow
 
-    from smearnet.registry.gate import log_model_version
+    from smearnet.registry.store import log_model_version
 
     name = f"predict-{uuid.uuid4().hex[:8]}"
     model = serving_model(tmp_path / "model", threshold=0.3)
@@ -142,7 +142,7 @@ def test_predict_runs_the_engine_serving_json_names_and_agrees_with_eager(tmp_pa
     """bf16 from serving.json; an int8 ONNX export packaged with the version is used without recalibrating."""
     from smearnet.models.engines import EngineSpec, engine_artifact
     from smearnet.models.inference import load_trained
-    from smearnet.registry.gate import package_model
+    from smearnet.registry.package import package_model
 
     model_dir = serving_model(tmp_path / "model")
     cells, _ = collect_cells(smear_folder)
@@ -178,7 +178,7 @@ def test_packaged_int8_program_is_served_in_a_fresh_process_without_calibration(
     """compile int8 (PT2E): the quantised program made at registration is what `smearnet predict` runs."""
     from smearnet.models.engines import EngineSpec, engine_artifact
     from smearnet.models.inference import load_trained
-    from smearnet.registry.gate import package_model
+    from smearnet.registry.package import package_model
 
     model_dir = serving_model(tmp_path / "model")
     model = load_trained(model_dir)
@@ -233,3 +233,42 @@ def test_html_report_explains_each_smear_with_its_heaviest_cells(tmp_path):
     page.feed(out.read_text())
     assert page.smears == ["A", "B"] and page.figures == {"A": 4, "B": 4}
     assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
+
+
+def test_predict_refuses_a_packaged_engine_file_that_was_altered(tmp_path, smear_folder, capsys):
+    """`smearnet predict` on a version whose ONNX file no longer matches serving.json: one clear error, exit 2."""
+    from smearnet.models.engines import EngineSpec, engine_artifact
+    from smearnet.models.inference import load_trained
+    from smearnet.registry.package import package_model
+
+    model_dir = serving_model(tmp_path / "model")
+    model = load_trained(model_dir)
+    export = engine_artifact(model.net, model.input_spec, EngineSpec(engine="onnxruntime"),
+                             cache_dir=tmp_path / "cache", calibration=None)
+    serving = {"positive_class": POSITIVE, "smear_threshold": 0.25, "inference": {"engine": "onnxruntime"}}
+    packaged = package_model(model_dir, serving, tmp_path / "package", engine_files=[export])
+    assert load_model(str(packaged)).model.engine.spec.label == "onnxruntime-fp32"
+    (packaged / "engines" / export.name).write_bytes(b"an ONNX file someone replaced")
+    with pytest.raises(SystemExit) as exit_code:
+        smearnet(["predict", str(smear_folder), "--model", str(packaged)])
+    assert exit_code.value.code == 2
+    assert "Refusing to load engine file" in capsys.readouterr().err
+
+
+def test_a_workspace_params_yaml_is_read_once_and_names_the_engine(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from smearnet.serving import predict
+
+    model = random_model(tmp_path / "models" / "resnet18", seed=0)
+    write_rule(tmp_path / "reports" / "smear", 0.125)
+    (tmp_path / "params.yaml").write_text("mlflow: {tracking_uri: 'sqlite:///elsewhere.db'}\n"
+                                          "inference: {engine: eager, precision: bf16, batch_size: 4}\n")
+    monkeypatch.chdir(tmp_path)
+    loads = []
+    monkeypatch.setattr(predict.OmegaConf, "load", lambda *a, **k: loads.append(a) or OmegaConf.create(
+        (tmp_path / "params.yaml").read_text()))
+    loaded = load_model(str(model))
+    assert loaded.model.engine.spec.label == "eager-bf16" and loaded.rule.threshold == 0.125
+    assert len(loads) == 1
+    assert predict.read_workspace().tracking_uri == "sqlite:///elsewhere.db"

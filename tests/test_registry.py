@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import runpy
 import uuid
 from pathlib import Path
@@ -11,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.registry.gate import (CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG, PromotionCriteria, RegisterInputs,
-                               frozen_set, model_fingerprint, promotion_decision, register_and_gate)
+from smearnet.registry.frozen import frozen_set, training_patients
+from smearnet.registry.gate import PromotionCriteria, promotion_decision
+from smearnet.registry.package import model_fingerprint, version_serving
+from smearnet.registry.register import RegisterInputs, register_and_gate
+from smearnet.registry.store import CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG
 from workspace import (POSITIVE, colour_split, make_register_workspace, patient_ids, random_model, scan_mlflow_for,
                        write_rule)
 
@@ -75,18 +79,17 @@ def test_fingerprint_follows_content_and_serving(tmp_path):
 
 
 def test_frozen_set_leaves_out_patients_a_model_was_trained_on(tmp_path):
-    from smearnet.registry.gate import training_patients
-    from smearnet.tracking.runs import hash_patient_id
+    from smearnet.pseudonyms import pseudonym
 
     split = colour_split(tmp_path)
     trained_on = split.assign(split=split["split"].where(split["patient_id"] != "P0001", "train"))
     seen = training_patients(trained_on)
-    assert seen == [hash_patient_id("P0001")]
+    assert seen == [pseudonym("P0001")]
     frozen = frozen_set(split, None, positive_class=POSITIVE, seed=0, exclude_patients=seen)
     assert frozen.excluded_test_cells == 6 and len(frozen.test) == 18 and "P0001" not in set(frozen.test["patient_id"])
     assert frozen.fingerprint != frozen_set(split, None, positive_class=POSITIVE, seed=0).fingerprint
     with pytest.raises(SmearnetError, match="No test cells"):
-        frozen_set(split, None, positive_class=POSITIVE, seed=0, exclude_patients=[hash_patient_id(p) for p in split["patient_id"]])
+        frozen_set(split, None, positive_class=POSITIVE, seed=0, exclude_patients=[pseudonym(p) for p in split["patient_id"]])
 
 
 def test_frozen_set_fingerprint_ignores_paths_but_not_cells(tmp_path):
@@ -178,7 +181,6 @@ def test_crash_after_registration_leaves_no_duplicate_and_no_running_run(tmp_pat
 
     # A run abandoned by a SIGKILLed attempt (still RUNNING, same model fingerprint).
     from smearnet.models.inference import load_trained
-    from smearnet.registry.gate import version_serving
     from smearnet.smear import load_rule
 
     serving = version_serving(load_trained(inputs.model_dir).meta, load_rule(inputs.rule_dir)[0], inputs.rule_dir)
@@ -241,6 +243,18 @@ def test_register_stage_writes_reports_and_leaks_no_patient_ids(tmp_path, store,
     # Sensitivity was measured on the smear stage's blind smears only (4 of the 8).
     assert decision["challenger"]["n_sensitivity_smears"] == 4 and decision["challenger"]["n_smears"] == 8
 
+    # The packaged serving.json carries the `serving` limits of params.yaml and the (here: no) engine files' sha256.
+    import mlflow
+
+    from smearnet.models.inference import read_serving
+    from smearnet.registry.store import local_model_dir
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/1", dst_path=str(tmp_path / "v1"))
+    serving = read_serving(local_model_dir(Path(local)))
+    assert serving["limits"] == {"max_rows": 512, "max_image_bytes": 8388608, "max_request_bytes": 67108864,
+                                 "max_pixels": 4000000, "batch_size": 16}
+    assert serving["engine_files"] == {}
+
     identifiers = patient_ids(read_table(root / "data/split/manifest.csv"))
     assert "P0001" in identifiers and len(identifiers) > 10
     assert scan_mlflow_for(identifiers, tmp_path / "download") == []
@@ -287,3 +301,42 @@ def test_gate_judges_both_models_on_the_composed_smears_each_with_its_own_rule(t
     for role, threshold in (("challenger", 0.6), ("champion", 0.2)):  # each judged with its own packaged rule
         assert decision[role]["n_smears"] == composed["smear_id"].nunique() == 2 * 2 * 6
         assert decision[role]["threshold"] == threshold and decision[role]["smear_score"] == "share_predicted_positive"
+
+
+# ------------------------------------------------------------------------------- what a version installs
+
+
+def test_pip_requirements_are_pyprojects_dependencies_less_the_pipeline_only_ones():
+    """A served version installs exactly what pyproject.toml pins (as installed), minus dvc and captum, which no
+    serving module imports: the pins are written once."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from conftest import REPO_ROOT
+    from smearnet.registry.package import NOT_SERVED, pip_requirements
+
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {Requirement(r).name for r in declared}
+    assert set(NOT_SERVED) <= names  # every exclusion is still a dependency
+    assert pip_requirements() == [str(Requirement(r)) for r in declared if Requirement(r).name not in NOT_SERVED]
+    assert "torch==2.14.1" in pip_requirements() and not any("pytest" in r for r in pip_requirements())
+    imported = subprocess.run([sys.executable, "-c", "import sys, smearnet.serving.pyfunc; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dvc', 'captum')))"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert imported.returncode == 0 and imported.stdout.strip() == "[]", imported.stderr[-2000:]
+
+
+def test_gate_refuses_a_champion_made_under_another_pseudonym_key():
+    """Its training-patient pseudonyms could not match today's: refused loudly instead of matching nothing."""
+    from smearnet.pseudonyms import key_fingerprint
+    from smearnet.registry.package import ID_KEY_FIELD
+    from smearnet.registry.register import check_same_pseudonym_key
+
+    check_same_pseudonym_key({ID_KEY_FIELD: key_fingerprint()}, "m", "3")  # same key: fine
+    check_same_pseudonym_key({}, "m", "3")  # registered before keys were recorded: the gate notes it elsewhere
+    with pytest.raises(SmearnetError, match=r"version 3 of m\) was made under pseudonym key key-") as error:
+        check_same_pseudonym_key({ID_KEY_FIELD: key_fingerprint(b"another key")}, "m", "3")
+    assert "SMEARNET_ID_SALT" in str(error.value)

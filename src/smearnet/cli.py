@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from smearnet.config import check_numbers, compose_config
+from smearnet.data.sites import ingest_site
 from smearnet.errors import run_cli
+from smearnet.io import write_json, write_text
+from smearnet.retrain import retrain
 
 
 def compose_params(overrides: list[str], output: Path) -> Path:
     """Compose conf/ (with Hydra overrides) into params.yaml exactly as `dvc exp run` does."""
-    from smearnet.config import check_numbers, compose_config
-    from smearnet.io import write_text
-
     cfg = compose_config(overrides)
     check_numbers(cfg)
     return write_text(OmegaConf.to_yaml(cfg), output)
@@ -60,11 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import time
-
-    from smearnet.io import write_json, write_text
+    # torch and timm take seconds to import: `compose-params`, `ingest-site` and `--help` do not wait for them.
     from smearnet.serving.predict import (collect_cells, load_model, predict_cells, print_summary, to_html, to_json,
-                                  to_markdown)
+                                          to_markdown)
 
     started = time.perf_counter()
     cells, skipped = collect_cells(args.source)
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "predict":
             _predict(args)
         elif args.command == "ingest-site":
-            from smearnet.data.sites import ingest_site
-
             result = ingest_site(args.folder, args.site, project=args.project, id_prefix=args.id_prefix,
                                  dvc_add=not args.no_dvc_add)
             print(f"ingest-site: {result.site}: {result.images} images of {result.patients} patients -> "
@@ -97,8 +95,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"params.yaml{'; dvc add done' if result.dvc_tracked else ''}. Next: `dvc repro` "
                   f"(or `make retrain`), then commit conf/, params.yaml, dvc.lock and the .dvc file.")
         elif args.command == "retrain":
-            from smearnet.retrain import retrain
-
             retrain(Path("."), base=args.base, site_folder=args.site_folder, site=args.site, summary=args.summary)
 
     run_cli(_run)

@@ -13,10 +13,9 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +60,10 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def write_text(text: str, path: Path) -> Path:
-    """Write `text` through a flushed temporary file and an atomic rename (the file gets the umask's mode)."""
+    """Write `text` through `atomic_file` (a flushed temporary file and an atomic rename; the umask's mode)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-                                     encoding="utf-8") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.chmod(tmp.name, 0o666 & ~_UMASK)  # mkstemp's 0o600 would hide metrics from the rest of the team
-    os.replace(tmp.name, path)
+    with atomic_file(path) as partial:
+        partial.write_text(text, encoding="utf-8")
     return path
 
 
@@ -112,16 +105,34 @@ def read_table(csv_path: Path) -> pd.DataFrame:
 
 @contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield `final` with a `.partial` suffix for a writer (an exporter, a quantiser) to create; it replaces
-    `final` only when the block succeeds and is deleted otherwise, so `final` is never half-written."""
+    """The one atomic file write: yield a unique temporary sibling of `final` (``.<stem>.<pid>-<hex>.partial<suffix>``,
+    same folder, same suffix for writers that look at it) for a writer (text, an exporter, a quantiser) to
+    create.  When the block succeeds the file is given the umask's mode, flushed to disk and renamed over
+    `final`; when it fails the temporary file is deleted.  `final` is never half-written, and two writers never
+    share a temporary file.  `stale_partials(final)` lists what killed writers left behind."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_suffix(".partial")
+    partial = final.with_name(f".{final.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{final.suffix}")
     try:
         yield partial
+        os.chmod(partial, 0o666 & ~_UMASK)  # mkstemp-style 0o600 would hide metrics from the rest of the team
+        with partial.open("rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
+    with suppress(OSError):  # the rename itself on disk (a folder fsync; not every filesystem allows it)
+        folder = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def stale_partials(final: Path) -> list[Path]:
+    """Temporary files `atomic_file` writers of `final` left behind when killed (delete them under a lock)."""
+    final = Path(final)
+    return sorted(final.parent.glob(f".{final.stem}.*.partial{final.suffix}"))
 
 
 @contextmanager

@@ -17,21 +17,40 @@ to float32 logits. Which one runs is configuration (`inference.engine`, `inferen
 
 Exports and quantised programs are cached under ``cache_dir`` by a hash of the weights, so a model version is
 exported (and calibrated) once; `engine_artifact` names the file a registered version carries.
+
+Several processes may share one cache (parallel stages, serving workers): a file lock beside each file
+(``.<name>.lock``) lets one of them export while the others wait and then use its file, and every export is
+written to a unique temporary file in the cache folder, checked, flushed to disk and only then renamed into place,
+so a failed or killed export never leaves a half-written file under the final name.
+
+Loading an engine file runs what it contains: ``torch.export.load`` unpickles pickled payloads (and falls back to
+unpickling sample inputs ``weights_only`` refuses), resolves graph targets by name on ``torch`` and parses symbolic
+shapes with sympy. There is no safe way to open an untrusted program, so a file packaged with a model version
+(``packaged_files``: the sha256 of each, from its serving.json) is read into memory, hashed and refused unless the
+hash matches, and only those verified bytes are loaded; nothing is rebuilt or re-read from disk after the check.
+A local cache is trusted as much as the workspace's code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
+import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from smearnet.errors import SmearnetError
-from smearnet.io import atomic_file
+from smearnet.io import atomic_file, stale_partials
 
 ENGINES = ("eager", "compile", "onnxruntime")
 PRECISIONS = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16", "int8", "int8+bf16"),
@@ -114,15 +133,25 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None = None,
-                 calibration: Callable[[], Sequence[torch.Tensor]] | None = None) -> Engine:
+                 calibration: Callable[[], Sequence[torch.Tensor]] | None = None,
+                 packaged_files: Mapping[str, str] | None = None) -> Engine:
     """An engine running `net` (in eval mode) as `spec` says.
 
     `calibration` returns batches of preprocessed training cells; only int8 needs it (once per cached model).
     `cache_dir` keeps ONNX exports and quantised programs between runs (a temporary folder when None).
+    `packaged_files` (file name -> sha256, from a model version's serving.json) makes `cache_dir` the version's
+    packaged engine folder: the engine file must be listed there and match its hash, and is never built.
     """
     net = net.eval()
+    data = b""
+    if runs_from_artifact(spec):
+        if packaged_files is not None:
+            data = read_packaged_file(engine_file_path(net, input_spec, spec, cache_dir), packaged_files)
+        else:
+            path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
+            data = path.read_bytes()
     if spec.engine == "onnxruntime":
-        session = _ort_session(engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration))
+        session = _ort_session(data)
         input_name = session.get_inputs()[0].name
 
         def run_ort(images: torch.Tensor) -> torch.Tensor:
@@ -130,9 +159,8 @@ def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *,
 
         return Engine(spec, run_ort)
     if spec.precision.startswith("int8"):
-        path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
         _x86_quantizer()  # the ops the saved program calls and the passes that lower it to int8 kernels
-        net = torch.export.load(str(path)).module()
+        net = torch.export.load(io.BytesIO(data)).module()
     elif spec.channels_last:
         net = net.to(memory_format=torch.channels_last)
     module = torch.compile(net, dynamic=False) if spec.engine == "compile" else net
@@ -149,11 +177,9 @@ def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *,
 
 
 def _inductor_freezing(enabled: bool):
-    import contextlib
-
     if not enabled:
         return contextlib.nullcontext()
-    import torch._inductor.config
+    import torch._inductor.config  # heavy: only compiled engines import Inductor
 
     return torch._inductor.config.patch(freezing=True)
 
@@ -163,26 +189,109 @@ def runs_from_artifact(spec: EngineSpec) -> bool:
     return spec.engine == "onnxruntime" or spec.precision.startswith("int8")
 
 
+def engine_file_path(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, cache_dir: Path) -> Path:
+    """Where the engine's file (see `engine_artifact`) lives in `cache_dir`: named by the weights, the input size
+    and the runtime versions, so a file is never used by a runtime it was not made for."""
+    height, width = (int(v) for v in input_spec["input_size"])
+    if spec.engine == "onnxruntime":
+        return _onnx_path(net, (height, width), spec.precision, Path(cache_dir))
+    layout = "cl" if spec.channels_last else "nchw"
+    return Path(cache_dir) / (f"{weights_digest(net)}-{height}x{width}-b{spec.batch_size}-{layout}"
+                              f"-torch{torch.__version__}-torchao{package_version('torchao')}-int8.pt2")
+
+
 def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None,
                     calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Path | None:
     """The file the engine runs from, made (exported, calibrated) only when not cached yet: the ONNX model for
     ONNX Runtime, the quantised PyTorch program for compile int8, None for engines that run `net` as it is."""
     if not runs_from_artifact(spec):
         return None
-    import tempfile
-
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="smearnet-engines-"))
     height, width = (int(v) for v in input_spec["input_size"])
+    path = engine_file_path(net, input_spec, spec, cache_dir)
     if spec.engine == "onnxruntime":
-        return _onnx_file(net, (height, width), spec, cache_dir, calibration)
-    from importlib.metadata import version
-
-    layout = "cl" if spec.channels_last else "nchw"
-    path = cache_dir / (f"{weights_digest(net)}-{height}x{width}-b{spec.batch_size}-{layout}-torch{torch.__version__}"
-                        f"-torchao{version('torchao')}-int8.pt2")
-    if not path.is_file():
-        _quantize_pt2e(net, (height, width), spec, path, _calibration_cells(calibration))
+        fp32_path = _onnx_path(net, (height, width), "fp32", cache_dir)
+        _build_once(fp32_path, lambda partial: _export_onnx(net, (height, width), partial), _check_onnx)
+        if spec.precision == "int8":
+            _build_once(path, lambda partial: _quantize_int8(fp32_path, partial, _calibration_cells(calibration)),
+                        _check_onnx)
+        return path
+    _build_once(path, lambda partial: _quantize_pt2e(net, (height, width), spec, partial,
+                                                     _calibration_cells(calibration)), _check_zip)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in blocks: what serving.json records for each packaged engine file."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_packaged_file(path: Path, packaged_files: Mapping[str, str]) -> bytes:
+    """The bytes of an engine file packaged with a model version, once they match the sha256 its serving.json
+    records; refused (SmearnetError) when the file is missing, unlisted or altered. Load these bytes, not the file:
+    what was checked is what runs."""
+    path = Path(path)
+    packaged = sorted(packaged_files)
+    if not path.is_file():
+        raise SmearnetError(f"The model version carries no engine file {path.name} (it carries {packaged or 'none'}); "
+                            "engine files are named by the runtime versions that made them.",
+                            "serve it with the requirements it was registered with (same torch, torchao and "
+                            "onnxruntime), or re-register the model (register stage) in this environment.")
+    if path.name not in packaged_files:
+        raise SmearnetError(f"Refusing to load engine file {path.name}: its model version's serving.json records no "
+                            "sha256 for it (registered before engine files were hashed, or the file was added).",
+                            "re-register the model (register stage) so serving.json lists every engine file's sha256.")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != packaged_files[path.name]:
+        raise SmearnetError(f"Refusing to load engine file {path}: its sha256 {digest[:16]}... is not the "
+                            f"{str(packaged_files[path.name])[:16]}... serving.json records, so it was altered or "
+                            "corrupted after registration (loading it would run whatever it now contains).",
+                            "download the model version again, or re-register it from its training outputs "
+                            "(register stage).")
+    return data
+
+
+def _build_once(final: Path, write: Callable[[Path], None], check: Callable[[Path], None]) -> None:
+    """Make `final` with `write(partial)` unless it exists. Under a file lock (one builder at a time, the others
+    wait and reuse its file) `write` fills a unique temporary file, which is checked, flushed to disk and only then
+    renamed to `final`; an export that fails, is killed or leaves an unreadable file never takes the final name."""
+    if final.is_file():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(final.with_name(f".{final.name}.lock")):
+        if final.is_file():  # built by the process that held the lock before us
+            return
+        for stale in stale_partials(final):
+            stale.unlink(missing_ok=True)  # left by a killed builder: only the lock holder writes partials
+        with atomic_file(final) as partial:
+            write(partial)
+            check(partial)
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx  # heavy: only engines that run ONNX import it
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf decode errors come in several types
+        raise SmearnetError(f"The ONNX export {path.name} is unreadable ({type(err).__name__}); it was not kept.",
+                            "re-run; if it persists, use inference.engine=eager or compile.") from None
+
+
+def _check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        damaged = str(err)
+    if damaged is not None:
+        raise SmearnetError(f"The int8 program {path.name} is unreadable ({damaged}); it was not kept.",
+                            "re-run; if it persists, use inference.engine=onnxruntime with precision int8.")
 
 
 def _calibration_cells(calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Sequence[torch.Tensor]:
@@ -202,31 +311,19 @@ def weights_digest(net: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _onnx_file(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec, cache_dir: Path,
-               calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Path:
-    """The ONNX file (fp32, or int8 QDQ) for `net`, exported or quantised only when not cached yet."""
-    import onnxruntime
+def _onnx_path(net: torch.nn.Module, size: tuple[int, int], precision: str, cache_dir: Path) -> Path:
+    import onnxruntime  # heavy: only engines that run ONNX import it
 
-    key = f"{weights_digest(net)}-{size[0]}x{size[1]}-ort{onnxruntime.__version__}"
-    fp32_path = cache_dir / f"{key}-fp32.onnx"
-    if not fp32_path.is_file():
-        _export_onnx(net, size, fp32_path)
-    if spec.precision == "fp32":
-        return fp32_path
-    int8_path = cache_dir / f"{key}-int8.onnx"
-    if not int8_path.is_file():
-        _quantize_int8(fp32_path, int8_path, _calibration_cells(calibration))
-    return int8_path
+    return cache_dir / f"{weights_digest(net)}-{size[0]}x{size[1]}-ort{onnxruntime.__version__}-{precision}.onnx"
 
 
 def _export_onnx(net: torch.nn.Module, size: tuple[int, int], path: Path) -> None:
-    """Export with a dynamic batch axis; a failed export leaves nothing (`atomic_file`)."""
+    """Export to `path` with a dynamic batch axis."""
     example = torch.zeros(2, 3, *size)
     try:
-        with atomic_file(path) as partial:
-            torch.onnx.export(net.float().eval(), (example,), str(partial), input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+        torch.onnx.export(net.float().eval(), (example,), str(path), input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
     except Exception as err:  # noqa: BLE001 - exporter errors come in many types
         raise SmearnetError(f"Exporting the network to ONNX failed ({type(err).__name__}: {err}).",
                             "use inference.engine=eager or compile for this architecture.") from None
@@ -234,6 +331,7 @@ def _export_onnx(net: torch.nn.Module, size: tuple[int, int], path: Path) -> Non
 
 def _quantize_int8(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Tensor]) -> None:
     """ONNX Runtime static quantisation: QDQ, per-channel int8 weights, uint8 activations (MinMax on `batches`)."""
+    # heavy: only int8 ONNX exports import the quantiser
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -244,12 +342,11 @@ def _quantize_int8(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Ten
         def get_next(self):
             return next(self._batches, None)
 
-    prepared = int8_path.with_suffix(".pre.onnx")
+    prepared = int8_path.with_name(f"{int8_path.stem}.pre.onnx")  # unique: `int8_path` is a unique partial
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        with atomic_file(int8_path) as partial:
-            quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)
 
@@ -259,7 +356,7 @@ def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec
     """PT2E static int8 of `net` for Inductor: export at the engine's batch size, observe `batches` (histogram
     observers on activations, per-channel weights), convert, and save the quantised program."""
     x86 = _x86_quantizer()
-    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e import move_exported_model_to_eval  # heavy: only int8 programs import torchao
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     def layout(images: torch.Tensor) -> torch.Tensor:
@@ -279,17 +376,15 @@ def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec
     except Exception as err:  # noqa: BLE001 - export and quantisation errors come in many types
         raise SmearnetError(f"Quantising the network with PT2E failed ({type(err).__name__}: {err}).",
                             "use inference.engine=onnxruntime with precision int8, or compile with bf16.") from None
-    with atomic_file(path) as partial, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")  # CPU weights: the note is moot
-        torch.export.save(program, str(partial))
+        torch.export.save(program, str(path))
 
 
 def _x86_quantizer():
     """torchao's x86 Inductor quantizer module, imported without the notice torchao sets off in torch's pytree
     registry. Importing it registers the (de)quantise ops PT2E programs call and the Inductor passes that fuse them
     with convolutions into oneDNN int8 kernels: without them a loaded int8 program runs slower than fp32."""
-    import logging
-
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
@@ -300,12 +395,12 @@ def _x86_quantizer():
     return x86
 
 
-def _ort_session(path: Path):
-    import onnxruntime
+def _ort_session(model: bytes):
+    import onnxruntime  # heavy: only engines that run ONNX import it
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

@@ -14,11 +14,19 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from smearnet.data.loaders import make_loader
-from smearnet.models.engines import Engine, EngineSpec, build_engine
 from smearnet.errors import SmearnetError
+from smearnet.io import read_json
+from smearnet.models.engines import Engine, EngineSpec, build_engine, engine_spec
+from smearnet.models.factory import build_model, reparameterize_for_inference
+from smearnet.pseudonyms import pseudonym
 
+# A model directory: the weights and their description (train stage); a registered version adds its serving
+# configuration and the engine files it runs from (`smearnet.registry.package`).
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "model.json"
+SERVING_FILE = "serving.json"
+ENGINES_DIR = "engines"
+ENGINE_FILES_KEY = "engine_files"  # serving.json: packaged engine file name -> sha256, checked before loading
 
 
 @dataclass
@@ -41,10 +49,10 @@ class TrainedModel:
 
 
 def with_engine(model: TrainedModel, spec: EngineSpec, *, cache_dir: Path | None = None,
-                calibration=None) -> TrainedModel:
+                calibration=None, packaged_files: Mapping[str, str] | None = None) -> TrainedModel:
     """The same model run by the engine `spec` describes (see `smearnet.models.engines`)."""
     return replace(model, engine=build_engine(model.net, model.input_spec, spec, cache_dir=cache_dir,
-                                              calibration=calibration))
+                                              calibration=calibration, packaged_files=packaged_files))
 
 
 def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
@@ -64,22 +72,28 @@ def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibrati
                        *, seed: int = 0) -> TrainedModel:
     """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training
     split) unless its export is cached."""
-    from smearnet.models.engines import engine_spec
-
     model = load_trained(model_dir)
     return with_engine(model, engine_spec(inference_cfg), **engine_inputs(model, inference_cfg, calibration_cells,
                                                                           seed=seed))
 
 
-def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> TrainedModel:
-    """`model` run by the engine its serving.json names (eager fp32 for versions registered before engines);
-    engine files (ONNX, int8 programs) packaged in `model_dir/engines` are used as they are (int8 is calibrated
-    once, at registration)."""
-    from smearnet.models.engines import engine_spec
+def read_serving(model_dir: Path) -> dict:
+    """A model directory's serving configuration (`SERVING_FILE`); empty for a train-stage folder."""
+    return dict(read_json(Path(model_dir) / SERVING_FILE, default={}))
 
+
+def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> TrainedModel:
+    """`model` run by the engine its serving.json names (eager fp32 for versions registered before engines).
+
+    A registered version's engine files (ONNX, int8 programs; int8 is calibrated once, at registration) are used
+    as packaged in `model_dir/engines`, each only if it matches the sha256 serving.json records for it; a
+    workspace model (no packaged engines) runs from the configured engine cache."""
     settings = serving.get("inference") or {}
-    packaged = Path(model_dir) / "engines"
-    cache = packaged if packaged.is_dir() else settings.get("cache_dir")  # a workspace model: its engine cache
+    packaged = Path(model_dir) / ENGINES_DIR
+    if packaged.is_dir() or ENGINE_FILES_KEY in serving:
+        return with_engine(model, engine_spec(settings), cache_dir=packaged,
+                           packaged_files=dict(serving.get(ENGINE_FILES_KEY) or {}))
+    cache = settings.get("cache_dir")
     return with_engine(model, engine_spec(settings), cache_dir=Path(cache) if cache else None)
 
 
@@ -110,8 +124,6 @@ def save_trained(net: torch.nn.Module, model_dir: Path, meta: Mapping) -> None:
 
 def load_trained(model_dir: Path) -> TrainedModel:
     """Rebuild the architecture from model.json and load the safetensors weights."""
-    from smearnet.models.factory import build_model, reparameterize_for_inference
-
     model_dir = Path(model_dir)
     if not (model_dir / META_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
         raise SmearnetError(f"{model_dir} holds no trained model ({META_FILE} + {WEIGHTS_FILE}).",
@@ -139,9 +151,7 @@ def predict_probabilities(model: TrainedModel, manifest: pd.DataFrame, *, batch_
 
 def predictions_table(manifest: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
     """One row per cell: smear (pseudonymised), true label (if known), predicted label, one probability column a class."""
-    from smearnet.tracking.runs import hash_patient_id
-
-    table = pd.DataFrame({"smear_id": [hash_patient_id(s) for s in manifest["smear_id"]],
+    table = pd.DataFrame({"smear_id": [pseudonym(s) for s in manifest["smear_id"]],
                           "label": manifest["label"].to_numpy(),
                           "predicted": [classes[i] for i in probabilities.argmax(axis=1)]})
     for index, name in enumerate(classes):

@@ -5,32 +5,57 @@ pyfunc folder (with `MLmodel`), or a local `models/<name>` folder written by the
 Each smear is called by the smear rule registered with the model (`smear_rule.json`: score, calibration,
 threshold), through `SmearRule.classify`, as the pipeline measured it and the served model applies it; a bare
 train-stage folder takes the workspace's measured rule (`reports/smear/smear_rule.json`); `--threshold`
-replaces the rule's threshold.
+replaces the rule's threshold. The workspace's params.yaml (tracking URI, inference engine) is read once
+(`read_workspace`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
 
+from smearnet.data.decode import IMAGE_SUFFIXES, load_rgb
 from smearnet.errors import SmearnetError
-from smearnet.models.inference import TrainedModel
+from smearnet.io import json_safe
+from smearnet.models.inference import SERVING_FILE, TrainedModel, load_trained, read_serving, serving_engine
+from smearnet.serving.batches import classify_in_batches
+from smearnet.smear.calls import call_cells, served_rule
 from smearnet.smear.mil import MILAggregator
-from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
 from smearnet.smear.rule import RULE_FILE, SmearRule, load_rule
+from smearnet.tracking.runs import check_reachable
 
-from smearnet.data.decode import IMAGE_SUFFIXES
+WORKSPACE_PARAMS = Path("params.yaml")
 WORKSPACE_RULE = Path("reports/smear")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What predict takes from the pipeline workspace it runs in (params.yaml, read once by `read_workspace`)."""
+
+    tracking_uri: str = DEFAULT_TRACKING_URI  # mlflow.tracking_uri: where models:/ URIs resolve
+    inference: dict[str, Any] | None = None  # the `inference` section: how a train-stage folder is run
+    rule_dir: Path = WORKSPACE_RULE  # the smear rule the smear stage measured
+
+
+def read_workspace(params: Path = WORKSPACE_PARAMS) -> Workspace:
+    """The workspace's settings from `params` (defaults when there is no such file: predict outside a workspace)."""
+    if not Path(params).is_file():
+        return Workspace()
+    cfg = OmegaConf.to_container(OmegaConf.load(params), resolve=True)
+    return Workspace(tracking_uri=str((cfg.get("mlflow") or {}).get("tracking_uri") or DEFAULT_TRACKING_URI),
+                     inference=cfg.get("inference"))
 
 
 @dataclass
@@ -56,33 +81,34 @@ class Prediction:
     skipped_files: list[str] = field(default_factory=list)
 
 
-def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str | None = None) -> LoadedModel:
+def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str | None = None,
+               workspace: Workspace | None = None) -> LoadedModel:
     """Resolve `--model`: a registry/run URI (downloaded) or a local model folder, with its smear rule.
 
     A registered version carries its rule (`smear_rule.json`); a workspace's `models/<name>` folder takes the
     workspace's measured rule (`reports/smear/smear_rule.json`). `threshold` replaces the rule's threshold.
+    `workspace` defaults to the one in the working directory (`read_workspace`).
     """
-    from smearnet.models.inference import load_trained, serving_engine
-    from smearnet.registry.gate import SERVING_FILE, local_model_dir
-
+    workspace = workspace if workspace is not None else read_workspace()
     path = Path(spec).expanduser()
     if spec.startswith(URI_SCHEMES):
         with tempfile.TemporaryDirectory(prefix="smearnet-model-") as tmp:
-            model_dir = _download(spec, Path(tmp), tracking_uri)
-            serving = _read_json(model_dir / SERVING_FILE)
+            model_dir = _download(spec, Path(tmp), tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                  or workspace.tracking_uri)
+            serving = read_serving(model_dir)
             model = serving_engine(load_trained(model_dir), serving, model_dir)  # ONNX sessions load here
             rule, aggregator = served_rule(model_dir, serving)
         rule_source = "registered with the model"
     elif path.is_dir():
-        model_dir = local_model_dir(path) if (path / "MLmodel").is_file() else path
-        serving = _read_json(model_dir / SERVING_FILE)
+        model_dir = _local_model_dir(path) if (path / "MLmodel").is_file() else path
+        serving = read_serving(model_dir)
         if (model_dir / SERVING_FILE).is_file():
             rule, aggregator = served_rule(model_dir, serving)
             rule_source = "registered with the model"
         else:  # a workspace's models/<name>: the workspace's engine and measured rule
-            serving["inference"] = _workspace_inference()
-            rule, aggregator = _workspace_rule()
-            rule_source = str(WORKSPACE_RULE / RULE_FILE)
+            serving["inference"] = workspace.inference
+            rule, aggregator = _workspace_rule(workspace.rule_dir)
+            rule_source = str(workspace.rule_dir / RULE_FILE)
         model = serving_engine(load_trained(model_dir), serving, model_dir)
     else:
         raise SmearnetError(f"--model {spec!r} is neither a model URI nor an existing folder.",
@@ -132,32 +158,27 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int = 32, progress: bool = True,
                   skipped_files: list[str] | None = None) -> Prediction:
-    """Classify every cell (bad images become rows with `error`), then call each smear with the model's rule."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from smearnet.data.decode import load_rgb
-
+    """Classify every cell, `batch_size` decoded at a time (bad images become rows with `error`), then call each
+    smear with the model's rule."""
     classes = loaded.model.classes
-    chunks, features, errors = [], [], []
+    errors: list[str] = []
     with tqdm(total=len(cells), desc="classify cells", unit="img", disable=not progress) as bar:
-        for start in range(0, len(cells), batch_size):
-            images: list[Image.Image | None] = []
-            for path in cells["path"].iloc[start:start + batch_size]:
-                try:
-                    images.append(load_rgb(Path(path)))
-                    errors.append("")
-                except SmearnetError as err:
-                    images.append(None)
-                    errors.append(err.what.replace(f"Cannot load image {path}: ", "").rstrip("."))
-            probabilities, embeddings = cell_outputs_for_images(loaded.model, images, embeddings=loaded.rule.uses_mil)
-            chunks.append(probabilities)
-            if embeddings is not None:
-                features.append(embeddings)
-            bar.update(len(images))
-    probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(classes)), dtype=np.float32)
+        def batches() -> Iterator[list[Image.Image | None]]:
+            for start in range(0, len(cells), batch_size):
+                images: list[Image.Image | None] = []
+                for path in cells["path"].iloc[start:start + batch_size]:
+                    try:
+                        images.append(load_rgb(Path(path)))
+                        errors.append("")
+                    except SmearnetError as err:
+                        images.append(None)
+                        errors.append(err.what.replace(f"Cannot load image {path}: ", "").rstrip("."))
+                yield images
+                bar.update(len(images))
+
+        probabilities, embeddings = classify_in_batches(loaded.model, batches(), embeddings=loaded.rule.uses_mil)
     table, smears = call_cells(loaded.rule, loaded.aggregator, classes, cells["smear_id"], probabilities,
-                               embeddings=np.concatenate(features) if features else None, errors=errors)
+                               embeddings=embeddings, errors=errors)
     table.insert(0, "path", list(cells["path"]))
     if "label" in cells:
         table.insert(2, "label", list(cells["label"]))
@@ -193,8 +214,6 @@ def least_sure(prediction: Prediction, k: int = 10) -> pd.DataFrame:
 
 def to_json(prediction: Prediction) -> dict[str, Any]:
     """The JSON document: model, rule, cells per class, smears and one row per cell (NaN -> null)."""
-    from smearnet.io import json_safe
-
     rule = prediction.loaded.rule
     return json_safe({
         "model": prediction.loaded.source, "positive_class": rule.positive_class, "smear_rule": rule.to_dict(),
@@ -231,8 +250,7 @@ def to_markdown(prediction: Prediction, k: int = 10) -> str:
 def to_html(prediction: Prediction, *, cells_per_smear: int = 6) -> str:
     """A self-contained HTML page: per smear the score against the threshold and the cells that weighed most,
     each with its Grad-CAM heat map of the positive class (`smearnet.explain`)."""
-    from smearnet.explain import explain_smears, smear_report_html
-    from smearnet.data.decode import load_rgb
+    from smearnet.explain import explain_smears, smear_report_html  # heavy (captum): only for --report *.html
 
     rule = prediction.loaded.rule
     smears = prediction.smears.rename(columns={"cells": "n_cells"})
@@ -265,13 +283,12 @@ def _markdown_table(frame: pd.DataFrame, floats: tuple[str, ...] = ()) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
+def _download(uri: str, dst: Path, uri_store: str) -> Path:
+    # MLflow takes seconds to import: only registry URIs and pyfunc folders need it.
     import mlflow
 
-    from smearnet.registry.gate import download_model_dir
-    from smearnet.tracking.runs import check_reachable
+    from smearnet.registry.store import download_model_dir
 
-    uri_store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _workspace_tracking_uri()
     check_reachable(uri_store)
     mlflow.set_tracking_uri(uri_store)
     try:
@@ -282,33 +299,16 @@ def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
                             "and MLFLOW_TRACKING_URI.") from None
 
 
-def _workspace_tracking_uri() -> str:
-    params = Path("params.yaml")
-    if params.is_file():
-        from omegaconf import OmegaConf
+def _local_model_dir(pyfunc_folder: Path) -> Path:
+    from smearnet.registry.store import local_model_dir  # imports MLflow (seconds): only for pyfunc folders
 
-        return str(OmegaConf.load(params).mlflow.tracking_uri)
-    return "sqlite:///mlflow.db"
+    return local_model_dir(pyfunc_folder)
 
 
-def _workspace_rule() -> tuple[SmearRule, MILAggregator | None]:
+def _workspace_rule(rule_dir: Path) -> tuple[SmearRule, MILAggregator | None]:
     """The smear rule the workspace's smear stage measured."""
-    if not (WORKSPACE_RULE / RULE_FILE).is_file():
-        raise SmearnetError(f"This model folder has no smear rule and there is no {WORKSPACE_RULE / RULE_FILE} here.",
+    if not (rule_dir / RULE_FILE).is_file():
+        raise SmearnetError(f"This model folder has no smear rule and there is no {rule_dir / RULE_FILE} here.",
                             "run predict from the pipeline workspace after `dvc repro smear`, or pass a registered "
                             "model (models:/<name>@champion).")
-    return load_rule(WORKSPACE_RULE)
-
-
-def _workspace_inference() -> dict[str, Any] | None:
-    """The `inference` section of the workspace's params.yaml (None: eager fp32)."""
-    if not Path("params.yaml").is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    section = OmegaConf.load("params.yaml").get("inference")
-    return OmegaConf.to_container(section, resolve=True) if section is not None else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return load_rule(rule_dir)
