@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from smearnet.evaluation.benchmark import benchmark_engines, markdown_table, select_model
-from smearnet.config import load_params
+from smearnet.config import stage_params
+from smearnet.evaluation.benchmark import BenchmarkSettings, benchmark_engines, markdown_table, select_model
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
-from smearnet.tracking.runs import revision_tags, setup_mlflow
+from smearnet.tracking.runs import stage_run
 
 COLUMNS = ["model", "arch", "input_size", "device", "engine", "precision", "channels_last", "images", "accuracy",
            "agreement", "total_seconds", "ms_per_image", "images_per_second", "preprocess_ms_per_image",
@@ -19,42 +19,42 @@ COLUMNS = ["model", "arch", "input_size", "device", "engine", "precision", "chan
 def main() -> None:
     import mlflow
 
-    cfg = load_params()
-    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
-    split_manifest = read_table(Path("data/split/manifest.csv"))
-    test = split_manifest[split_manifest["split"] == "test"]
-    train = split_manifest[split_manifest["split"] == "train"]
-    if cfg.benchmark.max_images:
-        test = test.iloc[: int(cfg.benchmark.max_images)]
-    rows, chosen_rows = [], []
-    for name in cfg.train.models:
-        model_rows, chosen = benchmark_engines(Path("models") / name, test, train, cfg.inference, cfg.benchmark,
-                                               seed=int(cfg.seed))
-        rows += model_rows
-        chosen_rows.append(chosen)
-        for row in model_rows:
-            print(f"benchmark {name} {row['engine']}-{row['precision']}: accuracy {row['accuracy']}, "
-                  f"agreement {row.get('agreement', 1.0)}, {row['ms_per_image']} ms/image")
-    selected, reason = select_model(chosen_rows, str(cfg.benchmark.select_by))
-    out = Path("reports/benchmark")
-    write_text(pd.DataFrame(rows).to_csv(index=False), out / "table1.csv")
-    write_text("# Backbone comparison (paper 1, Table 1)\n\n" + markdown_table(rows, COLUMNS)
-               + f"\nSelected: **{selected}**: {reason} (inference engine "
-               f"{cfg.inference.engine}-{cfg.inference.precision}).\n", out / "table1.md")
-    write_json({"selected": selected, "reason": reason, "rule": str(cfg.benchmark.select_by)}, out / "selection.json")
-    write_json({"selected": selected, "models": {r["model"]: {k: r[k] for k in
-                ("accuracy", "agreement", "ms_per_image", "peak_memory_mb", "total_seconds")} for r in chosen_rows}},
-               Path("metrics/benchmark.json"))
-    for row in rows:
-        with mlflow.start_run(run_name=f"benchmark-{row['model']}-{row['engine']}-{row['precision']}",
-                              tags={**revision_tags(experiment=str(cfg.mlflow.experiment)), "stage": "benchmark",
-                                    "backbone": row["model"]}):
-            mlflow.log_params({k: row[k] for k in ("device", "engine", "precision", "channels_last", "input_size",
-                                                   "images", "batch_size")})
-            mlflow.log_metrics({f"test/{k}": row[k] for k in ("accuracy", "agreement", "ms_per_image",
-                                                              "images_per_second", "peak_memory_mb", "total_seconds",
-                                                              "preprocess_ms_per_image", "build_seconds")})
-            mlflow.log_artifacts(str(out), artifact_path="benchmark")
+    params = stage_params("benchmark")
+    with stage_run(params.mlflow, "benchmark") as stage:  # opened before the work: the run spans the stage
+        settings = BenchmarkSettings.from_params(params.benchmark, params.inference, seed=int(params.seed))
+        split_manifest = read_table(Path("data/split/manifest.csv"))
+        test = split_manifest[split_manifest["split"] == "test"]
+        train = split_manifest[split_manifest["split"] == "train"]
+        if settings.max_images:
+            test = test.iloc[: settings.max_images]
+        rows, chosen_rows = [], []
+        for name in params.train.models:
+            model_rows, chosen = benchmark_engines(Path("models") / name, test, train, settings)
+            rows += model_rows
+            chosen_rows.append(chosen)
+            for row in model_rows:
+                print(f"benchmark {name} {row['engine']}-{row['precision']}: accuracy {row['accuracy']}, "
+                      f"agreement {row.get('agreement', 1.0)}, {row['ms_per_image']} ms/image")
+        selected, reason = select_model(chosen_rows, settings.select_by)
+        out = Path("reports/benchmark")
+        write_text(pd.DataFrame(rows).to_csv(index=False), out / "table1.csv")
+        write_text("# Backbone comparison (paper 1, Table 1)\n\n" + markdown_table(rows, COLUMNS)
+                   + f"\nSelected: **{selected}**: {reason} (inference engine "
+                   f"{settings.inference.engine}-{settings.inference.precision}).\n", out / "table1.md")
+        write_json({"selected": selected, "reason": reason, "rule": settings.select_by}, out / "selection.json")
+        write_json({"selected": selected, "models": {r["model"]: {k: r[k] for k in
+                    ("accuracy", "agreement", "ms_per_image", "peak_memory_mb", "total_seconds")} for r in chosen_rows}},
+                   Path("metrics/benchmark.json"))
+        for row in rows:
+            # One nested run per Table 1 row (backbone x engine), under the stage's run: compared side by side.
+            with mlflow.start_run(run_name=f"benchmark-{row['model']}-{row['engine']}-{row['precision']}",
+                                  nested=True, tags={**stage.data.tags, "backbone": row["model"]}):
+                mlflow.log_params({k: row[k] for k in ("device", "engine", "precision", "channels_last", "input_size",
+                                                       "images", "batch_size")})
+                mlflow.log_metrics({f"test/{k}": row[k] for k in ("accuracy", "agreement", "ms_per_image",
+                                                                  "images_per_second", "peak_memory_mb", "total_seconds",
+                                                                  "preprocess_ms_per_image", "build_seconds")})
+                mlflow.log_artifacts(str(out), artifact_path="benchmark")
 
 
 if __name__ == "__main__":

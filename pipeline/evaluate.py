@@ -3,12 +3,13 @@
 import json
 from pathlib import Path
 
-from smearnet.config import load_params
+from smearnet.config import stage_params
 from smearnet.errors import run_cli
 from smearnet.evaluation.cells import evaluate_cells
 from smearnet.models.inference import load_for_inference
 from smearnet.io import read_table, write_json, write_text
-from smearnet.tracking.runs import flatten_metrics, revision_tags, setup_mlflow
+from smearnet.pseudonyms import id_key
+from smearnet.tracking.runs import flatten_metrics, log_dataset, stage_run
 
 OUT = Path("reports/evaluate")
 
@@ -16,22 +17,24 @@ OUT = Path("reports/evaluate")
 def main() -> None:
     import mlflow
 
-    cfg = load_params()
-    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
-    selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
-    split_manifest = read_table(Path("data/split/manifest.csv"))
-    model = load_for_inference(Path("models") / selected, cfg.inference,
-                               split_manifest[split_manifest["split"] == "train"], seed=int(cfg.seed))
-    test = split_manifest[split_manifest["split"] == "test"]
-    positive = str(cfg.evaluation.positive_class)
-    metrics, table = evaluate_cells(model, test, positive, batch_size=int(cfg.evaluation.batch_size),
-                                    confidence=float(cfg.evaluation.confidence), out_dir=OUT)
-    write_text(table.to_csv(index=False), OUT / "predictions.csv")
-    write_json({"model": selected, "engine": model.engine.spec.label, **metrics}, Path("metrics/cell.json"))
-    print(f"evaluate {selected}: cell accuracy {metrics['accuracy']['value']:.4f} on {len(test)} test cells")
+    params = stage_params("evaluate")
+    id_key()  # a missing pseudonym key stops the stage before any work
+    with stage_run(params.mlflow, "evaluate"):  # opened before the work: the run spans the stage
+        selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
+        split_manifest = read_table(Path("data/split/manifest.csv"))
+        model = load_for_inference(Path("models") / selected, params.inference,
+                                   split_manifest[split_manifest["split"] == "train"], seed=int(params.seed))
+        test = split_manifest[split_manifest["split"] == "test"]
+        positive, evaluation = str(params.data.positive_class), params.evaluation
+        metrics, table = evaluate_cells(model, test, positive, batch_size=int(evaluation.batch_size),
+                                        confidence=float(evaluation.confidence),
+                                        n_resamples=int(evaluation.bootstrap_resamples), out_dir=OUT)
+        write_text(table.to_csv(index=False), OUT / "predictions.csv")
+        write_json({"model": selected, "engine": model.engine.spec.label, **metrics}, Path("metrics/cell.json"))
+        mlflow.set_tag("backbone", selected)
+        log_dataset(test, name="test", context="evaluation", source="data/split/manifest.csv")
+        print(f"evaluate {selected}: cell accuracy {metrics['accuracy']['value']:.4f} on {len(test)} test cells")
 
-    with mlflow.start_run(run_name=f"evaluate-{selected}", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
-                                                                 "stage": "evaluate", "backbone": selected}):
         mlflow.log_params({"positive_class": positive, "test_cells": len(test),
                            "inference_engine": model.engine.spec.label})
         mlflow.log_metrics(flatten_metrics(metrics, "cell"))

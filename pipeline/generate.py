@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from smearnet.config import load_params
+from smearnet.config import stage_params
 from smearnet.errors import run_cli
 from smearnet.io import remove_stale_siblings
 from smearnet.data.synthetic import generate_cohort
@@ -11,10 +11,10 @@ OUT = Path("data/synthetic")
 
 
 def main() -> None:
-    cfg = load_params()
-    synthetic = cfg.data.synthetic
+    params = stage_params("generate")
+    synthetic = params.data.synthetic
     remove_stale_siblings(OUT)  # staging folders of a killed earlier run (generate_cohort names them alike)
-    generate_cohort(OUT, scale=float(synthetic.scale), seed=int(cfg.seed),
+    generate_cohort(OUT, scale=float(synthetic.scale), seed=int(params.seed),
                     workers=int(synthetic.workers), image_size=int(synthetic.image_size),
                     jpeg_quality=int(synthetic.jpeg_quality),
                     min_patients_per_group=int(synthetic.min_patients_per_group))

@@ -3,23 +3,26 @@
 import os
 from pathlib import Path
 
-from smearnet.config import load_params
+from smearnet.config import stage_params
 from smearnet.data.sources import load_dataset_manifest
 from smearnet.errors import SmearnetError, run_cli
-from smearnet.data.ingest import IngestResult, validate_manifest, write_ingest_outputs
+from smearnet.data.ingest import validate_manifest
+from smearnet.data.ingest_report import IngestResult, write_ingest_outputs
 from smearnet.io import atomic_directory, write_json
 
 OUT = Path("data/ingested")
 
 
 def main() -> None:
-    cfg = load_params()
-    manifest = load_dataset_manifest(cfg.data)
+    params = stage_params("ingest")
+    manifest = load_dataset_manifest(params.data)
     # The four outputs replace data/ingested together: a killed run leaves the previous version whole.
     with atomic_directory(OUT) as staging:
-        result = validate_manifest(manifest, list(cfg.data.classes), min_size=int(cfg.ingest.min_size),
-                                   max_pixels=int(cfg.ingest.max_pixels), on_bad_row=str(cfg.ingest.on_bad_row),
-                                   duplicates=str(cfg.ingest.duplicates), workers=int(cfg.ingest.workers))
+        ingest = params.ingest
+        result = validate_manifest(manifest, list(params.data.classes), min_size=int(ingest.min_size),
+                                   max_pixels=int(ingest.max_pixels), on_bad_row=str(ingest.on_bad_row),
+                                   duplicates=str(ingest.duplicates), confine=bool(params.data.confine),
+                                   workers=int(ingest.workers))
         refuse_inputs_inside(result, OUT)
         if result.report.get("manifest"):  # the report must not depend on where the project is checked out
             result.report["manifest"] = project_relative(result.report["manifest"])

@@ -3,34 +3,40 @@
 import json
 from pathlib import Path
 
-from smearnet.config import load_params, registered_model_name
+from smearnet.config import plain, registered_model_name, stage_params
 from smearnet.errors import run_cli
-from smearnet.io import read_table, write_json, write_text
-from smearnet.io import json_safe
-from smearnet.registry.gate import (GATE_METRICS, PromotionCriteria, RegisterInputs, decision_markdown, dvc_revision_tags,
-                               register_and_gate)
-from smearnet.tracking.runs import revision_tags, setup_mlflow
+from smearnet.io import json_safe, read_table, write_json, write_text
+from smearnet.registry.gate import GATE_METRICS, PromotionCriteria, decision_markdown
+from smearnet.registry.package import ServingLimits
+from smearnet.registry.provenance import dvc_revision_tags
+from smearnet.registry.register import RegisterInputs, register_and_gate
+from smearnet.pseudonyms import id_key
+from smearnet.tracking.runs import setup_mlflow, stage_tags
 
 OUT = Path("reports/register")
 RULE = Path("reports/smear")  # the rule the smear stage measured: packaged with the version
 
 
 def main() -> None:
-    cfg = load_params()
+    params = stage_params("register")
     selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
-    registry = cfg.registry
-    model_name = registered_model_name(registry, cfg.data)
-    setup_mlflow(cfg.mlflow)
-    tags = {**revision_tags(experiment=str(cfg.mlflow.experiment)), **dvc_revision_tags(Path("dvc.lock"), selected)}
+    registry = params.registry
+    model_name = registered_model_name(registry, params.data)
+    id_key()  # a missing pseudonym key stops the stage before any work
+    setup_mlflow(params.mlflow)
+    # The register run nests under the pipeline execution's parent run (stage_tags carries mlflow.parentRunId).
+    tags = {**stage_tags(params.mlflow, "register"), **dvc_revision_tags(Path("dvc.lock"), selected)}
     blind = json.loads((RULE / "blind_smears.json").read_text())["blind_smear_ids"] \
         if str(registry.sensitivity_smears) == "blind" else None
     decision = register_and_gate(RegisterInputs(
         model_dir=Path("models") / selected, backbone=selected, model_name=model_name,
-        experiment=str(cfg.mlflow.experiment), rule_dir=RULE, criteria=PromotionCriteria.from_config(registry.promote_if),
-        split_manifest=read_table(Path("data/split/manifest.csv")), compose=cfg.smear.compose, blind_smear_ids=blind,
-        batch_size=int(cfg.evaluation.batch_size), confidence=float(cfg.evaluation.confidence),
-        n_resamples=int(cfg.smear.bootstrap_resamples), seed=int(cfg.seed), extra_tags=tags,
-        inference=cfg.inference))
+        experiment=str(params.mlflow.experiment), rule_dir=RULE,
+        criteria=PromotionCriteria.from_config(plain(registry.promote_if)),
+        split_manifest=read_table(Path("data/split/manifest.csv")), compose=plain(params.smear.compose),
+        blind_smear_ids=blind, batch_size=int(params.evaluation.batch_size),
+        confidence=float(params.evaluation.confidence), n_resamples=int(params.smear.bootstrap_resamples),
+        seed=int(params.seed), extra_tags=tags, inference=plain(params.inference),
+        serving_limits=ServingLimits.from_config(plain(params.serving))))
     write_json(json_safe(decision), OUT / "decision.json")
     write_text(decision_markdown(decision), OUT / "decision.md")
     write_json(json_safe({"version": int(decision["version"]), "promoted": decision["promoted"],

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from smearnet.config import load_params
+from smearnet.config import stage_params
 from smearnet.errors import run_cli
 from smearnet.io import write_json, write_text
 from smearnet.evaluation.plots import roc_png, roc_records
 from smearnet.smear import load_rule, measure_rule, save_rule
-from smearnet.tracking.runs import flatten_metrics, revision_tags, setup_mlflow
+from smearnet.tracking.runs import flatten_metrics, stage_run
 
 AGGREGATE = Path("reports/aggregate")
 OUT = Path("reports/smear")
@@ -24,34 +24,32 @@ OUT = Path("reports/smear")
 def main() -> None:
     import mlflow
 
-    cfg = load_params()
-    setup_mlflow(cfg.mlflow)  # fail fast, before any work, when the tracking server is unreachable
-    proposed, aggregator = load_rule(AGGREGATE)
-    proposal = json.loads((AGGREGATE / "selection.json").read_text())
-    classes, smears_from = proposal["classes"], proposal["smears_from"]
-    cells = pd.read_csv(AGGREGATE / "evaluation_cells.csv", dtype={"smear_id": str, "label": str, "predicted": str})
-    embeddings = np.load(AGGREGATE / "evaluation_embeddings.npy") if proposed.uses_mil else None
-    s = cfg.smear
-    measured = measure_rule(proposed, cells, classes, selection=str(s.threshold_selection), embeddings=embeddings,
-                            aggregator=aggregator, selection_fraction=float(s.selection_fraction), folds=int(s.folds),
-                            fixed=float(s.fixed_threshold), seed=int(cfg.seed),
-                            confidence=float(cfg.evaluation.confidence), n_resamples=int(s.bootstrap_resamples))
-    result, rule = measured.result, measured.rule
-    roc = result["roc"]
-    write_text(pd.DataFrame(roc_records(roc["fpr"], roc["tpr"], roc["thresholds"])).to_csv(index=False),
-               OUT / "roc.csv")
-    write_text(measured.calls.to_csv(index=False), OUT / "smears.csv")
-    save_rule(rule, OUT, aggregator)
-    write_json({"blind_smear_ids": measured.blind_smear_ids}, OUT / "blind_smears.json")
-    roc_png({rule.score: {"fpr": roc["fpr"], "tpr": roc["tpr"], "auc": result["auc"]["value"]}},
-            OUT / "roc.png", title=f"Smear-level ROC ({result['n_smears']} smears, {rule.score})")
-    write_json({"smears_from": smears_from, **{k: v for k, v in result.items() if k not in ("roc", "excluded_smear_ids")}},
-               Path("metrics/smear.json"))
-    print(f"smear: {rule.describe()}; AUC {result['auc']['value']:.3f} over {result['n_smears']} smears "
-          f"(threshold: {rule.threshold_from})")
+    params = stage_params("smear")
+    with stage_run(params.mlflow, "smear"):  # opened before the work: the run spans the stage
+        proposed, aggregator = load_rule(AGGREGATE)
+        proposal = json.loads((AGGREGATE / "selection.json").read_text())
+        classes, smears_from = proposal["classes"], proposal["smears_from"]
+        cells = pd.read_csv(AGGREGATE / "evaluation_cells.csv", dtype={"smear_id": str, "label": str, "predicted": str})
+        embeddings = np.load(AGGREGATE / "evaluation_embeddings.npy") if proposed.uses_mil else None
+        s = params.smear
+        measured = measure_rule(proposed, cells, classes, selection=str(s.threshold_selection), embeddings=embeddings,
+                                aggregator=aggregator, selection_fraction=float(s.selection_fraction), folds=int(s.folds),
+                                fixed=float(s.fixed_threshold), seed=int(params.seed),
+                                confidence=float(params.evaluation.confidence), n_resamples=int(s.bootstrap_resamples))
+        result, rule = measured.result, measured.rule
+        roc = result["roc"]
+        write_text(pd.DataFrame(roc_records(roc["fpr"], roc["tpr"], roc["thresholds"])).to_csv(index=False),
+                   OUT / "roc.csv")
+        write_text(measured.calls.to_csv(index=False), OUT / "smears.csv")
+        save_rule(rule, OUT, aggregator)
+        write_json({"blind_smear_ids": measured.blind_smear_ids}, OUT / "blind_smears.json")
+        roc_png({rule.score: {"fpr": roc["fpr"], "tpr": roc["tpr"], "auc": result["auc"]["value"]}},
+                OUT / "roc.png", title=f"Smear-level ROC ({result['n_smears']} smears, {rule.score})")
+        write_json({"smears_from": smears_from, **{k: v for k, v in result.items() if k not in ("roc", "excluded_smear_ids")}},
+                   Path("metrics/smear.json"))
+        print(f"smear: {rule.describe()}; AUC {result['auc']['value']:.3f} over {result['n_smears']} smears "
+              f"(threshold: {rule.threshold_from})")
 
-    with mlflow.start_run(run_name="smear", tags={**revision_tags(experiment=str(cfg.mlflow.experiment)),
-                                                  "stage": "smear"}):
         mlflow.log_params({**{k: str(v) for k, v in s.items()}, "deployed_score": rule.score})
         mlflow.log_metrics(flatten_metrics({k: v for k, v in result.items() if k not in ("roc", "deployed_rule")}, "smear"))
         mlflow.log_artifacts(str(OUT), artifact_path="smear")

@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
-from smearnet.config import load_params
+from smearnet.config import stage_params
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_manifest
 from smearnet.data.split import split_by_patient, split_summary
 
 
 def main() -> None:
-    cfg = load_params()
+    params = stage_params("split")
     manifest = read_table(Path("data/ingested/manifest.csv"))
-    split_manifest = split_by_patient(manifest, cfg.split, seed=int(cfg.seed))
+    split_manifest = split_by_patient(manifest, params.split, seed=int(params.seed))
     write_manifest(split_manifest, Path("data/split/manifest.csv"))
     write_json(split_summary(split_manifest), Path("metrics/split.json"))
 

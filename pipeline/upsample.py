@@ -5,21 +5,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from smearnet.config import load_params
+from smearnet.config import stage_params
 from smearnet.errors import run_cli
 from smearnet.io import atomic_directory, read_table, write_json, write_manifest
 from smearnet.data.upsample import materialise, plan_upsampling, upsample_summary
 
 
 def main() -> None:
-    cfg = load_params()
+    params = stage_params("upsample")
     split_manifest = read_table(Path("data/split/manifest.csv"))
     train = split_manifest[split_manifest["split"] == "train"]
-    classes = list(cfg.data.classes)
-    per_class = int(cfg.augment.per_class)
-    plan = plan_upsampling(train, classes, per_class, seed=int(cfg.seed))
+    classes = list(params.data.classes)
+    augment = params.augment
+    per_class = int(augment.per_class)
+    plan = plan_upsampling(train, classes, per_class, seed=int(params.seed))
     with atomic_directory(Path("data/upsampled")) as out_dir:
-        created = materialise(plan, out_dir, cfg.augment, workers=int(cfg.augment.workers))
+        created = materialise(plan, out_dir, augment, workers=int(augment.workers))
         originals = train.assign(augmented_from="")[list(created.columns)]
         upsampled = pd.concat([originals, created], ignore_index=True)
         write_manifest(upsampled, out_dir / "manifest.csv")

@@ -12,6 +12,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Pseudonyms need a key; the tests share one (tests/test_pseudonyms.py checks the key file and CI rules).
+os.environ.setdefault("SMEARNET_ID_SALT", "smearnet-tests-key")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PBC_DIR = Path(os.environ.get("SMEARNET_PBC_DIR", REPO_ROOT.parent / "shared" / "data" / "pbc"))

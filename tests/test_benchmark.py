@@ -58,3 +58,42 @@ def test_selection_highest_accuracy_then_shorter_time():
 def test_markdown_table_has_header_and_rows():
     text = markdown_table([{"model": "a", "accuracy": 0.9}], ["model", "accuracy"])
     assert text.splitlines() == ["| model | accuracy |", "|---|---|", "| a | 0.9 |"]
+
+
+INFERENCE = {"engine": "eager", "precision": "bf16", "channels_last": True, "batch_size": 8, "tta": False,
+             "cache_dir": ".cache/engines", "calibration_images": 64}
+BENCHMARK = {"engines": [], "warmup": 0, "repeats": 1, "max_images": None, "select_by": "accuracy_then_time"}
+
+
+def test_benchmark_settings_time_eager_fp32_then_extra_engines_then_the_configured_one():
+    from pathlib import Path
+
+    from smearnet.evaluation.benchmark import BenchmarkSettings
+
+    extra = [{"engine": "eager", "precision": "bf16"}, {"engine": "onnxruntime", "precision": "fp32", "batch_size": 4},
+             {"engine": "eager", "precision": "bf16", "channels_last": True}]  # the last one is the configured one
+    settings = BenchmarkSettings.from_params({**BENCHMARK, "engines": extra, "max_images": 50}, INFERENCE, seed=3)
+    assert settings.specs == [EngineSpec(batch_size=8), EngineSpec(precision="bf16", batch_size=8),
+                              EngineSpec(engine="onnxruntime", batch_size=4),
+                              EngineSpec(precision="bf16", channels_last=True, batch_size=8)]
+    assert settings.inference == settings.specs[-1] and settings.max_images == 50
+    assert (settings.cache_dir, settings.calibration_images, settings.seed) == (Path(".cache/engines"), 64, 3)
+    with pytest.raises(AttributeError):
+        settings.repeats = 5
+    with pytest.raises(SmearnetError, match="inference.engine"):
+        BenchmarkSettings.from_params({**BENCHMARK, "engines": [{"engine": "tensorrt"}]}, INFERENCE, seed=0)
+
+
+def test_benchmark_engines_rows_for_one_model(tmp_path):
+    from workspace import random_model
+
+    from smearnet.evaluation.benchmark import BenchmarkSettings, benchmark_engines
+
+    model_dir = random_model(tmp_path / "model", seed=0)
+    cells = colour_cells(tmp_path / "cells", ["red", "green", "blue"] * 3, [f"p{i}" for i in range(9)], size=40)
+    settings = BenchmarkSettings.from_params(BENCHMARK, {**INFERENCE, "precision": "fp32", "channels_last": False},
+                                             seed=0)
+    rows, chosen = benchmark_engines(model_dir, cells, cells, settings)
+    assert len(rows) == 1 and chosen is rows[0]  # the configured engine is the eager fp32 reference itself
+    assert chosen["engine"] == "eager" and chosen["precision"] == "fp32" and chosen["agreement"] == 1.0
+    assert chosen["images"] == 9 and "probabilities" not in chosen

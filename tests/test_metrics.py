@@ -184,3 +184,29 @@ def test_json_safe_replaces_non_finite_values():
         "b": [1.5, None],
         "c": 3,
     }
+
+
+def test_evaluate_cells_draws_the_configured_bootstrap_resamples(tmp_path, monkeypatch):
+    """`evaluation.bootstrap_resamples` reaches the macro-F1 interval (it used to be a fixed 500)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from smearnet.evaluation import cells as cells_module
+
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 4, 120)
+    probabilities = rng.dirichlet(np.ones(4), 120)
+    probabilities[np.arange(80), y_true[:80]] += 1.0
+    monkeypatch.setattr(cells_module, "predict_probabilities", lambda *args, **kwargs: probabilities)
+    model = SimpleNamespace(name="toy", classes=CLASSES)
+    cells = pd.DataFrame({"path": [f"c{i}.png" for i in range(120)], "label": [CLASSES[i] for i in y_true],
+                          "smear_id": [f"s{i}" for i in range(120)]})
+    intervals = []
+    for n_resamples in (20, 500):
+        metrics, table = cells_module.evaluate_cells(model, cells, "covid_rl", batch_size=4, confidence=0.9,
+                                                     n_resamples=n_resamples, out_dir=tmp_path)
+        assert metrics["macro_f1"] == cell_metrics(y_true, probabilities, CLASSES, "covid_rl", 0.9,
+                                                   n_resamples=n_resamples)["macro_f1"]
+        intervals.append((metrics["macro_f1"]["low"], metrics["macro_f1"]["high"]))
+    assert intervals[0] != intervals[1] and len(table) == 120 and (tmp_path / "confusion.png").is_file()

@@ -62,12 +62,12 @@ def test_the_pbc_recipe_trains_on_real_cells_and_serves_the_same_preprocessing(p
     import json
 
     from smearnet.models.inference import load_for_inference, predict_probabilities
-    from smearnet.models.training import train_backbone
+    from smearnet.models.training import TrainSettings, train_backbone
 
     cfg = compose_config(["experiment=pbc", f"data.root={pbc_sample}", "train.cycles=2", "train.batch_size=8",
                           "model.resnet18.input_size=[48,48]", "registry.model_name=test-pbc-recipe"])
     manifest = manifest_from_folder(pbc_sample)
-    metrics = train_backbone(cfg, "resnet18", manifest, manifest.iloc[::4], tmp_path / "model", tmp_path / "ckpt",
+    metrics = train_backbone(TrainSettings.from_params(cfg, "resnet18"), manifest, manifest.iloc[::4], tmp_path / "model", tmp_path / "ckpt",
                              progress=False)
     assert metrics["epochs"] == 2 and metrics["global_steps"] == 2 * 4 and metrics["best_val_loss"] > 0
     spec = json.loads((tmp_path / "model" / "model.json").read_text())["input_spec"]

@@ -65,11 +65,11 @@ def smear_calls_of_the_pipeline(project: Path) -> dict[str, str]:
 def assessment_cells(project: Path):
     """The assessment cells with their smears' pseudonyms (the ids the smear stage writes)."""
     from smearnet.io import read_table
-    from smearnet.tracking.runs import hash_patient_id
+    from smearnet.pseudonyms import pseudonym
 
     split = read_table(project / "data/split/manifest.csv")
     cells = split[split["split"] == "assessment"]
-    return cells.assign(smear_id=[hash_patient_id(s) for s in cells["smear_id"]])[["path", "smear_id"]]
+    return cells.assign(smear_id=[pseudonym(s) for s in cells["smear_id"]])[["path", "smear_id"]]
 
 
 def calls_of_predict(project: Path, model_uri: str, env: dict) -> dict[str, str]:
@@ -128,10 +128,55 @@ def without_the_venv_on_path(env: dict) -> dict:
     return {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv_bin)}
 
 
+def pseudonyms_in_files_git_would_track(project: Path, env: dict) -> list[str]:
+    """Every pseudonym (``pt-`` + 16 hex) in a file git tracks or would track (not ignored) in `project`."""
+    import re
+
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], project, env).stdout.split()
+    pattern = re.compile(r"pt-[0-9a-f]{16}")
+    hits = []
+    for name in listed:
+        path = project / name
+        if path.is_file() and not name.startswith(("src/", "pipeline/", "conf/")):
+            hits += [f"{name}: {match}" for match in pattern.findall(path.read_text(errors="replace"))]
+    return hits
+
+
+def assert_one_parent_run_with_nested_stages(tracking_uri: str, experiment_name: str) -> None:
+    """One pipeline execution is one parent run; each stage that ran is a run nested under it, spanning its
+    work; training logs its datasets as inputs with their digests."""
+    import mlflow
+
+    from smearnet.tracking.runs import PARENT_TAG, PIPELINE_TAG
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(PARENT_TAG) == "true"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {r.data.tags.get("stage") for r in children} >= {"train", "benchmark", "evaluate", "aggregate", "smear",
+                                                            "report", "register"}
+    assert len(children) == len(runs) - 1, "every run is nested under the execution's parent"
+    assert all(r.data.tags[PIPELINE_TAG] == parent.data.tags[PIPELINE_TAG] for r in children)
+    assert all(r.data.tags["git_dirty"] == "false" for r in runs), "stage outputs must not make the tree dirty"
+    train = next(r for r in children if r.data.tags.get("stage") == "train")
+    inputs = {d.dataset.name: d.dataset.digest for d in train.inputs.dataset_inputs}
+    assert {"train", "val"} <= set(inputs) and all(inputs.values())
+    evaluate = next(r for r in children if r.data.tags.get("stage") == "evaluate")
+    assert evaluate.info.end_time - evaluate.info.start_time > 500, "the evaluate run spans the stage's work"
+
+
+@pytest.mark.slow
 def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     import mlflow
 
-    project = make_project(tmp_path, TINY)
+    from smearnet.io import read_table
+    from workspace import patient_ids, scan_mlflow_for
+
+    experiment = f"e2e-{tmp_path.name}"
+    project = make_project(tmp_path, [*TINY, f"mlflow.experiment={experiment}"])
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q"], project, pipeline_env)
     run(["git", "add", "-A"], project, pipeline_env)
@@ -165,6 +210,13 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     shown = run([*dvc, "metrics", "show"], project, pipeline_env).stdout
     assert "metrics/cell.json" in shown and "metrics/smear.json" in shown
 
+    # Privacy: no pseudonym in a file git tracks, no raw patient or smear id anywhere in MLflow.
+    assert pseudonyms_in_files_git_would_track(project, pipeline_env) == []
+    identifiers = patient_ids(read_table(project / "data/split/manifest.csv"))
+    mlflow.set_tracking_uri(pipeline_env["MLFLOW_TRACKING_URI"])
+    assert scan_mlflow_for(identifiers, tmp_path / "download") == []
+    assert_one_parent_run_with_nested_stages(pipeline_env["MLFLOW_TRACKING_URI"], experiment)
+
     mlflow.set_tracking_uri(pipeline_env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'evaluate'")
     assert len(runs) >= 1
@@ -174,7 +226,8 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     scores = {assert_round_trip(project, pipeline_env, "pipeline-test")}
     from smearnet.cli import compose_params
 
-    compose_params([*TINY, "smear.score=share_predicted_positive"], project / "params.yaml")
+    compose_params([*TINY, f"mlflow.experiment={experiment}", "smear.score=share_predicted_positive"],
+                   project / "params.yaml")
     rerun = run([*dvc, "repro"], project, pipeline_env).stdout
     assert "Stage 'train@resnet18' didn't change" in rerun and "Running stage 'aggregate'" in rerun
     scores.add(assert_round_trip(project, pipeline_env, "pipeline-test"))

@@ -263,7 +263,7 @@ def test_params_from_the_composed_configuration():
     cfg = compose_config([])
     params = AggregateParams.from_config(cfg.aggregate, cfg.smear.compose, cfg.evaluation.confidence)
     assert params.design.target_cells == (1, 3) and params.lookalike_classes == ("classic_rl",)
-    assert set(params.lookalike_classes) <= set(cfg.data.classes) and cfg.evaluation.positive_class in cfg.data.classes
+    assert set(params.lookalike_classes) <= set(cfg.data.classes) and cfg.data.positive_class in cfg.data.classes
     with pytest.raises(SmearnetError, match="folds"):
         AggregateParams(folds=1)
     with pytest.raises(SmearnetError, match="tie_tolerance"):

@@ -7,8 +7,9 @@ from conftest import colour_cells
 from smearnet.config import compose_config
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.errors import SmearnetError
-from smearnet.models.training import (CellClassifier, build_optimizer, build_schedule, reset_checkpoint_dir,
-                               resumable_checkpoint, run_fingerprint, train_backbone, triangular_cyclic_lr)
+from smearnet.models.training import (CellClassifier, TrainRecipe, TrainSettings, build_optimizer, build_schedule,
+                                      reset_checkpoint_dir, resumable_checkpoint, run_fingerprint, train_backbone,
+                                      triangular_cyclic_lr)
 
 RECIPE = {"lr_min": 1e-4, "lr_max": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}
 
@@ -72,13 +73,30 @@ def test_checkpoint_is_resumed_only_for_the_same_run(tmp_path):
     assert not (folder / "last.ckpt").exists()
 
 
-def tiny_config(registry_name="test-training", **train):
+def tiny_settings(*overrides: str) -> TrainSettings:
     cfg = compose_config(["model=resnet18", "model.resnet18.input_size=[32,32]", "data.classes=[red,green,blue]",
-                          "train.batch_size=8", "train.cycles=3", "trainer.deterministic=true",
-                          f"registry.model_name={registry_name}"])
-    for key, value in train.items():
-        cfg.train[key] = value
-    return cfg
+                          "train.batch_size=8", "train.cycles=3", "trainer.deterministic=true", *overrides])
+    return TrainSettings.from_params(cfg, "resnet18")
+
+
+def test_train_settings_are_parsed_once_and_frozen():
+    settings = tiny_settings("train.betas=[0.8,0.99]", "trainer.devices=[0,1]")
+    assert settings.backbone == "resnet18" and settings.model["name"] == "resnet18"
+    assert settings.classes == ("red", "green", "blue") and settings.seed == 42
+    assert settings.recipe.betas == (0.8, 0.99) and settings.recipe.to_dict()["betas"] == [0.8, 0.99]
+    assert settings.trainer.devices == (0, 1) and settings.trainer.to_dict()["devices"] == [0, 1]
+    assert set(settings.mlflow) == {"tracking_uri", "experiment"}
+    assert "models" not in settings.recipe.to_dict()  # adding a backbone changes no other backbone's settings
+    with pytest.raises(AttributeError):
+        settings.seed = 1
+    with pytest.raises(SmearnetError, match="Backbone `vit_huge` is not configured"):
+        TrainSettings.from_params(compose_config([]), "vit_huge")
+    assert TrainRecipe.from_mapping({"batch_size": 4, "cycles": 1, "lr_min": 0.1, "lr_max": 1}).optimizer == "adam"
+
+
+def test_the_run_fingerprint_ignores_the_other_backbones():
+    one, two = tiny_settings(), tiny_settings("model=[resnet18,lightcnn]")
+    assert one == two  # so train@resnet18 resumes (and DVC keeps it) when lightcnn is added
 
 
 @pytest.fixture
@@ -93,8 +111,7 @@ def test_train_backbone_learns_and_logs_its_weights_with_the_run(colour_split, t
     import mlflow
 
     train, val = colour_split
-    metrics = train_backbone(tiny_config(), "resnet18", train, val, tmp_path / "model", tmp_path / "ckpt",
-                             progress=False)
+    metrics = train_backbone(tiny_settings(), train, val, tmp_path / "model", tmp_path / "ckpt", progress=False)
     assert metrics["val_accuracy"] >= 0.9 and metrics["global_steps"] == 3 * 6
     model = load_trained(tmp_path / "model")
     probabilities = predict_probabilities(model, val, progress=False)
@@ -107,3 +124,10 @@ def test_train_backbone_learns_and_logs_its_weights_with_the_run(colour_split, t
     assert {"model_dir/weights.safetensors", "model_dir/model.json"} <= logged
     # Only the register stage registers a version (the selected backbone with its smear rule).
     assert not mlflow.MlflowClient().search_model_versions("name='test-training-resnet18'")
+
+    # The same run again resumes from last.ckpt (loaded weights-only: tensors and plain values, no pickled code).
+    again = train_backbone(tiny_settings(), train, val, tmp_path / "model", tmp_path / "ckpt", progress=False)
+    assert again["resumed"] is True and again["global_steps"] == metrics["global_steps"]
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["mlflow_run_id"] == meta["mlflow_run_id"]
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert "models" not in checkpoint["hyper_parameters"]["train_cfg"]

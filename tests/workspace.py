@@ -66,7 +66,7 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
     """A folder holding exactly what the register stage reads: params, selection, smear metrics, model, split."""
     from smearnet.cli import compose_params
     from smearnet.io import write_json, write_manifest
-    from smearnet.tracking.runs import hash_patient_id
+    from smearnet.pseudonyms import pseudonym
 
     root.mkdir(parents=True, exist_ok=True)
     compose_params([*OVERRIDES, f"registry.model_name={model_name}", *extra], root / "params.yaml")
@@ -75,7 +75,7 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
     random_model(root / "models/resnet18", seed)
     write_json({"selected": "resnet18", "reason": "only model", "rule": "accuracy_then_time"},
                root / "reports/benchmark/selection.json")
-    blind = sorted({hash_patient_id(s) for s in split.loc[split["split"] == "assessment", "smear_id"]})[::2]
+    blind = sorted({pseudonym(s) for s in split.loc[split["split"] == "assessment", "smear_id"]})[::2]
     write_rule(root / "reports/smear", threshold)
     write_json({"blind_smear_ids": blind}, root / "reports/smear/blind_smears.json")
     return root

@@ -77,8 +77,8 @@ def _key_from_file(path: Path) -> bytes:
         key = path.read_text(encoding="utf-8").strip().encode()
         if not key:
             raise SmearnetError(f"The pseudonym key file {path} is empty.",
-                                f"restore it from your backup, or delete it to generate a new key (models made "
-                                f"with the old key can then no longer be compared by the gate).")
+                                "restore it from your backup, or delete it to generate a new key (models made "
+                                "with the old key can then no longer be compared by the gate).")
         return key
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
         raise SmearnetError(f"No key for patient pseudonyms in CI ({KEY_ENV} is not set).",

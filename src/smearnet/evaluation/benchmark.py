@@ -5,7 +5,10 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,6 +17,7 @@ import torch
 
 from smearnet.data.loaders import make_loader
 from smearnet.errors import SmearnetError
+from smearnet.models.engines import EngineSpec
 from smearnet.models.inference import TrainedModel, predict_probabilities
 
 
@@ -57,8 +61,6 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int,
     user waits for them) and also alone (`preprocess_ms_per_image`; pass `preprocess_ms` when already measured
     for these cells), so a slow image pipeline shows.
     """
-    from smearnet.models.engines import EngineSpec
-
     if manifest.empty:
         raise SmearnetError("The benchmark split holds no cells.", "check data/split/manifest.csv (test split).")
     spec = model.engine.spec if model.engine is not None else EngineSpec()
@@ -184,23 +186,60 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
     return rows
 
 
-def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame, inference_cfg, benchmark_cfg, *,
-                      seed: int = 0) -> tuple[list[dict], dict]:
-    """Table 1 rows for one trained model: eager fp32 (the reference) and every engine of `benchmark.engines`
-    plus the configured `inference` engine, all in one run so their ratios are meaningful on a noisy machine.
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What the benchmark stage reads, parsed once: the configured inference engine (`inference`), the extra
+    engines to time beside it and how (`benchmark`), and the seed that draws int8 calibration cells."""
+
+    inference: EngineSpec = field(default_factory=EngineSpec)
+    engines: tuple[EngineSpec, ...] = ()  # `benchmark.engines`: extra rows, each checked like `inference`
+    warmup: int = 1
+    repeats: int = 2
+    max_images: int | None = None         # None: the whole test split
+    select_by: str = "accuracy_then_time"
+    cache_dir: Path | None = None         # `inference.cache_dir`: ONNX exports and int8 programs
+    calibration_images: int = 128         # `inference.calibration_images`: int8 only
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, benchmark: Mapping[str, Any], inference: Mapping[str, Any], *, seed: int) -> BenchmarkSettings:
+        """From the `benchmark` and `inference` sections; an extra engine without a batch size takes the configured
+        engine's."""
+        from smearnet.models.engines import engine_spec
+
+        configured = engine_spec(inference)
+        extra = tuple(engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size))
+                      for entry in (benchmark.get("engines") or []))
+        max_images = benchmark.get("max_images")
+        cache_dir = inference.get("cache_dir")
+        return cls(inference=configured, engines=extra, warmup=int(benchmark["warmup"]),
+                   repeats=int(benchmark["repeats"]), max_images=int(max_images) if max_images else None,
+                   select_by=str(benchmark["select_by"]), cache_dir=Path(cache_dir) if cache_dir else None,
+                   calibration_images=int(inference.get("calibration_images", 128)), seed=int(seed))
+
+    @property
+    def specs(self) -> list[EngineSpec]:
+        """The engines timed, in order: eager fp32 (the reference), the extra engines, the configured one."""
+        specs = [EngineSpec(batch_size=self.inference.batch_size)]
+        for spec in (*self.engines, self.inference):
+            if spec not in specs:
+                specs.append(spec)
+        return specs
+
+
+def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame,
+                      settings: BenchmarkSettings) -> tuple[list[dict], dict]:
+    """Table 1 rows for one trained model: eager fp32 (the reference), every extra engine and the configured
+    `inference` engine, all in one run so their ratios are meaningful on a noisy machine; int8 engines calibrate on
+    `train` cells.
 
     Returns (rows, the configured engine's row). Each row carries `agreement` with eager fp32.
     """
-    from smearnet.models.engines import EngineSpec, engine_spec
-    from smearnet.models.inference import engine_inputs, load_trained
+    from smearnet.models.inference import calibration_batches, load_trained
 
     model = load_trained(model_dir)
-    configured = engine_spec(inference_cfg)
-    specs = [EngineSpec(batch_size=configured.batch_size)]
-    for entry in [*(benchmark_cfg.get("engines") or []), inference_cfg]:
-        spec = engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size))
-        if spec not in specs:
-            specs.append(spec)
-    rows = benchmark_specs(model, specs, test, warmup=int(benchmark_cfg.warmup), repeats=int(benchmark_cfg.repeats),
-                           **engine_inputs(model, inference_cfg, train, seed=seed))
-    return rows, rows[specs.index(configured)]
+    specs = settings.specs
+    calibration = calibration_batches(model, train, images=settings.calibration_images, seed=settings.seed)
+    rows = benchmark_specs(model, specs, test, warmup=settings.warmup, repeats=settings.repeats,
+                           cache_dir=settings.cache_dir, calibration=calibration)
+    return rows, rows[specs.index(settings.inference)]

@@ -14,12 +14,13 @@ from smearnet.evaluation.plots import confusion_matrix_png
 
 
 def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str, *, batch_size: int,
-                   confidence: float, out_dir: Path) -> tuple[dict, pd.DataFrame]:
-    """Predict every cell, compute the cell metrics and draw the confusion matrices into `out_dir`."""
+                   confidence: float, n_resamples: int, out_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """Predict every cell, compute the cell metrics (`n_resamples` bootstrap resamples for the macro-F1 interval)
+    and draw the confusion matrices into `out_dir`."""
     probabilities = predict_probabilities(model, cells, batch_size=batch_size, desc="evaluate")
     table = predictions_table(cells, probabilities, model.classes)
     y_true = class_indices(cells["label"], model.classes)
-    metrics = cell_metrics(y_true, probabilities, model.classes, positive_class, confidence)
+    metrics = cell_metrics(y_true, probabilities, model.classes, positive_class, confidence, n_resamples=n_resamples)
     matrix = metrics["confusion_matrix"]
     confusion_matrix_png(matrix, model.classes, out_dir / "confusion.png", title=f"{model.name}: test cells")
     confusion_matrix_png(matrix, model.classes, out_dir / "confusion_normalised.png", normalise=True,

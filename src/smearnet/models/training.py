@@ -12,25 +12,115 @@ Single-process and data-parallel (``trainer.strategy=ddp``) runs train the same 
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import math
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence, Sized
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 
 from smearnet.errors import SmearnetError
 from smearnet.models.factory import build_model
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+# --- the train stage's settings: parsed once from its slice of params.yaml --------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The `train.*` keys one backbone's training reads. `train.models` is not one of them: adding a backbone
+    re-trains none of the others (dvc.yaml declares these keys one by one for `train@<backbone>`)."""
+
+    batch_size: int
+    cycles: int
+    lr_min: float
+    lr_max: float
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-08
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "triangular"
+    warmup_fraction: float = 0.15
+    label_smoothing: float = 0.0
+    channels_last: bool = False
+    limit_train_batches: int | float | None = None
+    patience: int | None = None
+    cache_images: bool = True
+    dihedral_augment: bool = False
+
+    @classmethod
+    def from_mapping(cls, train: Mapping[str, Any]) -> TrainRecipe:
+        values = {field.name: train[field.name] if field.default is MISSING else train.get(field.name, field.default)
+                  for field in fields(cls)}
+        return cls(**{**values, "betas": tuple(float(b) for b in values["betas"])})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples): the checkpoint's hyperparameters, the run fingerprint, MLflow params."""
+        return {**asdict(self), "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The `trainer` section: devices, nodes, strategy, precision, determinism, loader workers."""
+
+    accelerator: str = "cpu"
+    devices: int | str | tuple[int, ...] = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    sync_batchnorm: bool = False
+    deterministic: bool = True
+    num_workers: int = 0
+
+    @classmethod
+    def from_mapping(cls, trainer: Mapping[str, Any]) -> TrainerSettings:
+        values = {field.name: trainer[field.name] for field in fields(cls)}
+        if isinstance(values["devices"], (list, tuple)):
+            values["devices"] = tuple(values["devices"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if isinstance(values["devices"], tuple):
+            values["devices"] = list(values["devices"])
+        return values
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything `train_backbone` reads, built once by the train stage from its declared parameters."""
+
+    backbone: str
+    model: Mapping[str, Any]      # `model.<backbone>` with its name (what smearnet.models.factory reads); plain
+    classes: tuple[str, ...]
+    recipe: TrainRecipe
+    trainer: TrainerSettings
+    seed: int
+    mlflow: Mapping[str, Any]     # `mlflow.tracking_uri` and `mlflow.experiment`; plain
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], backbone: str) -> TrainSettings:
+        """From the stage's parameters (`smearnet.config.stage_params`, or a composed configuration in tests):
+        `seed`, `data.classes`, `model.<backbone>`, the recipe's `train.*` keys, `trainer`, `mlflow`."""
+        from smearnet.config import model_config, plain
+
+        return cls(backbone=backbone, model=model_config(params, backbone),
+                   classes=tuple(str(name) for name in params["data"]["classes"]),
+                   recipe=TrainRecipe.from_mapping(params["train"]),
+                   trainer=TrainerSettings.from_mapping(params["trainer"]), seed=int(params["seed"]),
+                   mlflow={key: plain(params["mlflow"][key]) for key in ("tracking_uri", "experiment")})
 
 
 class CellClassifier(L.LightningModule):
@@ -273,37 +363,37 @@ class Stopwatch(L.Callback):
 
 
 def _plain(value):
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 
-def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path, checkpoint_dir: Path,
+def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_dir: Path, checkpoint_dir: Path,
                    *, progress: bool = True) -> dict:
-    """Train one configured backbone; write weights + model.json to `model_dir`; log to MLflow (rank 0).
+    """Train one backbone as `settings` says; write weights + model.json to `model_dir`; log to MLflow (rank 0).
 
     Resumes from `checkpoint_dir/last.ckpt`, continuing its MLflow run, when the previous attempt had the same
-    configuration and data. Returns the metrics written to metrics/train/<name>.json ({} on ranks other than 0).
+    settings and data. Returns the metrics written to metrics/train/<backbone>.json ({} on ranks other than 0).
     """
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from smearnet.config import model_config
     from smearnet.data.loaders import CellImages, make_loader
     from smearnet.models.inference import save_trained
     from smearnet.io import write_text
     from smearnet.models.factory import model_input_spec
-    from smearnet.tracking.runs import revision_tags, setup_mlflow, tracking_uri
+    from smearnet.tracking.runs import log_dataset, revision_tags, setup_mlflow, stage_tags, tracking_uri
 
-    model_cfg = model_config(cfg, name)
-    classes = list(cfg.data.classes)
+    name, model_cfg, recipe = settings.backbone, dict(settings.model), settings.recipe
+    classes = list(settings.classes)
+    train_cfg, trainer_cfg = recipe.to_dict(), settings.trainer.to_dict()
     input_spec = model_input_spec(model_cfg)
-    seed = int(cfg.seed)
+    seed = settings.seed
     L.seed_everything(seed, workers=True)
     data_hash = hashlib.sha256(pd_bytes(train_manifest) + pd_bytes(val_manifest)).hexdigest()[:16]
-    fingerprint = run_fingerprint(model_cfg, cfg.train, cfg.trainer, classes, seed, data_hash)
+    fingerprint = run_fingerprint(model_cfg, train_cfg, trainer_cfg, classes, seed, data_hash)
     # Every rank decides before any rank writes (rank 0 resets only after this, and checkpoints only once all
     # ranks have joined the process group), so all ranks agree on resuming.
     resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
@@ -312,41 +402,48 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
     if resume_from is not None and run_id_file.is_file():
         run_id = run_id_file.read_text().strip() or None
 
-    batch_size = int(cfg.train.batch_size)
-    workers = int(cfg.trainer.num_workers)
-    cache = bool(cfg.train.get("cache_images", True))
+    batch_size = int(recipe.batch_size)
+    workers = int(settings.trainer.num_workers)
+    cache = bool(recipe.cache_images)
     train_images = CellImages(train_manifest, classes, input_spec, cache=cache and workers == 0,
-                              dihedral=bool(cfg.train.get("dihedral_augment", False)))
+                              dihedral=bool(recipe.dihedral_augment))
     train_loader = DataLoader(train_images, batch_size=batch_size, sampler=EpochShuffleSampler(train_images, seed),
                               num_workers=workers, persistent_workers=workers > 0)
     val_loader = make_loader(val_manifest, classes, input_spec, batch_size=batch_size, shuffle=False,
                              num_workers=workers, cache=cache)
 
-    setup_mlflow(cfg.mlflow)
-    tags = {**revision_tags(experiment=str(cfg.mlflow.experiment)), "stage": "train", "backbone": name}
-    logger = MLFlowLogger(experiment_name=str(cfg.mlflow.experiment), run_name=f"train-{name}",
-                          tracking_uri=tracking_uri(cfg.mlflow), tags=tags, run_id=run_id)
+    setup_mlflow(settings.mlflow)
+    experiment = str(settings.mlflow["experiment"])
+    # Rank 0 nests the run under the pipeline execution's parent run (other DDP ranks log nothing).
+    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    tags = (stage_tags(settings.mlflow, "train", backbone=name) if rank_zero
+            else {**revision_tags(experiment=experiment), "stage": "train", "backbone": name})
+    logger = MLFlowLogger(experiment_name=experiment, run_name=f"train-{name}",
+                          tracking_uri=tracking_uri(settings.mlflow), tags=tags, run_id=run_id)
     stopwatch = Stopwatch()
-    trainer = build_trainer(cfg.trainer, cfg.train, checkpoint_dir, logger=logger, enable_progress_bar=progress,
+    trainer = build_trainer(trainer_cfg, train_cfg, checkpoint_dir, logger=logger, enable_progress_bar=progress,
                             callbacks=[stopwatch])
     if trainer.is_global_zero:  # the global rank is known from the environment before fit launches any process
         if resume_from is None:
             _end_abandoned_run(run_id_file)
             reset_checkpoint_dir(checkpoint_dir, fingerprint)
         write_text(logger.run_id + "\n", run_id_file)  # creates the run (rank 0 only; other ranks get a dummy)
-        logger.log_hyperparams({"backbone": name, "arch": model_cfg.arch, "input_size": list(model_cfg.input_size),
-                                "pretrained": model_cfg.pretrained, "train_images": len(train_manifest),
+        logger.log_hyperparams({"backbone": name, "arch": model_cfg["arch"], "input_size": list(model_cfg["input_size"]),
+                                "pretrained": model_cfg["pretrained"], "train_images": len(train_manifest),
                                 "val_images": len(val_manifest), "world_size": trainer.world_size,
                                 "global_batch_size": batch_size * trainer.world_size,
-                                **{f"train.{k}": v for k, v in _plain(cfg.train).items() if k != "models"},
-                                **{f"trainer.{k}": v for k, v in _plain(cfg.trainer).items()}})
-    module = CellClassifier(model_cfg, cfg.train, classes)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None)
+                                **{f"train.{k}": v for k, v in train_cfg.items()},
+                                **{f"trainer.{k}": v for k, v in trainer_cfg.items()}})
+    module = CellClassifier(model_cfg, train_cfg, classes)
+    # Checkpoints hold tensors and plain values only (the hyperparameters are plain dicts): loaded weights-only, so
+    # a tampered last.ckpt cannot run code.
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None,
+                weights_only=True)
     if not trainer.is_global_zero:
         return {}
 
     best_path = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
-    best = CellClassifier.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    best = CellClassifier.load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
     metrics = {
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
         "val_accuracy": float(trainer.callback_metrics.get("val/accuracy", float("nan"))),
@@ -366,12 +463,14 @@ def train_backbone(cfg, name: str, train_manifest, val_manifest, model_dir: Path
     # The weights go to the run; only the register stage registers a version, the selected backbone with the
     # smear rule measured for it (one registered model per task, smearnet-<data.name>).
     client.log_artifacts(logger.run_id, str(model_dir), artifact_path="model_dir")
+    for role, frame in (("train", train_manifest), ("val", val_manifest)):
+        log_dataset(frame, name=role, context="training" if role == "train" else "validation",
+                    source=f"data/{'upsampled' if role == 'train' else 'split'}/manifest.csv", run_id=logger.run_id)
     return metrics
 
 
 def pd_bytes(frame) -> bytes:
     """Stable bytes of a manifest's paths (relative to the project, so a moved clone still resumes) and labels."""
-    import os
 
     root = Path.cwd().resolve()
     return "\n".join(f"{os.path.relpath(p, root)}\t{l}" for p, l in zip(frame["path"], frame["label"])).encode()

@@ -220,8 +220,8 @@ def evaluation_smears(split_manifest: pd.DataFrame, compose: Any, *, positive_cl
 def smear_keys(smears: pd.DataFrame) -> list[str]:
     """The ids of ``evaluation_smears`` as the smear stage writes them: pseudonyms of real smears, composed ids
     (which name no patient) as they are."""
-    from smearnet.tracking.runs import hash_patient_id
+    from smearnet.pseudonyms import pseudonym
 
     if "part" in smears.columns:
         return [str(s) for s in smears["smear_id"]]
-    return [hash_patient_id(s) for s in smears["smear_id"]]
+    return [pseudonym(s) for s in smears["smear_id"]]

@@ -17,7 +17,6 @@ import pandas as pd
 from smearnet.errors import SmearnetError
 
 PIPELINE_TAG = "smearnet.pipeline_run"
-_SALT_ENV = "SMEARNET_ID_SALT"
 
 
 def tracking_uri(mlflow_cfg: Mapping) -> str:
@@ -130,11 +129,12 @@ def stage_run(mlflow_cfg: Mapping, stage: str, *, run_name: str | None = None, *
         yield run
 
 
-def log_dataset(frame: pd.DataFrame, *, name: str, context: str, source: str) -> None:
-    """Log a manifest as an MLflow dataset input of the active run (its digest, schema and size).
+def log_dataset(frame: pd.DataFrame, *, name: str, context: str, source: str, run_id: str | None = None) -> None:
+    """Log a manifest as an MLflow dataset input (its digest, schema and size) of `run_id`, else the active run.
 
     Only the image path and label columns are described; patient identifiers never reach MLflow."""
     import mlflow
+    from mlflow.entities import DatasetInput, InputTag
 
     columns = [c for c in ("path", "label") if c in frame.columns]
     described = frame[columns].astype(str).reset_index(drop=True)
@@ -142,13 +142,12 @@ def log_dataset(frame: pd.DataFrame, *, name: str, context: str, source: str) ->
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(described, source=source, name=name,
                                           targets="label" if "label" in columns else None)
-    mlflow.log_input(dataset, context=context)
+    if run_id is None:
+        mlflow.log_input(dataset, context=context)
+        return
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
 
-
-def hash_patient_id(patient_id: str, salt: str | None = None) -> str:
-    """A salted, one-way pseudonym for a patient id, safe for logs, MLflow and reports."""
-    salt = salt if salt is not None else os.environ.get(_SALT_ENV, "smearnet-default-salt")
-    return "pt-" + hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:12]
 
 
 def flatten_metrics(metrics: dict, prefix: str) -> dict:
