@@ -30,7 +30,7 @@ from smearnet.smear import (AggregateParams, CellSet, SmearRule, evaluation_smea
 from smearnet.smear.report import roc_curves, scores_markdown
 from smearnet.pseudonyms import pseudonym
 from smearnet.pseudonyms import id_key
-from smearnet.tracking.runs import flatten_metrics, stage_run
+from smearnet.tracking.runs import flatten_metrics, log_stage_outputs, stage_run
 
 OUT = Path("reports/aggregate")
 
@@ -111,7 +111,7 @@ def main() -> None:
         mlflow.log_params({"chosen_score": result.choice.chosen, "fold_unit": result.development.fold_unit,
                            **{f"aggregate.{k}": str(v) for k, v in cfg.aggregate.items()}})
         mlflow.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "reason"}, "aggregate"))
-        mlflow.log_artifacts(str(OUT), artifact_path="aggregate")
+        log_stage_outputs(OUT, "aggregate")
 
 
 if __name__ == "__main__":

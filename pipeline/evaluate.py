@@ -9,7 +9,7 @@ from smearnet.evaluation.cells import evaluate_cells
 from smearnet.models.inference import load_for_inference
 from smearnet.io import read_table, write_json, write_text
 from smearnet.pseudonyms import id_key
-from smearnet.tracking.runs import flatten_metrics, log_dataset, stage_run
+from smearnet.tracking.runs import flatten_metrics, log_dataset, log_stage_outputs, stage_run
 
 OUT = Path("reports/evaluate")
 
@@ -38,7 +38,7 @@ def main() -> None:
         mlflow.log_params({"positive_class": positive, "test_cells": len(test),
                            "inference_engine": model.engine.spec.label})
         mlflow.log_metrics(flatten_metrics(metrics, "cell"))
-        mlflow.log_artifacts(str(OUT), artifact_path="evaluate")
+        log_stage_outputs(OUT, "evaluate")
 
 
 if __name__ == "__main__":

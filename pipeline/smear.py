@@ -15,7 +15,7 @@ from smearnet.errors import run_cli
 from smearnet.io import write_json, write_text
 from smearnet.evaluation.plots import roc_png, roc_records
 from smearnet.smear import load_rule, measure_rule, save_rule
-from smearnet.tracking.runs import flatten_metrics, stage_run
+from smearnet.tracking.runs import flatten_metrics, log_stage_outputs, stage_run
 
 AGGREGATE = Path("reports/aggregate")
 OUT = Path("reports/smear")
@@ -52,7 +52,7 @@ def main() -> None:
 
         mlflow.log_params({**{k: str(v) for k, v in s.items()}, "deployed_score": rule.score})
         mlflow.log_metrics(flatten_metrics({k: v for k, v in result.items() if k not in ("roc", "deployed_rule")}, "smear"))
-        mlflow.log_artifacts(str(OUT), artifact_path="smear")
+        log_stage_outputs(OUT, "smear")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Mapping
@@ -167,3 +168,27 @@ def _git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001 - not a git checkout
         return ""
+
+
+#: A pseudonym as `smearnet.pseudonyms` writes it: files holding one stay out of MLflow.
+_PSEUDONYM = re.compile(rb"pt-[0-9a-f]{16}")
+
+
+def log_stage_outputs(folder: Path, artifact_path: str) -> list[str]:
+    """Log a stage's output folder to the active run, except files that name patients or smears by pseudonym
+    (per-cell and per-smear tables): MLflow gets the figures, plots and rules, the pseudonyms stay in the
+    project's DVC outputs.  Returns the files kept out (also recorded in the run's `smearnet.kept_out` tag)."""
+    import mlflow
+
+    folder = Path(folder)
+    kept_out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if path.suffix in (".csv", ".json", ".md", ".txt", ".html") and _PSEUDONYM.search(path.read_bytes()):
+            kept_out.append(relative.as_posix())
+            continue
+        parent = f"{artifact_path}/{relative.parent.as_posix()}" if relative.parent != Path(".") else artifact_path
+        mlflow.log_artifact(str(path), artifact_path=parent)
+    if kept_out:
+        mlflow.set_tag("smearnet.kept_out", ", ".join(kept_out)[:5000])
+    return kept_out
