@@ -24,7 +24,7 @@ from smearnet.config import compose_config, model_config
 from smearnet.data.loaders import cell_tensor
 from smearnet.data.decode import load_rgb
 from smearnet.models.factory import build_model, model_input_spec
-from smearnet.models.training import build_optimizer, build_schedule
+from smearnet.models.optim import build_optimizer, build_schedule
 
 
 def batches(root: Path, spec, steps: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -149,7 +149,7 @@ class PlainLoop:
         import torch
 
         from smearnet.models.factory import build_model
-        from smearnet.models.training import triangular_cyclic_lr
+        from smearnet.models.optim import triangular_cyclic_lr
 
         train_cfg = spec.train_cfg
         self.bf16 = spec.bf16

@@ -6,7 +6,8 @@ from pathlib import Path
 from smearnet.config import stage_params
 from smearnet.errors import SmearnetError, run_cli
 from smearnet.io import read_table, write_json
-from smearnet.models.training import TrainSettings, train_backbone
+from smearnet.models.settings import TrainSettings
+from smearnet.models.training import train_backbone
 
 
 def main() -> None:

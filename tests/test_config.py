@@ -177,7 +177,7 @@ def test_every_stage_of_the_pipeline_gets_its_params_from_the_committed_files():
 
 def test_the_stage_settings_read_only_declared_params():
     from smearnet.evaluation.benchmark import BenchmarkSettings
-    from smearnet.models.training import TrainSettings
+    from smearnet.models.settings import TrainSettings
     from smearnet.smear import AggregateParams
 
     for name in compose_config([]).train.models:

@@ -62,7 +62,8 @@ def test_the_pbc_recipe_trains_on_real_cells_and_serves_the_same_preprocessing(p
     import json
 
     from smearnet.models.inference import load_for_inference, predict_probabilities
-    from smearnet.models.training import TrainSettings, train_backbone
+    from smearnet.models.settings import TrainSettings
+    from smearnet.models.training import train_backbone
 
     cfg = compose_config(["experiment=pbc", f"data.root={pbc_sample}", "train.cycles=2", "train.batch_size=8",
                           "model.resnet18.input_size=[48,48]", "registry.model_name=test-pbc-recipe"])

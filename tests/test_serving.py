@@ -107,7 +107,8 @@ def test_train_register_promote_and_serve_champion_over_http(tmp_path, monkeypat
     from smearnet.registry.gate import PromotionCriteria
     from smearnet.registry.register import RegisterInputs, register_and_gate
     from smearnet.registry.store import CHAMPION
-    from smearnet.models.training import TrainSettings, train_backbone
+    from smearnet.models.settings import TrainSettings
+    from smearnet.models.training import train_backbone
 
     tracking_port, serving_port = free_port(), free_port()
     tracking = f"http://127.0.0.1:{tracking_port}"

@@ -7,9 +7,10 @@ from conftest import colour_cells
 from smearnet.config import compose_config
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.errors import SmearnetError
-from smearnet.models.training import (CellClassifier, TrainRecipe, TrainSettings, build_optimizer, build_schedule,
-                                      reset_checkpoint_dir, resumable_checkpoint, run_fingerprint, train_backbone,
-                                      triangular_cyclic_lr)
+from smearnet.models.optim import build_optimizer, build_schedule, triangular_cyclic_lr
+from smearnet.models.settings import TrainRecipe, TrainSettings
+from smearnet.models.training import (CellClassifier, reset_checkpoint_dir, resumable_checkpoint, run_fingerprint,
+                                      train_backbone)
 
 RECIPE = {"lr_min": 1e-4, "lr_max": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}
 

@@ -18,9 +18,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence, Sized
-from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -31,96 +29,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from smearnet.errors import SmearnetError
 from smearnet.models.factory import build_model
+from smearnet.models.optim import build_optimizer, build_schedule
+from smearnet.models.settings import TrainSettings
 
 RUN_ID_FILE = "mlflow_run_id.txt"
-
-
-# --- the train stage's settings: parsed once from its slice of params.yaml --------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    """The `train.*` keys one backbone's training reads. `train.models` is not one of them: adding a backbone
-    re-trains none of the others (dvc.yaml declares these keys one by one for `train@<backbone>`)."""
-
-    batch_size: int
-    cycles: int
-    lr_min: float
-    lr_max: float
-    betas: tuple[float, ...] = (0.9, 0.999)
-    eps: float = 1e-08
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "triangular"
-    warmup_fraction: float = 0.15
-    label_smoothing: float = 0.0
-    channels_last: bool = False
-    limit_train_batches: int | float | None = None
-    patience: int | None = None
-    cache_images: bool = True
-    dihedral_augment: bool = False
-
-    @classmethod
-    def from_mapping(cls, train: Mapping[str, Any]) -> TrainRecipe:
-        values = {field.name: train[field.name] if field.default is MISSING else train.get(field.name, field.default)
-                  for field in fields(cls)}
-        return cls(**{**values, "betas": tuple(float(b) for b in values["betas"])})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (lists, not tuples): the checkpoint's hyperparameters, the run fingerprint, MLflow params."""
-        return {**asdict(self), "betas": list(self.betas)}
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    """The `trainer` section: devices, nodes, strategy, precision, determinism, loader workers."""
-
-    accelerator: str = "cpu"
-    devices: int | str | tuple[int, ...] = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    sync_batchnorm: bool = False
-    deterministic: bool = True
-    num_workers: int = 0
-
-    @classmethod
-    def from_mapping(cls, trainer: Mapping[str, Any]) -> TrainerSettings:
-        values = {field.name: trainer[field.name] for field in fields(cls)}
-        if isinstance(values["devices"], (list, tuple)):
-            values["devices"] = tuple(values["devices"])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        if isinstance(values["devices"], tuple):
-            values["devices"] = list(values["devices"])
-        return values
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything `train_backbone` reads, built once by the train stage from its declared parameters."""
-
-    backbone: str
-    model: Mapping[str, Any]      # `model.<backbone>` with its name (what smearnet.models.factory reads); plain
-    classes: tuple[str, ...]
-    recipe: TrainRecipe
-    trainer: TrainerSettings
-    seed: int
-    mlflow: Mapping[str, Any]     # `mlflow.tracking_uri` and `mlflow.experiment`; plain
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], backbone: str) -> TrainSettings:
-        """From the stage's parameters (`smearnet.config.stage_params`, or a composed configuration in tests):
-        `seed`, `data.classes`, `model.<backbone>`, the recipe's `train.*` keys, `trainer`, `mlflow`."""
-        from smearnet.config import model_config, plain
-
-        return cls(backbone=backbone, model=model_config(params, backbone),
-                   classes=tuple(str(name) for name in params["data"]["classes"]),
-                   recipe=TrainRecipe.from_mapping(params["train"]),
-                   trainer=TrainerSettings.from_mapping(params["trainer"]), seed=int(params["seed"]),
-                   mlflow={key: plain(params["mlflow"][key]) for key in ("tracking_uri", "experiment")})
 
 
 class CellClassifier(L.LightningModule):
@@ -172,51 +84,6 @@ class CellClassifier(L.LightningModule):
         optimizer = build_optimizer(self.parameters(), cfg)
         scheduler = build_schedule(optimizer, cfg, steps_per_cycle, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("triangular", "onecycle")
-
-
-def build_optimizer(parameters, train_cfg: Mapping) -> torch.optim.Optimizer:
-    """`train.optimizer`: adam (the paper's, with `betas`/`eps`), adamw, or sgd (Nesterov momentum `betas[0]`);
-    `train.weight_decay` (default 0). The starting learning rate is `lr_min`; the schedule moves it."""
-    name = str(train_cfg.get("optimizer", "adam"))
-    decay = float(train_cfg.get("weight_decay") or 0.0)
-    lr = float(train_cfg["lr_min"])
-    betas = tuple(float(b) for b in train_cfg["betas"])
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=float(train_cfg["eps"]), weight_decay=decay)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, betas=betas, eps=float(train_cfg["eps"]), weight_decay=decay)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=betas[0], nesterov=True, weight_decay=decay)
-    raise SmearnetError(f"Unknown train.optimizer `{name}`.", f"use one of {', '.join(OPTIMIZERS)}.")
-
-
-def triangular_cyclic_lr(optimizer: torch.optim.Optimizer, lr_min: float, lr_max: float,
-                         steps_per_cycle: int) -> torch.optim.lr_scheduler.CyclicLR:
-    """One triangular cycle per pass over the training set: lr_min -> lr_max -> lr_min."""
-    up = max(1, steps_per_cycle // 2)
-    return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lr_min, max_lr=lr_max, step_size_up=up,
-                                             step_size_down=max(1, steps_per_cycle - up), mode="triangular",
-                                             cycle_momentum=False)
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, train_cfg: Mapping, steps_per_cycle: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """`train.schedule`: triangular (the paper's: one lr_min -> lr_max -> lr_min cycle per pass) or onecycle
-    (a single warm-up to lr_max over `warmup_fraction` of all steps, then cosine annealing to lr_min)."""
-    name = str(train_cfg.get("schedule", "triangular"))
-    lr_min, lr_max = float(train_cfg["lr_min"]), float(train_cfg["lr_max"])
-    if name == "triangular":
-        return triangular_cyclic_lr(optimizer, lr_min, lr_max, steps_per_cycle)
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr_max, total_steps=max(2, total_steps),
-            pct_start=float(train_cfg.get("warmup_fraction") or 0.15), anneal_strategy="cos",
-            div_factor=lr_max / lr_min, final_div_factor=1.0, cycle_momentum=False)
-    raise SmearnetError(f"Unknown train.schedule `{name}`.", f"use one of {', '.join(SCHEDULES)}.")
 
 
 class EpochShuffleSampler(RandomSampler):
