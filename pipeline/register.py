@@ -11,7 +11,7 @@ from smearnet.registry.package import ServingLimits
 from smearnet.registry.provenance import dvc_revision_tags
 from smearnet.registry.register import RegisterInputs, register_and_gate
 from smearnet.pseudonyms import id_key
-from smearnet.tracking.runs import setup_mlflow, stage_tags
+from smearnet.tracking.runs import extend_parent_run, setup_mlflow, stage_tags
 
 OUT = Path("reports/register")
 RULE = Path("reports/smear")  # the rule the smear stage measured: packaged with the version
@@ -37,6 +37,7 @@ def main() -> None:
         confidence=float(params.evaluation.confidence), n_resamples=int(params.smear.bootstrap_resamples),
         seed=int(params.seed), extra_tags=tags, inference=plain(params.inference),
         serving_limits=ServingLimits.from_config(plain(params.serving))))
+    extend_parent_run(tags["mlflow.parentRunId"])
     write_json(json_safe(decision), OUT / "decision.json")
     write_text(decision_markdown(decision), OUT / "decision.md")
     write_json(json_safe({"version": int(decision["version"]), "promoted": decision["promoted"],

@@ -21,7 +21,7 @@ from smearnet.data.sites import ingest_site
 from smearnet.data.sources import load_dataset_manifest
 from smearnet.data.synthetic import generate_cohort
 from smearnet.errors import SmearnetError
-from test_pipeline import TINY, make_project, run
+from test_pipeline import TINY, make_project, pseudonyms_in_files_git_would_track, run
 from workspace import scan_mlflow_for
 
 
@@ -103,6 +103,8 @@ def test_new_site_reruns_downstream_only_and_the_gate_decides(tmp_path, monkeypa
     identifiers = set(raw_ids["patient_id"]) | set(raw_ids["smear_id"])
     assert {"P0001", "BP0001", "hospital_b-BP0001"} <= identifiers
     assert scan_mlflow_for(identifiers, tmp_path / "scan") == []
+    # What `make retrain` commits (metrics, dvc.lock, params, the site list) holds no pseudonym either.
+    assert pseudonyms_in_files_git_would_track(project, env) == []
 
 
 def test_retrain_without_remote_prints_a_note(tmp_path, monkeypatch, capsys):

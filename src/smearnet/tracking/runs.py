@@ -128,6 +128,14 @@ def stage_run(mlflow_cfg: Mapping, stage: str, *, run_name: str | None = None, *
     parent = tags.pop("mlflow.parentRunId")
     with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent, tags=tags) as run:
         yield run
+    extend_parent_run(parent)
+
+
+def extend_parent_run(parent_run_id: str) -> None:
+    """Move the parent run's end to now, so its duration in the UI spans the stages run so far."""
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(parent_run_id)
 
 
 def log_dataset(frame: pd.DataFrame, *, name: str, context: str, source: str, run_id: str | None = None) -> None:
