@@ -29,6 +29,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from smearnet.errors import SmearnetError
+from smearnet.evaluation.metrics import per_cell_arrays
 
 DEFAULT_BOUNDS: tuple[float, float] = (0.05, 20.0)
 PROBABILITY_FLOOR = 1e-45
@@ -54,28 +55,11 @@ class TemperatureFit:
 
 
 def _check_logits(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    values = np.asarray(logits, dtype=np.float64)
-    targets = np.asarray(labels)
-    if values.ndim != 2 or values.shape[1] < 2:
-        raise SmearnetError(
-            f"Logits must have shape (n_cells, n_classes >= 2); got {values.shape}.",
-            "Pass one row of class logits (or log-probabilities) per cell.",
-        )
-    if targets.ndim != 1 or len(targets) != len(values):
-        raise SmearnetError(
-            f"Got {len(values)} logit rows but labels of shape {targets.shape}.",
-            "Pass one true class index per cell.",
-        )
-    if len(values) == 0:
-        raise SmearnetError("No cells to calibrate on.", "Fit the temperature on a non-empty validation split.")
-    if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= values.shape[1]:
-        raise SmearnetError(
-            f"Labels must be integer class indices in [0, {values.shape[1] - 1}].",
-            "Map class names to indices in the model's class order.",
-        )
+    values, targets = per_cell_arrays(logits, labels, what="logits", n_classes=None,
+                                      empty="fit the temperature on a non-empty validation split.")
     if not np.all(np.isfinite(values)):
         raise SmearnetError("Logits contain NaN or infinite values.", "Check the model outputs.")
-    return values, targets.astype(np.int64)
+    return values, targets
 
 
 def _check_temperature(temperature: float) -> float:

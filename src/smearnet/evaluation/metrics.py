@@ -173,6 +173,27 @@ def _floats(values: Sequence[float] | np.ndarray) -> list[float]:
     return [float(value) for value in values]
 
 
+def per_cell_arrays(scores: Any, labels: Any, *, what: str, n_classes: int | None, empty: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """`scores` as a float array of one row per cell and one column per class (`n_classes`, or at least 2 when
+    None) and `labels` as one integer class index per cell; raises SmearnetError naming `what` otherwise
+    (`empty` is the fix when there are no cells)."""
+    values, targets = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    wrong_columns = values.shape[-1] != n_classes if n_classes else values.shape[-1] < 2
+    if values.ndim != 2 or wrong_columns:
+        raise SmearnetError(f"The {what} must have shape (n_cells, {n_classes or 'n_classes >= 2'}); got "
+                            f"{values.shape}.", f"pass one row of class {what} per cell, in the model's class order.")
+    if targets.ndim != 1 or len(targets) != len(values):
+        raise SmearnetError(f"Got {len(values)} rows of {what} but labels of shape {targets.shape}.",
+                            "pass one true class index per cell.")
+    if len(values) == 0:
+        raise SmearnetError(f"No cells: the {what} are empty.", empty)
+    if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= values.shape[1]:
+        raise SmearnetError(f"Labels must be integer class indices in [0, {values.shape[1] - 1}].",
+                            "map class names to indices in the model's class order (class_names.index(name)).")
+    return values, targets.astype(np.int64)
+
+
 def cell_metrics(
     y_true: np.ndarray,
     probabilities: np.ndarray,
@@ -194,34 +215,14 @@ def cell_metrics(
     classes absent from the truth).  ``positive`` is the one-vs-rest summary for ``positive_class``, plus its counts.
     torchmetrics rates (float32) are rounded to ``TORCHMETRICS_DECIMALS`` decimals.
     """
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    y_true = np.asarray(y_true)
     num_classes = len(class_names)
-    if probabilities.ndim != 2 or probabilities.shape[1] != num_classes:
-        raise SmearnetError(
-            f"Probabilities must have shape (n_cells, {num_classes}) for classes {class_names}; "
-            f"got {probabilities.shape}.",
-            "Pass one row of class probabilities per cell, columns in class_names order.",
-        )
-    if y_true.ndim != 1 or len(y_true) != len(probabilities):
-        raise SmearnetError(
-            f"y_true has shape {y_true.shape} but there are {len(probabilities)} probability rows.",
-            "Pass one true class index per cell.",
-        )
-    if len(y_true) == 0:
-        raise SmearnetError(
-            "No cells to evaluate: y_true and probabilities are empty.",
-            "Check that the evaluation split contains images and that predictions were written.",
-        )
+    probabilities, y_true = per_cell_arrays(probabilities, y_true, what="probabilities", n_classes=num_classes,
+                                            empty="check that the evaluation split contains images and that "
+                                                  "predictions were written.")
     if positive_class not in class_names:
         raise SmearnetError(
             f"Positive class {positive_class!r} is not one of {class_names}.",
             "Set positive_class to one of the configured class names.",
-        )
-    if not np.issubdtype(y_true.dtype, np.integer) or y_true.min() < 0 or y_true.max() >= num_classes:
-        raise SmearnetError(
-            f"y_true must hold integer class indices in [0, {num_classes - 1}].",
-            "Map label names to indices with class_names.index(name).",
         )
     if not np.all(np.isfinite(probabilities)):
         raise SmearnetError("Probabilities contain NaN or infinite values.", "Check the model outputs.")
