@@ -7,7 +7,7 @@ from smearnet.config import plain, registered_model_name, stage_params
 from smearnet.errors import run_cli
 from smearnet.io import json_safe, read_table, write_json, write_text
 from smearnet.registry.gate import GATE_METRICS, PromotionCriteria, decision_markdown
-from smearnet.registry.package import ServingLimits
+from smearnet.serving.requests import ServingLimits
 from smearnet.registry.provenance import dvc_revision_tags
 from smearnet.registry.register import RegisterInputs, register_and_gate
 from smearnet.pseudonyms import id_key

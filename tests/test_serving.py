@@ -198,7 +198,7 @@ def test_request_over_a_limit_is_refused_before_decoding_with_the_limit_named(mo
     import pandas as pd
 
     from smearnet.errors import SmearnetError
-    from smearnet.registry.package import ServingLimits
+    from smearnet.serving.requests import ServingLimits
     from smearnet.serving import requests
 
     limits = ServingLimits.from_config(SMALL_LIMITS)
@@ -217,7 +217,7 @@ def test_serving_limits_are_checked_and_default():
     from dataclasses import asdict
 
     from smearnet.errors import SmearnetError
-    from smearnet.registry.package import ServingLimits
+    from smearnet.serving.requests import ServingLimits
 
     assert asdict(ServingLimits.from_config(None)) == {"max_rows": 512, "max_image_bytes": 8 * 2**20,
                                                        "max_request_bytes": 64 * 2**20, "max_pixels": 4_000_000,
@@ -237,7 +237,7 @@ def test_rows_are_decoded_and_classified_a_batch_at_a_time(tmp_path, monkeypatch
     import pandas as pd
 
     from smearnet.models.inference import load_trained
-    from smearnet.registry.package import ServingLimits
+    from smearnet.serving.requests import ServingLimits
     from smearnet.serving import batches, requests
     from smearnet.smear import load_rule
     from workspace import random_model
@@ -280,7 +280,8 @@ def small_limits_version(tmp_path: Path, name: str) -> str:
     import mlflow
 
     from smearnet.models.inference import load_trained
-    from smearnet.registry.package import ServingLimits, package_model, serving_config
+    from smearnet.registry.package import package_model, serving_config
+    from smearnet.serving.requests import ServingLimits
     from smearnet.registry.store import log_model_version
     from smearnet.smear import load_rule
     from workspace import random_model

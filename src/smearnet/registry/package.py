@@ -17,7 +17,7 @@ import json
 import shutil
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from smearnet.config import REPO_ROOT
 from smearnet.errors import SmearnetError
 from smearnet.io import write_json, write_text
 from smearnet.pseudonyms import key_fingerprint
+from smearnet.serving.requests import ServingLimits
 from smearnet.models.engines import engine_artifact, engine_spec, file_sha256
 from smearnet.models.inference import (ENGINE_FILES_KEY, ENGINES_DIR, SERVING_FILE, TrainedModel, engine_inputs)
 from smearnet.smear import MIL_DIR, RULE_FILE, SmearRule
@@ -57,43 +58,6 @@ def pip_requirements() -> list[str]:
     requirements = [Requirement(text) for text in declared]
     return [str(r) for r in requirements
             if not (r.marker and "extra" in str(r.marker)) and r.name not in NOT_SERVED]
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """What one request to a served version may carry (the `serving` config section, packaged in serving.json).
-
-    A request over `max_rows` rows, with an image over `max_image_bytes` or with more than `max_request_bytes` of
-    images in all is refused as a whole, before anything is decoded, with HTTP 400 (MLflow's
-    INVALID_PARAMETER_VALUE) naming the limit. Sizes are image bytes after base64 decoding (the JSON body is
-    about 4/3 of them). Defaults: 512 rows, 8 MiB per image, 64 MiB per request. Rows are decoded and classified
-    `batch_size` (16) at a time, so one batch of decoded images is in memory at once; an image of more than
-    `max_pixels` (4,000,000) pixels is reported as undecodable in its row, as a corrupt one is (a cell crop has
-    about 130,000), which bounds a batch's decoded pixels whatever a compressed file expands to.
-    """
-
-    max_rows: int = 512
-    max_image_bytes: int = 8 * 2**20
-    max_request_bytes: int = 64 * 2**20
-    max_pixels: int = 4_000_000
-    batch_size: int = 16
-
-    @classmethod
-    def from_config(cls, serving: Mapping[str, Any] | None) -> ServingLimits:
-        """Limits from the `serving` mapping (missing keys keep their defaults); unknown keys and values < 1 are
-        errors."""
-        settings = dict(serving or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(settings) - known
-        if unknown:
-            raise SmearnetError(f"Unknown serving limits {sorted(unknown)} under serving.",
-                                f"use only {sorted(known)}.")
-        limits = cls(**{key: int(value) for key, value in settings.items()})
-        small = {key: value for key, value in asdict(limits).items() if value < 1}
-        if small:
-            raise SmearnetError(f"Serving limits must be at least 1, got {small}.",
-                                "set them under `serving:` in conf/config.yaml (the comments give the defaults).")
-        return limits
 
 
 def serving_config(model_meta: Mapping[str, Any], rule: SmearRule, inference: Mapping[str, Any] | None = None,
@@ -191,6 +155,6 @@ def _files_digest(folder: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-__all__ = ["ID_KEY_FIELD", "NOT_SERVED", "PACKAGE_DIR", "SERVING_CODE", "TRAINING_PATIENTS_FILE", "ServingLimits", "example_request",
+__all__ = ["ID_KEY_FIELD", "NOT_SERVED", "PACKAGE_DIR", "SERVING_CODE", "TRAINING_PATIENTS_FILE", "example_request",
            "export_engine_files", "model_fingerprint", "package_model", "pip_requirements", "serving_config",
            "version_serving"]

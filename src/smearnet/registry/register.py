@@ -23,12 +23,13 @@ from mlflow.entities.model_registry import ModelVersion
 from smearnet.errors import SmearnetError
 from smearnet.io import json_safe, read_json
 from smearnet.pseudonyms import KEY_ENV, KEY_FILE, key_fingerprint
+from smearnet.serving.requests import ServingLimits
 from smearnet.models.engines import engine_spec
 from smearnet.models.inference import TrainedModel, load_trained, read_serving, serving_engine, with_engine
 from smearnet.registry.frozen import FrozenSet, evaluate_frozen, explained_smears_html, frozen_set, training_patients
 from smearnet.registry.gate import (GATE_METRICS, PromotionCriteria, decision_from_record, decision_markdown,
                                     decision_record, gate_tags, promotion_decision)
-from smearnet.registry.package import (ID_KEY_FIELD, TRAINING_PATIENTS_FILE, ServingLimits, export_engine_files, model_fingerprint,
+from smearnet.registry.package import (ID_KEY_FIELD, TRAINING_PATIENTS_FILE, export_engine_files, model_fingerprint,
                                        package_model, version_serving)
 from smearnet.registry.store import (CHALLENGER, CHAMPION, FINGERPRINT_TAG, GATE_TAG, MODEL_NAME_TAG, alias_version,
                                      close_abandoned_runs, download_model_dir, find_version, log_model_version)

@@ -7,7 +7,6 @@ The store names what it keeps: versions carry `FINGERPRINT_TAG` (their content, 
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.signature import infer_signature
 from mlflow.types.schema import ColSpec, Schema
 
-from smearnet.data.decode import decode_image_bytes
 from smearnet.errors import SmearnetError
 from smearnet.models.inference import load_trained, read_serving
 from smearnet.registry.package import PACKAGE_DIR, SERVING_CODE, example_request, pip_requirements
-from smearnet.smear.calls import call_cells, cell_outputs_for_images, served_rule
+from smearnet.serving.requests import ServingLimits, classify_request
+from smearnet.smear.calls import served_rule
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -44,10 +43,8 @@ def log_model_version(model_dir: Path, registered_name: str, *, tags: Mapping[st
     serving = read_serving(model_dir)
     rule, aggregator = served_rule(Path(model_dir), serving)
     model = load_trained(Path(model_dir))
-    probabilities, embeddings = cell_outputs_for_images(
-        model, [decode_image_bytes(base64.b64decode(example["image"][0]))], embeddings=rule.uses_mil)
-    output, _ = call_cells(rule, aggregator, model.classes, list(example["smear_id"]), probabilities,
-                           embeddings=embeddings, errors=[""])
+    # What the served model answers, through the very code it answers with.
+    output = classify_request(model, rule, aggregator, example, ServingLimits.from_config(serving.get("limits")))
     inputs = Schema([ColSpec("string", "image"), ColSpec("string", "smear_id", required=False)])
     signature = ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
     info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE),

@@ -7,7 +7,7 @@ the smear columns come from the smear rule registered with the version (`smear_r
 attention, or its share of the smear's positive probability). `error` is non-empty for an image that could not
 be decoded (reported in its row, never fatal; its smear is called on the other cells).
 
-A request over the version's limits (serving.json `limits`, `smearnet.registry.package.ServingLimits`: rows,
+A request over the version's limits (serving.json `limits`, `smearnet.serving.requests.ServingLimits`: rows,
 bytes per image, bytes per request) is refused as a whole: an MlflowException with error code
 INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400 and a JSON body whose `message` says
 which limit and how to fix the request. Engine files are loaded only if they match the sha256 serving.json
@@ -25,7 +25,7 @@ from mlflow.pyfunc import PythonModel
 
 from smearnet.errors import SmearnetError
 from smearnet.models.inference import load_trained, read_serving, serving_engine
-from smearnet.registry.package import ServingLimits
+from smearnet.serving.requests import ServingLimits
 from smearnet.registry.store import MODEL_DIR_ARTIFACT
 from smearnet.serving.requests import check_request, classify_request
 from smearnet.smear.calls import served_rule

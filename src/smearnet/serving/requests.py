@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import pandas as pd
 from PIL import Image
@@ -19,13 +21,49 @@ from PIL import Image
 from smearnet.data.decode import decode_image_bytes
 from smearnet.errors import SmearnetError
 from smearnet.models.inference import TrainedModel
-from smearnet.registry.package import ServingLimits
 from smearnet.serving.batches import classify_in_batches
 from smearnet.smear.calls import call_cells
 from smearnet.smear.mil import MILAggregator
 from smearnet.smear.rule import SmearRule
 
 DEFAULT_SMEAR = "smear"  # the smear of rows without a smear_id
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request to a served version may carry (the `serving` config section, packaged in serving.json).
+
+    A request over `max_rows` rows, with an image over `max_image_bytes` or with more than `max_request_bytes` of
+    images in all is refused as a whole, before anything is decoded, with HTTP 400 (MLflow's
+    INVALID_PARAMETER_VALUE) naming the limit. Sizes are image bytes after base64 decoding (the JSON body is
+    about 4/3 of them). Defaults: 512 rows, 8 MiB per image, 64 MiB per request. Rows are decoded and classified
+    `batch_size` (16) at a time, so one batch of decoded images is in memory at once; an image of more than
+    `max_pixels` (4,000,000) pixels is reported as undecodable in its row, as a corrupt one is (a cell crop has
+    about 130,000), which bounds a batch's decoded pixels whatever a compressed file expands to.
+    """
+
+    max_rows: int = 512
+    max_image_bytes: int = 8 * 2**20
+    max_request_bytes: int = 64 * 2**20
+    max_pixels: int = 4_000_000
+    batch_size: int = 16
+
+    @classmethod
+    def from_config(cls, serving: Mapping[str, Any] | None) -> ServingLimits:
+        """Limits from the `serving` mapping (missing keys keep their defaults); unknown keys and values < 1 are
+        errors."""
+        settings = dict(serving or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(settings) - known
+        if unknown:
+            raise SmearnetError(f"Unknown serving limits {sorted(unknown)} under serving.",
+                                f"use only {sorted(known)}.")
+        limits = cls(**{key: int(value) for key, value in settings.items()})
+        small = {key: value for key, value in asdict(limits).items() if value < 1}
+        if small:
+            raise SmearnetError(f"Serving limits must be at least 1, got {small}.",
+                                "set them under `serving:` in conf/config.yaml (the comments give the defaults).")
+        return limits
 
 
 def decoded_size(encoded: object) -> int:
@@ -95,4 +133,4 @@ def decode_rows(encoded: Sequence[object], max_pixels: int, errors: list[str]) -
     return images
 
 
-__all__ = ["DEFAULT_SMEAR", "check_request", "classify_request", "decode_rows", "decoded_size"]
+__all__ = ["DEFAULT_SMEAR", "ServingLimits", "check_request", "classify_request", "decode_rows", "decoded_size"]
