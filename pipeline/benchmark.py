@@ -45,10 +45,11 @@ def main() -> None:
         write_json({"selected": selected, "models": {r["model"]: {k: r[k] for k in
                     ("accuracy", "agreement", "ms_per_image", "peak_memory_mb", "total_seconds")} for r in chosen_rows}},
                    Path("metrics/benchmark.json"))
+        row_tags = {key: value for key, value in stage.data.tags.items() if not key.startswith("mlflow.")}
         for row in rows:
             # One nested run per Table 1 row (backbone x engine), under the stage's run: compared side by side.
             with mlflow.start_run(run_name=f"benchmark-{row['model']}-{row['engine']}-{row['precision']}",
-                                  nested=True, tags={**stage.data.tags, "backbone": row["model"]}):
+                                  nested=True, tags={**row_tags, "backbone": row["model"]}):
                 mlflow.log_params({k: row[k] for k in ("device", "engine", "precision", "channels_last", "input_size",
                                                        "images", "batch_size")})
                 mlflow.log_metrics({f"test/{k}": row[k] for k in ("accuracy", "agreement", "ms_per_image",

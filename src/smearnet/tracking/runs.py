@@ -88,12 +88,12 @@ def pipeline_parent_run(experiment_name: str, tags: Mapping[str, str]) -> str:
 
     The first stage of an execution that runs creates it; later stages (and re-runs of a stage with the same
     code, config and params) nest under the same parent.  Named after the DVC experiment when `dvc exp run`
-    runs the pipeline, else after the pipeline-run key.
+    runs the pipeline, else after the pipeline-run key.  `setup_mlflow` must have set up the experiment.
     """
     import mlflow
     from mlflow.entities import RunStatus
 
-    experiment = mlflow.set_experiment(experiment_name)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
     key = tags[PIPELINE_TAG]
     found = mlflow.search_runs([experiment.experiment_id], output_format="list", max_results=1,
                                filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`{PARENT_TAG}` = 'true'",
