@@ -215,7 +215,7 @@ def stage_params(stage: str, *, item: str | None = None, item_kind: str = "item"
         dvc_file = beside if beside.is_file() else REPO_ROOT / DVC_FILE
     declared = declared_params(stage, values, item=item, item_kind=item_kind, dvc_file=Path(dvc_file))
     for key in declared:
-        if key and not _has_path(values, key):
+        if key and _value_at(values, key) is _ABSENT:
             raise MissingParam(key, params_file)
     name = stage if item is None else f"{stage}@{item}"
     return StageParams(name, values, declared, source=params_file)
@@ -273,12 +273,10 @@ def _interpolate(text: Any, values: Mapping[str, Any], item: str | None) -> Any:
             if item is None:
                 raise SmearnetError("dvc.yaml uses `${item}` outside a foreach stage.", "check dvc.yaml.")
             return item
-        node: Any = values
-        for part in name.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                raise MissingParam(name)
-            node = node[part]
-        return node
+        value = _value_at(values, name)
+        if value is _ABSENT:
+            raise MissingParam(name)
+        return value
 
     whole = _INTERPOLATION.fullmatch(text)
     if whole:
@@ -286,13 +284,17 @@ def _interpolate(text: Any, values: Mapping[str, Any], item: str | None) -> Any:
     return _INTERPOLATION.sub(lambda match: str(lookup(match.group(1))), text)
 
 
-def _has_path(values: Mapping[str, Any], key: str) -> bool:
+_ABSENT = object()
+
+
+def _value_at(values: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted `key` in nested mappings, or `_ABSENT`."""
     node: Any = values
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return False
+            return _ABSENT
         node = node[part]
-    return True
+    return node
 
 
 # --- helpers over a configuration or a stage's parameters -----------------------------------------------------
