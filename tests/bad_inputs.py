@@ -208,32 +208,30 @@ def _two_frames() -> list[Image.Image]:
     return [Image.new("RGB", GOOD_SIZE, (200, 30, 30)), Image.new("RGB", GOOD_SIZE, (30, 200, 30))]
 
 
+def _one_picture_as(path: Path, image_format: str) -> Path:
+    """One plain picture saved at `path` in `image_format`, whatever the file name says."""
+    _two_frames()[0].save(path, image_format)
+    return path
+
+
 def make_gif(folder: Path) -> Path:
     """A single-frame GIF: a valid image in a format outside the allowlist."""
-    path = folder / "cell.gif"
-    _two_frames()[0].save(path, "GIF")
-    return path
+    return _one_picture_as(folder / "cell.gif", "GIF")
 
 
 def make_pdf_as_jpg(folder: Path) -> Path:
     """A one-page PDF renamed .jpg (what a scanner's "save as PDF" and a rename produce)."""
-    path = folder / "scan.jpg"
-    _two_frames()[0].save(path, "PDF")
-    return path
+    return _one_picture_as(folder / "scan.jpg", "PDF")
 
 
 def make_eps(folder: Path) -> Path:
     """An EPS file named .jpg: Pillow would hand it to Ghostscript if the format were allowed."""
-    path = folder / "figure.jpg"
-    _two_frames()[0].save(path, "EPS")
-    return path
+    return _one_picture_as(folder / "figure.jpg", "EPS")
 
 
 def make_ppm(folder: Path) -> Path:
     """A PPM (Netpbm) image: Pillow reads it, smearnet does not."""
-    path = folder / "cell.ppm"
-    _two_frames()[0].save(path, "PPM")
-    return path
+    return _one_picture_as(folder / "cell.ppm", "PPM")
 
 
 def make_dicom_as_jpg(folder: Path) -> Path:
