@@ -126,9 +126,14 @@ def test_train_backbone_learns_and_logs_its_weights_with_the_run(colour_split, t
     # Only the register stage registers a version (the selected backbone with its smear rule).
     assert not mlflow.MlflowClient().search_model_versions("name='test-training-resnet18'")
 
-    # The same run again resumes from last.ckpt (loaded weights-only: tensors and plain values, no pickled code).
+    # The same finished run asked again (DVC re-runs `train` when code it imports changed) trains nothing and
+    # reports the run's own metrics and best weights, not what a resumed, already-complete fit would show.
+    weights = (tmp_path / "model" / "weights.safetensors").read_bytes()
+    (tmp_path / "model" / "weights.safetensors").unlink()
     again = train_backbone(tiny_settings(), train, val, tmp_path / "model", tmp_path / "ckpt", progress=False)
-    assert again["resumed"] is True and again["global_steps"] == metrics["global_steps"]
+    assert again == metrics and again["resumed"] is False
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == weights
     assert json.loads((tmp_path / "model" / "model.json").read_text())["mlflow_run_id"] == meta["mlflow_run_id"]
+    # Checkpoints are loaded weights-only: tensors and plain values, no pickled code.
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert "models" not in checkpoint["hyper_parameters"]["train_cfg"]

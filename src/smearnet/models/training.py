@@ -33,6 +33,7 @@ from smearnet.models.optim import build_optimizer, build_schedule
 from smearnet.models.settings import TrainSettings
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+FINISHED_FILE = "finished.json"  # a completed run's metrics and best checkpoint, written after the weights
 
 
 class CellClassifier(L.LightningModule):
@@ -185,6 +186,25 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
     return None
 
 
+def finished_run(checkpoint_dir: Path, fingerprint: str) -> dict | None:
+    """What a completed run with this fingerprint recorded (its metrics and best checkpoint), else None.
+
+    Asking for the same run again (DVC re-runs `train` when code it imports changed) reuses that outcome: resuming
+    a fit that already reached its last epoch would train nothing yet report the metrics of whatever Lightning
+    restored, not the run's.
+    """
+    from smearnet.io import read_json
+
+    stamp = checkpoint_dir / "fingerprint.txt"
+    record = checkpoint_dir / FINISHED_FILE
+    if not (stamp.is_file() and stamp.read_text().strip() == fingerprint and record.is_file()):
+        return None
+    finished = read_json(record)
+    if finished.get("fingerprint") != fingerprint or not (checkpoint_dir / finished.get("best", "")).is_file():
+        return None
+    return finished
+
+
 def reset_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> None:
     """Empty the folder of another run's checkpoints and stamp it with this run's fingerprint."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +269,7 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
 
     from smearnet.data.loaders import CellImages, make_loader
     from smearnet.models.inference import save_trained
-    from smearnet.io import write_text
+    from smearnet.io import write_json, write_text
     from smearnet.models.factory import model_input_spec
     from smearnet.tracking.runs import log_dataset, revision_tags, setup_mlflow, stage_tags, tracking_uri
 
@@ -268,6 +288,10 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     run_id = None
     if resume_from is not None and run_id_file.is_file():
         run_id = run_id_file.read_text().strip() or None
+
+    finished = finished_run(checkpoint_dir, fingerprint)
+    if finished is not None:
+        return _reuse_finished_run(finished, checkpoint_dir, model_dir, name, model_cfg, classes, input_spec)
 
     batch_size = int(recipe.batch_size)
     workers = int(settings.trainer.num_workers)
@@ -324,6 +348,8 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     meta = {"name": name, "model_cfg": _plain(model_cfg), "classes": classes, "input_spec": input_spec,
             "fingerprint": fingerprint, "mlflow_run_id": logger.run_id, "metrics": metrics}
     save_trained(best.net, model_dir, meta)
+    write_json({"fingerprint": fingerprint, "best": os.path.relpath(best_path, checkpoint_dir),
+                "mlflow_run_id": logger.run_id, "metrics": metrics}, checkpoint_dir / FINISHED_FILE)
     client = mlflow.MlflowClient()
     client.log_metric(logger.run_id, "best_val_loss", metrics["best_val_loss"])
     client.log_metric(logger.run_id, "train_images_per_second", metrics["train_images_per_second"])
@@ -333,6 +359,22 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     for role, frame in (("train", train_manifest), ("val", val_manifest)):
         log_dataset(frame, name=role, context="training" if role == "train" else "validation",
                     source=f"data/{'upsampled' if role == 'train' else 'split'}/manifest.csv", run_id=logger.run_id)
+    return metrics
+
+
+def _reuse_finished_run(finished: dict, checkpoint_dir: Path, model_dir: Path, name: str, model_cfg: Mapping,
+                        classes: list, input_spec: dict) -> dict:
+    """Write the finished run's best weights and its recorded metrics again (rank 0); nothing is retrained."""
+    from smearnet.models.inference import save_trained
+
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return {}
+    best = CellClassifier.load_from_checkpoint(checkpoint_dir / finished["best"], map_location="cpu",
+                                               weights_only=True)
+    metrics = dict(finished["metrics"])
+    meta = {"name": name, "model_cfg": _plain(model_cfg), "classes": classes, "input_spec": input_spec,
+            "fingerprint": finished["fingerprint"], "mlflow_run_id": finished["mlflow_run_id"], "metrics": metrics}
+    save_trained(best.net, model_dir, meta)
     return metrics
 
 
