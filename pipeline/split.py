@@ -1,19 +1,31 @@
-"""DVC stage `split`: patient-grouped, stratified train/val/test; assessment smears kept apart."""
+"""DVC stage `split`: patient-grouped, stratified train/val/test that keeps every earlier patient's split;
+assessment smears kept apart.
+
+`data/split_assignments/patients.csv` is the split's memory (patient_id, split; raw ids, DVC-cached, never in git).
+dvc.yaml declares it `persist: true`, so DVC keeps it between runs: it is read before dealing and rewritten with
+the new patients appended (`smearnet.data.split.sticky_split_by_patient`).
+"""
 
 from pathlib import Path
 
 from smearnet.config import stage_params
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_manifest
-from smearnet.data.split import split_by_patient, split_summary
+from smearnet.data.split import assignment_counts, read_assignments, split_summary, sticky_split_by_patient
+
+ASSIGNMENTS = Path("data/split_assignments/patients.csv")
 
 
 def main() -> None:
     params = stage_params("split")
     manifest = read_table(Path("data/ingested/manifest.csv"))
-    split_manifest = split_by_patient(manifest, params.split, seed=int(params.seed))
+    earlier = read_assignments(ASSIGNMENTS)
+    split_manifest, assignments = sticky_split_by_patient(manifest, params.split, seed=int(params.seed),
+                                                          earlier=earlier)
     write_manifest(split_manifest, Path("data/split/manifest.csv"))
-    write_json(split_summary(split_manifest), Path("metrics/split.json"))
+    write_manifest(assignments, ASSIGNMENTS)
+    write_json({**split_summary(split_manifest), "patients_assigned": assignment_counts(split_manifest, earlier)},
+               Path("metrics/split.json"))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,23 @@ import pandas as pd
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.data.split import assert_no_patient_leakage, split_by_patient, split_summary
+from smearnet.io import write_manifest
+from smearnet.pseudonyms import KEY_ENV, pseudonym
+from smearnet.data.split import (assert_no_patient_leakage, assignment_counts, majority_labels, read_assignments,
+                                 split_by_patient, split_summary, sticky_split_by_patient)
+
+CLASSES = ("normal", "classic_rl", "covid_rl")
 
 
-def cohort(n_patients_per_class=10, cells=(3, 12), seed=0, classes=("normal", "classic_rl", "covid_rl")):
+def cohort(n_patients_per_class=10, cells=(3, 12), seed=0, classes=CLASSES, site="a"):
     rng = np.random.default_rng(seed)
     rows = []
     for label in classes:
         for p in range(n_patients_per_class):
+            patient = f"{label}-{p}" if site == "a" else f"{site}-{label}-{p}"
             for c in range(int(rng.integers(*cells))):
-                rows.append({"path": f"/x/{label}{p}_{c}.jpg", "label": label, "patient_id": f"{label}-{p}",
-                             "smear_id": f"{label}-{p}", "site": "a", "cohort": "development"})
+                rows.append({"path": f"/x/{patient}_{c}.jpg", "label": label, "patient_id": patient,
+                             "smear_id": patient, "site": site, "cohort": "development"})
     return pd.DataFrame(rows)
 
 
@@ -64,3 +70,142 @@ def test_leakage_is_detected():
 def test_bad_fractions(fractions, message):
     with pytest.raises(SmearnetError, match=message):
         split_by_patient(cohort(), fractions, seed=0)
+
+
+# --- the sticky split: earlier patients keep their split, only new ones are dealt --------------------------------
+
+
+def splits_of(split_manifest: pd.DataFrame) -> dict[str, str]:
+    return split_manifest.drop_duplicates("patient_id").set_index("patient_id")["split"].to_dict()
+
+
+def test_a_new_site_keeps_every_earlier_patient_and_new_patients_are_dealt_stratified():
+    site_a, site_b = cohort(seed=1), cohort(seed=2, site="b")
+    first, memory = sticky_split_by_patient(site_a, FRACTIONS, seed=4)
+    both = pd.concat([site_a, site_b], ignore_index=True)
+    second, updated = sticky_split_by_patient(both, FRACTIONS, seed=4, earlier=memory)
+
+    before, after = splits_of(first), splits_of(second)
+    assert {patient: after[patient] for patient in before} == before
+    moved_when_fresh = sum(splits_of(split_by_patient(both, FRACTIONS, seed=4))[p] != s for p, s in before.items())
+    assert moved_when_fresh > 0, "a fresh deal of the grown cohort must move someone, or this test proves nothing"
+    # The memory: old rows unchanged and first, then one row per new patient.
+    pd.testing.assert_frame_equal(updated.head(len(memory)), memory)
+    assert sorted(updated["patient_id"].iloc[len(memory):]) == sorted(site_b["patient_id"].unique())
+    # New patients reach every split in every class, and each class's shares stay near the targets.
+    new_rows = second[second["site"] == "b"]
+    for split in ("train", "val", "test"):
+        assert set(new_rows[new_rows["split"] == split]["label"]) == set(CLASSES), split
+    for label, rows in second.groupby("label"):
+        shares = rows["split"].value_counts(normalize=True)
+        assert abs(shares["train"] - 0.7) < 0.1 and abs(shares["test"] - 0.15) < 0.1, (label, shares)
+    assert assignment_counts(second, memory) == {"kept": 30, "new": 30, "remembered_absent": 0}
+
+
+def test_a_small_class_still_reaches_val_and_test_when_new_patients_arrive():
+    first, memory = sticky_split_by_patient(cohort(n_patients_per_class=1, classes=("covid_rl",)).pipe(
+        lambda rare: pd.concat([cohort(classes=("normal",)), rare])), FRACTIONS, seed=0)
+    assert splits_of(first)["covid_rl-0"] == "train"  # one patient of a class: it trains
+    grown = pd.concat([first.drop(columns="split"), cohort(n_patients_per_class=2, classes=("covid_rl",), site="b")])
+    second, _ = sticky_split_by_patient(grown, FRACTIONS, seed=0, earlier=memory)
+    covid = second[second["label"] == "covid_rl"]
+    assert set(covid["split"]) == {"train", "val", "test"}
+
+
+def test_a_second_run_with_its_own_memory_changes_nothing():
+    manifest = cohort()
+    first, memory = sticky_split_by_patient(manifest, FRACTIONS, seed=3)
+    again, memory_again = sticky_split_by_patient(manifest, FRACTIONS, seed=3, earlier=memory)
+    assert again["split"].tolist() == first["split"].tolist()
+    pd.testing.assert_frame_equal(memory_again, memory)
+    assert assignment_counts(again, memory) == {"kept": 30, "new": 0, "remembered_absent": 0}
+
+
+def test_new_patients_are_dealt_alike_under_any_pseudonym_key_and_row_order(monkeypatch):
+    _, memory = sticky_split_by_patient(cohort(seed=1), FRACTIONS, seed=7)
+    grown = pd.concat([cohort(seed=1), cohort(seed=2, site="b")], ignore_index=True)
+    results = []
+    for shuffle, key in enumerate(("first-secret-key", "another-secret-key")):
+        monkeypatch.setenv(KEY_ENV, key)
+        results.append((pseudonym("b-normal-0"), *sticky_split_by_patient(
+            grown.sample(frac=1.0, random_state=shuffle), FRACTIONS, seed=7, earlier=memory)))
+    (name_1, split_1, memory_1), (name_2, split_2, memory_2) = results
+    assert name_1 != name_2, "the two keys must really differ for this test to mean anything"
+    assert splits_of(split_1) == splits_of(split_2)
+    pd.testing.assert_frame_equal(memory_1, memory_2)
+
+
+def test_new_patients_of_one_class_go_where_they_go_whether_or_not_another_class_grows():
+    _, memory = sticky_split_by_patient(cohort(seed=1), FRACTIONS, seed=2)
+    new_normal = cohort(seed=2, site="b", classes=("normal",))
+    new_covid = cohort(seed=3, site="b", classes=("covid_rl",))
+    alone, _ = sticky_split_by_patient(pd.concat([cohort(seed=1), new_normal]), FRACTIONS, seed=2, earlier=memory)
+    together, _ = sticky_split_by_patient(pd.concat([cohort(seed=1), new_normal, new_covid]), FRACTIONS, seed=2,
+                                          earlier=memory)
+    normal_patients = set(new_normal["patient_id"])
+    assert {p: s for p, s in splits_of(together).items() if p in normal_patients} == \
+        {p: s for p, s in splits_of(alone).items() if p in normal_patients}
+
+
+def test_a_tied_majority_label_goes_to_the_first_label_by_name_whatever_the_row_order():
+    tied = pd.DataFrame({"patient_id": ["p1"] * 4 + ["p2"] * 3, "label": ["normal", "covid_rl"] * 2 + ["normal"] * 3})
+    for order in (tied, tied.iloc[::-1], tied.iloc[[1, 0, 2, 3, 4, 5, 6]]):
+        assert majority_labels(order).to_dict() == {"p1": "covid_rl", "p2": "normal"}
+
+
+def test_a_remembered_patient_missing_from_the_manifest_stays_remembered():
+    both = pd.concat([cohort(seed=1), cohort(seed=2, site="b")], ignore_index=True)
+    _, memory = sticky_split_by_patient(both, FRACTIONS, seed=0)
+    site_a_only, kept = sticky_split_by_patient(cohort(seed=1), FRACTIONS, seed=0, earlier=memory)
+    assert not site_a_only["patient_id"].str.startswith("b-").any()
+    pd.testing.assert_frame_equal(kept, memory)
+    assert assignment_counts(site_a_only, memory) == {"kept": 30, "new": 0, "remembered_absent": 30}
+
+
+def test_assessment_patients_are_remembered_as_assessment():
+    manifest = pd.concat([cohort(), cohort(n_patients_per_class=1, site="b").assign(cohort="assessment")])
+    _, memory = sticky_split_by_patient(manifest, FRACTIONS, seed=0)
+    assert set(memory.loc[memory["patient_id"].str.startswith("b-"), "split"]) == {"assessment"}
+
+
+@pytest.mark.parametrize("was, now", [("development", "assessment"), ("assessment", "development")])
+def test_a_patient_changing_cohort_is_refused_without_naming_it(was, now):
+    assessment = cohort(n_patients_per_class=1, site="b").assign(cohort="assessment")
+    _, memory = sticky_split_by_patient(pd.concat([cohort(), assessment]), FRACTIONS, seed=0)
+    changed = "normal-3" if was == "development" else "b-normal-0"
+    manifest = pd.concat([cohort(), assessment])
+    manifest.loc[manifest["patient_id"] == changed, "cohort"] = now
+    with pytest.raises(SmearnetError, match="keeps one cohort") as err:
+        sticky_split_by_patient(manifest, FRACTIONS, seed=0, earlier=memory)
+    assert "1 patient(s)" in str(err.value) and changed not in str(err.value)
+
+
+def test_a_split_the_fractions_no_longer_configure_is_refused():
+    _, memory = sticky_split_by_patient(cohort(), FRACTIONS, seed=0)
+    assert (memory["split"] == "val").sum() > 0
+    with pytest.raises(SmearnetError, match=r"\['val'\].*no longer configure"):
+        sticky_split_by_patient(cohort(), {"train": 0.8, "test": 0.2}, seed=0, earlier=memory)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.assign(split=m["split"].where(m.index != 0, "holdout")), "1 row\\(s\\) with a split other than"),
+    (lambda m: pd.concat([m, m.head(2)]), "2 row\\(s\\) with a patient listed twice"),
+    (lambda m: m.rename(columns={"split": "fold"}), "lack a column"),
+])
+def test_damaged_assignments_are_refused_without_naming_patients(damage, message):
+    _, memory = sticky_split_by_patient(cohort(), FRACTIONS, seed=0)
+    with pytest.raises(SmearnetError, match=message) as err:
+        sticky_split_by_patient(cohort(), FRACTIONS, seed=0, earlier=damage(memory))
+    assert not any(patient in str(err.value) for patient in memory["patient_id"])
+
+
+def test_assignments_round_trip_through_a_file_with_ids_kept_as_text(tmp_path):
+    path = tmp_path / "split_assignments" / "patients.csv"
+    assert read_assignments(path) is None
+    manifest = cohort().assign(patient_id=lambda m: "00" + m["patient_id"].str.len().astype(str) + m["patient_id"])
+    _, memory = sticky_split_by_patient(manifest, FRACTIONS, seed=0)
+    write_manifest(memory, path)
+    pd.testing.assert_frame_equal(read_assignments(path), memory)
+    path.write_text("")
+    with pytest.raises(SmearnetError, match="empty file"):
+        read_assignments(path)

@@ -1,8 +1,31 @@
-"""Patient-grouped, class-stratified split of development cells; assessment smears kept apart."""
+"""Patient-grouped, class-stratified split of development cells that keeps every patient where it was first put.
+
+Why sticky: when a hospital adds a site and retrains, a split dealt afresh can move earlier test patients into
+training, and the new model would then be tested partly on patients it trained on. So the split remembers every
+patient it has placed (the assignments: ``patient_id, split``; raw ids, so the table lives with the data under
+``data/``, never in git or MLflow), keeps those placements, and deals only the patients it has not seen.
+
+How new development patients are dealt: patients are stratified by their majority label (a tie goes to the first
+label by name). Within a stratum the new patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a
+patient's place in the order depends on the seed and its own id only: not on which other patients exist, the
+order of the manifest's rows or the pseudonym key (`smearnet.pseudonyms`, a per-machine secret). Each goes to the
+split furthest below its target share of the stratum's cells, counting the cells of the stratum's patients
+already placed. While a split of the stratum has no patient and the stratum has at least one patient per split,
+the next new patient goes to an empty split (largest target first), so small classes still reach val and test.
+
+Assessment-cohort patients are recorded as ``assessment`` and never dealt. A patient who changes cohort, or an
+assignment to a split the fractions no longer configure, is refused rather than silently moved. Patients remembered
+but absent from the manifest stay remembered (a site may be re-ingested later).
+
+Changing ``seed`` or the fractions therefore moves no earlier patient; it only changes how new patients are dealt.
+Dealing every patient afresh means deleting the assignments, and earlier test patients may then land in training.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,44 +34,96 @@ from smearnet.errors import SmearnetError
 
 SPLITS = ("train", "val", "test")
 ASSESSMENT = "assessment"
+#: Columns of the assignments table: one row per patient ever placed, in the order they were first placed.
+ASSIGNMENT_COLUMNS = ("patient_id", "split")
+_REDEAL = ("or delete the split assignments (the split stage's data/split_assignments/) to deal every patient "
+           "afresh, knowing that earlier test patients may then move into training")
 
 
 def split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int) -> pd.DataFrame:
-    """Return `manifest` with a `split` column: train/val/test for development cells, assessment for the rest.
+    """A fresh split, with no earlier assignments: `manifest` with a `split` column (see `sticky_split_by_patient`)."""
+    split_manifest, _ = sticky_split_by_patient(manifest, fractions, seed)
+    return split_manifest
 
-    Every patient lands in exactly one split. Patients are stratified by their majority label and,
-    within each stratum, shuffled by `seed` and dealt to the split whose share of the stratum's cells is
-    furthest below its target, so small classes still reach val and test.
+
+def sticky_split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int,
+                            earlier: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split `manifest` by patient, keeping the splits `earlier` assigned; return (split manifest, assignments).
+
+    The split manifest is `manifest` with a `split` column: train/val/test for development cells, assessment for
+    the rest. The assignments are `earlier`'s rows, unchanged, followed by one row per patient of `manifest` it did
+    not hold (sorted by id). `earlier=None` (a first run) deals every patient; the result depends on `seed` only.
     """
     targets = _normalised_fractions(fractions)
-    out = manifest.copy()
-    out["split"] = ASSESSMENT
-    development = out[out["cohort"] != ASSESSMENT]
+    earlier = _checked_assignments(earlier, targets)
+    is_development = manifest["cohort"] != ASSESSMENT
+    development = manifest[is_development]
     if development.empty:
         raise SmearnetError("No development cells to split: every row has cohort=assessment.",
                             "mark the training cohort's rows `cohort=development` (or leave the column out).")
-    rng = np.random.default_rng(seed)
-    cells_per_patient = development.groupby("patient_id").size()
-    majority_label = development.groupby("patient_id")["label"].agg(lambda labels: labels.value_counts().index[0])
-    assignment: dict[str, str] = {}
-    for label in sorted(majority_label.unique()):
-        patients = np.array(sorted(majority_label.index[majority_label == label]))
-        rng.shuffle(patients)
-        placed = dict.fromkeys(targets, 0)
-        total = 0
-        for number, patient in enumerate(patients):
-            # The first patients of a stratum seed each split (largest target first), then fill by deficit.
-            if number < len(targets) and len(patients) >= len(targets):
-                chosen = sorted(targets, key=lambda s: -targets[s])[number]
-            else:
-                chosen = max(targets, key=lambda s: targets[s] * (total + cells_per_patient[patient]) - placed[s])
-            assignment[patient] = chosen
-            placed[chosen] += int(cells_per_patient[patient])
-            total += int(cells_per_patient[patient])
-    is_development = out["cohort"] != ASSESSMENT
+    known = dict(zip(earlier["patient_id"], earlier["split"]))
+    _refuse_cohort_changes(manifest, is_development, known)
+    assignment = deal_new_patients(development, known, targets, seed)
+    out = manifest.copy()
+    out["split"] = ASSESSMENT
     out.loc[is_development, "split"] = out.loc[is_development, "patient_id"].map(assignment)
     assert_no_patient_leakage(out)
-    return out
+    new_rows = (out.loc[~out["patient_id"].isin(list(known)), list(ASSIGNMENT_COLUMNS)]
+                .drop_duplicates("patient_id").sort_values("patient_id"))
+    return out, pd.concat([earlier, new_rows], ignore_index=True)
+
+
+def deal_new_patients(development: pd.DataFrame, known: Mapping[str, str], targets: Mapping[str, float],
+                      seed: int) -> dict[str, str]:
+    """The split of every patient of `development`: `known`'s split when it has one, else dealt (module docstring)."""
+    cells = development.groupby("patient_id").size()
+    strata = majority_labels(development)
+    assignment = {patient: known[patient] for patient in cells.index if patient in known}
+    for label in sorted(strata.unique()):
+        patients = strata.index[strata == label]
+        placed_cells, placed_patients = dict.fromkeys(targets, 0), dict.fromkeys(targets, 0)
+        for patient in patients:
+            if patient in known:
+                placed_cells[known[patient]] += int(cells[patient])
+                placed_patients[known[patient]] += 1
+        seed_empty_splits = len(patients) >= len(targets)
+        for patient in sorted((p for p in patients if p not in known), key=lambda p: dealing_key(seed, p)):
+            chosen = _next_split(targets, placed_cells, placed_patients, int(cells[patient]), seed_empty_splits)
+            assignment[patient] = chosen
+            placed_cells[chosen] += int(cells[patient])
+            placed_patients[chosen] += 1
+    return assignment
+
+
+def dealing_key(seed: int, patient_id: str) -> tuple[str, str]:
+    """Where a new patient comes in its stratum's dealing order: its own id and the seed, no secret key."""
+    return hashlib.sha256(f"{seed}:{patient_id}".encode("utf-8")).hexdigest(), str(patient_id)
+
+
+def majority_labels(development: pd.DataFrame) -> pd.Series:
+    """Each patient's most frequent label (a tie goes to the first label by name), indexed by patient id."""
+    counts = development.groupby(["patient_id", "label"]).size().rename("cells").reset_index()
+    counts = counts.sort_values(["patient_id", "cells", "label"], ascending=[True, False, True], kind="stable")
+    return counts.drop_duplicates("patient_id").set_index("patient_id")["label"]
+
+
+def read_assignments(path: Path) -> pd.DataFrame | None:
+    """The assignments table at `path` (ids kept as text), or None when there is none yet (a first run)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise SmearnetError(f"The split assignments {path} are an empty file (not even a header).",
+                            f"restore it from the DVC cache (`dvc checkout`), {_REDEAL}.") from None
+
+
+def assignment_counts(split_manifest: pd.DataFrame, earlier: pd.DataFrame | None) -> dict[str, int]:
+    """Patients of the split kept from `earlier`, new to it, and remembered but absent now (counts, no ids)."""
+    now = set(split_manifest["patient_id"])
+    before = set() if earlier is None else set(earlier["patient_id"])
+    return {"kept": len(now & before), "new": len(now - before), "remembered_absent": len(before - now)}
 
 
 def assert_no_patient_leakage(split_manifest: pd.DataFrame) -> None:
@@ -73,6 +148,56 @@ def split_summary(split_manifest: pd.DataFrame) -> dict:
             "cells_per_class": {str(k): int(v) for k, v in rows["label"].value_counts().sort_index().items()},
         }
     return summary
+
+
+def _next_split(targets: Mapping[str, float], placed_cells: Mapping[str, int], placed_patients: Mapping[str, int],
+                cells: int, seed_empty_splits: bool) -> str:
+    """An empty split of the stratum first (largest target first) when asked, else the one furthest below target."""
+    empty = [split for split in targets if placed_patients[split] == 0]
+    if seed_empty_splits and empty:
+        return max(empty, key=lambda split: targets[split])
+    total = sum(placed_cells.values()) + cells
+    return max(targets, key=lambda split: targets[split] * total - placed_cells[split])
+
+
+def _checked_assignments(earlier: pd.DataFrame | None, targets: Mapping[str, float]) -> pd.DataFrame:
+    """`earlier` (an empty table for None) after refusing what would make a patient move. Messages hold no ids."""
+    if earlier is None:
+        return pd.DataFrame({column: pd.Series(dtype=str) for column in ASSIGNMENT_COLUMNS})
+    if not set(ASSIGNMENT_COLUMNS) <= set(earlier.columns):
+        raise SmearnetError(f"The split assignments lack a column among {list(ASSIGNMENT_COLUMNS)}.",
+                            f"restore them from the DVC cache (`dvc checkout`), {_REDEAL}.")
+    faults = {"an empty patient id": int((earlier["patient_id"].astype(str).str.strip() == "").sum()),
+              "a patient listed twice": int(earlier["patient_id"].duplicated().sum()),
+              f"a split other than {[*SPLITS, ASSESSMENT]}": int((~earlier["split"].isin([*SPLITS, ASSESSMENT])).sum())}
+    faults = {fault: count for fault, count in faults.items() if count}
+    if faults:
+        found = "; ".join(f"{count} row(s) with {fault}" for fault, count in faults.items())
+        raise SmearnetError(f"The split assignments are damaged: {found}.",
+                            f"restore them from the DVC cache (`dvc checkout`), {_REDEAL}.")
+    dropped = earlier["split"].isin([split for split in SPLITS if split not in targets])
+    if dropped.any():
+        names = sorted(set(earlier.loc[dropped, "split"]))
+        raise SmearnetError(
+            f"The split assignments place {int(dropped.sum())} patient(s) in {names}, which the `split` fractions "
+            f"no longer configure, so those patients would have to move.",
+            f"give {names} a positive share again (e.g. split.{names[0]}=0.15) to keep them where they are, "
+            f"{_REDEAL}.")
+    return earlier
+
+
+def _refuse_cohort_changes(manifest: pd.DataFrame, is_development: pd.Series, known: Mapping[str, str]) -> None:
+    """Raise when a remembered patient now appears in the other cohort (development vs assessment)."""
+    remembered_assessment = {patient for patient, split in known.items() if split == ASSESSMENT}
+    now_assessment = set(manifest.loc[~is_development, "patient_id"]) & (known.keys() - remembered_assessment)
+    now_development = set(manifest.loc[is_development, "patient_id"]) & remembered_assessment
+    if now_assessment or now_development:
+        raise SmearnetError(
+            f"{len(now_assessment)} patient(s) placed earlier in train/val/test now have assessment rows, and "
+            f"{len(now_development)} patient(s) recorded earlier as assessment now have development rows: a patient "
+            f"keeps one cohort, or its cells would cross between training and assessment.",
+            f"correct the manifest's `cohort` column for those patients (compare it with the split assignments, "
+            f"which list each patient's split), {_REDEAL}.")
 
 
 def _normalised_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
