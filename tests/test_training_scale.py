@@ -40,7 +40,8 @@ from torch.utils.data import DistributedSampler
 from conftest import REPO_ROOT, colour_cells
 from smearnet.errors import SmearnetError
 from smearnet.models.inference import load_trained
-from smearnet.models.training import EpochShuffleSampler, TimmSyncBatchNorm, build_trainer
+from smearnet.models.samplers import EpochShuffleSampler
+from smearnet.models.training import TimmSyncBatchNorm, build_trainer
 
 TRAIN_SCRIPT = REPO_ROOT / "pipeline" / "train.py"
 CLASSES = ["red", "green", "blue"]

@@ -1,5 +1,7 @@
 import hashlib
 
+import pandas as pd
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,3 +56,13 @@ def test_class_above_target_is_kept_whole(train):
 def test_class_without_training_images_is_a_clear_error(train):
     with pytest.raises(SmearnetError, match="Class `c` has no training images"):
         plan_upsampling(train, ["a", "b", "c"], per_class=5, seed=0)
+
+
+def test_per_class_zero_creates_no_copies_and_names_no_class_above_target():
+    train = pd.DataFrame({"path": ["a1", "a2", "a3", "b1"], "label": ["a", "a", "a", "b"],
+                          "patient_id": ["p1", "p1", "p2", "p3"], "smear_id": ["s1", "s1", "s2", "s3"],
+                          "site": ["x"] * 4, "cohort": ["development"] * 4})
+    assert plan_upsampling(train, ["a", "b"], per_class=0, seed=0).empty
+    assert upsample_summary(train, train, ["a", "b"], 0)["above_target"] == []
+    with pytest.raises(SmearnetError, match="0 \\(no copies\\) or more"):
+        plan_upsampling(train, ["a", "b"], per_class=-1, seed=0)

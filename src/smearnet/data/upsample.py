@@ -43,10 +43,12 @@ def plan_upsampling(train: pd.DataFrame, classes: Sequence[str], per_class: int,
 
     Sources are used round-robin over a seeded permutation, so every original is augmented about as
     often as every other. Classes already at or above `per_class` get no new images (originals are
-    never dropped); the report says so.
+    never dropped); the report says so. `per_class` 0 creates none at all (training then balances the classes
+    by sampling: `train.sampler: balanced`).
     """
-    if per_class < 1:
-        raise SmearnetError(f"`augment.per_class` is {per_class}; it must be at least 1.", "set augment.per_class.")
+    if per_class < 0:
+        raise SmearnetError(f"`augment.per_class` is {per_class}; it must be 0 (no copies) or more.",
+                            "set augment.per_class.")
     rng = np.random.default_rng(seed)
     plan = []
     for class_index, label in enumerate(classes):
@@ -58,7 +60,7 @@ def plan_upsampling(train: pd.DataFrame, classes: Sequence[str], per_class: int,
                 "add images of that class (from more than one patient, so train gets some), "
                 "or remove it from `data.classes`.",
             )
-        missing = per_class - len(originals)
+        missing = per_class - len(originals) if per_class else 0
         if missing <= 0:
             continue
         order = rng.permutation(len(originals))
@@ -108,5 +110,5 @@ def upsample_summary(train: pd.DataFrame, upsampled: pd.DataFrame, classes: Sequ
         originals = int((train["label"] == label).sum())
         total = int((upsampled["label"] == label).sum())
         summary["classes"][label] = {"originals": originals, "created": total - originals, "total": total}
-    summary["above_target"] = [c for c, v in summary["classes"].items() if v["originals"] > per_class]
+    summary["above_target"] = [c for c, v in summary["classes"].items() if per_class and v["originals"] > per_class]
     return summary

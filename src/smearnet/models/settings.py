@@ -8,6 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from smearnet.config import model_config, plain
+from smearnet.data.loaders import StainAugment
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,15 @@ class TrainRecipe:
     patience: int | None = None
     cache_images: bool = True
     dihedral_augment: bool = False
+    sampler: str = "shuffle"                            # smearnet.models.samplers.SAMPLERS
+    stain_augment: StainAugment = StainAugment()        # off
 
     @classmethod
     def from_mapping(cls, train: Mapping[str, Any]) -> TrainRecipe:
         values = {field.name: train[field.name] if field.default is MISSING else train.get(field.name, field.default)
                   for field in fields(cls)}
-        return cls(**{**values, "betas": tuple(float(b) for b in values["betas"])})
+        return cls(**{**values, "betas": tuple(float(b) for b in values["betas"]), "sampler": str(values["sampler"]),
+                      "stain_augment": StainAugment.from_mapping(values["stain_augment"])})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples): the checkpoint's hyperparameters, the run fingerprint, MLflow params."""
