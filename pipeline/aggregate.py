@@ -2,7 +2,8 @@
 
 1. One pass of the selected backbone, through the configured inference engine (the one predict and serving
    run), over the development, test and assessment cells: logits and penultimate-layer embeddings.
-2. Temperature scaling fitted on the validation cells.
+2. Temperature scaling fitted on the validation cells; the cell threshold (`smear.cell_threshold`: arg-max, one
+   chosen on the calibrated validation cells, or a number) resolved there too (`smearnet.smear.cell_threshold`).
 3. Every smear score, cross-validated on smears composed from development cells; the score (`smear.score:
    auto`, or the one it names) and a development threshold are fixed there (`smearnet.smear.run_aggregation`).
    Development cells never enter the evaluation smears: they are the validation (and, when the evaluation
@@ -25,8 +26,8 @@ from smearnet.io import read_table, write_json, write_text
 from smearnet.io import json_safe
 from smearnet.smear.mil import cell_outputs
 from smearnet.evaluation.plots import roc_png
-from smearnet.smear import (AggregateParams, CellSet, SmearRule, evaluation_smears, run_aggregation, save_rule,
-                            smear_keys)
+from smearnet.smear import (AggregateParams, CellSet, SmearRule, check_cell_threshold_setting, evaluation_smears,
+                            resolve_cell_threshold, run_aggregation, save_rule, smear_keys)
 from smearnet.smear.report import roc_curves, scores_markdown
 from smearnet.pseudonyms import pseudonym
 from smearnet.pseudonyms import id_key
@@ -45,6 +46,7 @@ def main() -> None:
         params = AggregateParams.from_config(cfg.aggregate, cfg.smear.compose, float(cfg.evaluation.confidence),
                                              threshold_rule=str(cfg.smear.threshold_rule),
                                              fixed_threshold=float(cfg.smear.fixed_threshold))
+        cell_setting = check_cell_threshold_setting(cfg.smear.cell_threshold)  # a bad value stops before any work
         selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
         split_manifest = read_table(Path("data/split/manifest.csv"))
         model = load_for_inference(Path("models") / selected, cfg.inference,
@@ -64,6 +66,9 @@ def main() -> None:
                                       bounds=(low, high))
         table = predictions_table(cells, scaled_probabilities(outputs.logits, calibration.temperature), model.classes)
         table["patient_id"] = [pseudonym(patient) for patient in cells["patient_id"]]
+        cell_threshold = resolve_cell_threshold(cell_setting, table[f"prob_{positive}"].to_numpy(),
+                                                (cells["label"] == positive).to_numpy(), validation=is_val,
+                                                confidence=params.confidence)
         every_cell = CellSet(table, outputs.embeddings)
         development = every_cell.subset(cells["split"].isin(development_splits).to_numpy())
         positions = cells.index.get_indexer(smears["cell_index"] if "cell_index" in smears else smears.index)
@@ -71,9 +76,11 @@ def main() -> None:
         evaluation = every_cell.subset(positions)
         evaluation.cells["smear_id"] = smear_ids
 
-        result = run_aggregation(development, evaluation, positive, params, seed, score=str(cfg.smear.score))
+        result = run_aggregation(development, evaluation, positive, params, seed, score=str(cfg.smear.score),
+                                 cell_threshold=cell_threshold.threshold)
         rule = SmearRule(score=result.choice.chosen, positive_class=positive, threshold=result.threshold,
-                         temperature=calibration.temperature, threshold_rule=params.threshold_rule,
+                         temperature=calibration.temperature, cell_threshold=cell_threshold.threshold,
+                         threshold_rule=params.threshold_rule,
                          chosen_by=result.choice.reason,
                          threshold_from=f"{params.threshold_rule} on composed development smears (out-of-fold)")
 
@@ -84,6 +91,8 @@ def main() -> None:
         evaluation_cells["smear_id"] = smear_ids
         if "part" in smears.columns:
             evaluation_cells.insert(1, "part", smears["part"].to_numpy())
+            evaluation_cells["cell_index"] = smears["cell_index"].to_numpy()  # composed smears reuse cells
+        evaluation_cells["site"] = smears["site"].to_numpy()  # the smear stage's per-site figures
         write_text(evaluation_cells.to_csv(index=False), OUT / "evaluation_cells.csv")
         if rule.uses_mil:
             np.save(OUT / "evaluation_embeddings.npy", outputs.embeddings[positions])
@@ -103,10 +112,12 @@ def main() -> None:
                                    calibration=calibration.to_dict()), OUT / "scores.md")
         metrics = json_safe({"model": selected, "engine": model.engine.spec.label, "smears_from": smears_from,
                              "development_splits": development_splits, "calibration": calibration.to_dict(),
-                             **result.metrics()})
+                             **result.metrics(), **cell_threshold.metrics()})
         write_json(metrics, Path("metrics/aggregate.json"))
         print(f"aggregate: T={calibration.temperature:.3f}, proposed {rule.score} (development threshold "
-              f"{result.threshold:.4g}), development from {'+'.join(development_splits)}, evaluation: {smears_from}")
+              f"{result.threshold:.4g}"
+              + (f", cell threshold {rule.cell_threshold:.4g}" if rule.cell_threshold is not None else "")
+              + "), development from {'+'.join(development_splits)}, evaluation: {smears_from}")
 
         mlflow.log_params({"chosen_score": result.choice.chosen, "fold_unit": result.development.fold_unit,
                            **{f"aggregate.{k}": str(v) for k, v in cfg.aggregate.items()}})

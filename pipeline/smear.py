@@ -29,7 +29,8 @@ def main() -> None:
         proposed, aggregator = load_rule(AGGREGATE)
         proposal = json.loads((AGGREGATE / "selection.json").read_text())
         classes, smears_from = proposal["classes"], proposal["smears_from"]
-        cells = pd.read_csv(AGGREGATE / "evaluation_cells.csv", dtype={"smear_id": str, "label": str, "predicted": str})
+        cells = pd.read_csv(AGGREGATE / "evaluation_cells.csv",
+                            dtype={"smear_id": str, "label": str, "predicted": str, "site": str})
         embeddings = np.load(AGGREGATE / "evaluation_embeddings.npy") if proposed.uses_mil else None
         s = params.smear
         measured = measure_rule(proposed, cells, classes, selection=str(s.threshold_selection), embeddings=embeddings,
@@ -48,10 +49,14 @@ def main() -> None:
         write_json({"smears_from": smears_from, **{k: v for k, v in result.items() if k not in ("roc", "excluded_smear_ids")}},
                    Path("metrics/smear.json"))
         print(f"smear: {rule.describe()}; AUC {result['auc']['value']:.3f} over {result['n_smears']} smears "
-              f"(threshold: {rule.threshold_from})")
+              f"(threshold: {rule.threshold_from})"
+              + (f"; per site in metrics/smear.json ({len(result['per_site'])} sites)" if "per_site" in result else "")
+              + (f"; {result['per_site_note']}" if "per_site_note" in result else ""))
 
         mlflow.log_params({**{k: str(v) for k, v in s.items()}, "deployed_score": rule.score})
-        mlflow.log_metrics(flatten_metrics({k: v for k, v in result.items() if k not in ("roc", "deployed_rule")}, "smear"))
+        # per-site figures stay in metrics/smear.json: site names are free text, MLflow metric names are not
+        logged = {k: v for k, v in result.items() if k not in ("roc", "deployed_rule", "per_site")}
+        mlflow.log_metrics(flatten_metrics(logged, "smear"))
         log_stage_outputs(OUT, "smear")
 
 

@@ -16,6 +16,7 @@ from smearnet.evaluation.metrics import (
     binary_summary,
     bootstrap_interval,
     cell_metrics,
+    per_site,
     wilson_interval,
 )
 
@@ -210,3 +211,61 @@ def test_evaluate_cells_draws_the_configured_bootstrap_resamples(tmp_path, monke
                                                    n_resamples=n_resamples)["macro_f1"]
         intervals.append((metrics["macro_f1"]["low"], metrics["macro_f1"]["high"]))
     assert intervals[0] != intervals[1] and len(table) == 120 and (tmp_path / "confusion.png").is_file()
+
+
+# --- per site -------------------------------------------------------------------------------------
+
+
+def test_per_site_measures_each_site_and_nothing_for_one_site():
+    sites = np.array(["b", "a", "b", "b"])
+    assert per_site(sites, lambda rows: {"n": int(rows.sum()), "first": int(np.flatnonzero(rows)[0])}) == {
+        "a": {"n": 1, "first": 1}, "b": {"n": 3, "first": 0}}  # sorted by site name
+    assert per_site(np.array(["a", "a"]), lambda rows: {"n": 1}) == {}
+    assert per_site(None, lambda rows: {"n": 1}) == {}
+
+
+def _two_site_cells(sites):
+    """40 cells, 4 patients; site `sites[i // 20]`; probabilities that get site a's cells right, b's 13 of 20."""
+    import pandas as pd
+
+    y_true = np.array([0, 1, 2, 3] * 10)
+    probabilities = np.full((40, 4), 0.1)
+    probabilities[np.arange(40), y_true] = 0.7
+    probabilities[20:30, :] = [0.7, 0.1, 0.1, 0.1]  # half of the second site's cells called normal
+    cells = pd.DataFrame({"label": [CLASSES[i] for i in y_true], "smear_id": [f"s{i // 10}" for i in range(40)],
+                          "patient_id": [f"P{i // 10}" for i in range(40)], "site": [sites[i // 20] for i in range(40)],
+                          "path": [f"c{i}.png" for i in range(40)]})
+    return cells, y_true, probabilities
+
+
+def test_cell_evaluation_reports_each_site_only_when_cells_span_sites(tmp_path, monkeypatch):
+    """Through `evaluate_cells`, the function pipeline/evaluate.py calls: per_site in the metrics and per_site.md."""
+    from types import SimpleNamespace
+
+    from smearnet.evaluation import cells as cells_module
+
+    model = SimpleNamespace(name="toy", classes=CLASSES)
+    cells, y_true, probabilities = _two_site_cells(["hospital_a", "hospital_b"])
+    monkeypatch.setattr(cells_module, "predict_probabilities", lambda *args, **kwargs: probabilities)
+    metrics, _ = cells_module.evaluate_cells(model, cells, "covid_rl", batch_size=4, confidence=0.95,
+                                             n_resamples=20, out_dir=tmp_path / "two")
+    assert set(metrics["per_site"]) == {"hospital_a", "hospital_b"}
+    b = metrics["per_site"]["hospital_b"]
+    alone = cell_metrics(y_true[20:], probabilities[20:], CLASSES, "covid_rl", n_resamples=20)
+    assert b["n_cells"] == 20 and b["n_patients"] == 2
+    assert b["accuracy"] == alone["accuracy"] and b["macro_f1"] == alone["macro_f1"]
+    assert b["positive"]["sensitivity"] == alone["positive"]["sensitivity"]
+    assert b["positive"]["precision"] == alone["positive"]["precision"]
+    assert metrics["per_site"]["hospital_a"]["accuracy"]["value"] == 1.0 and b["accuracy"]["value"] == 0.65
+    assert metrics["n_cells"] == 40  # the overall figures are still every cell's
+    report = (tmp_path / "two" / cells_module.SITES_REPORT).read_text()
+    assert "| hospital_b | 20 | 2 | 0.650" in report and "P0" not in report  # counts only, no patient ids
+    json.dumps(json_safe(metrics), allow_nan=False)
+
+    one_site, _, _ = _two_site_cells(["hospital_a", "hospital_a"])
+    metrics, _ = cells_module.evaluate_cells(model, one_site, "covid_rl", batch_size=4, confidence=0.95,
+                                             n_resamples=20, out_dir=tmp_path / "one")
+    assert "per_site" not in metrics and not (tmp_path / "one" / cells_module.SITES_REPORT).exists()
+    no_column, _, _ = _two_site_cells(["x", "y"])
+    assert "per_site" not in cells_module.cell_evaluation(no_column.drop(columns="site"), probabilities, CLASSES,
+                                                          "covid_rl", confidence=0.95, n_resamples=20)

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from smearnet.errors import SmearnetError
+from smearnet.io import json_safe
 from smearnet.smear.mil import MILConfig, train_mil
 from smearnet.smear import SmearRule, load_rule, measure_rule, save_rule
 
@@ -98,3 +100,48 @@ def test_measurement_fixes_the_threshold_as_configured_and_calls_through_the_rul
     assert chosen.result["deployed_rule"] == chosen.rule.to_dict()
     with pytest.raises(SmearnetError, match="threshold_selection"):
         measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="best_on_test")
+
+
+# --- per site ---------------------------------------------------------------------------------------
+
+
+def with_sites(cells: pd.DataFrame, site_of_smear) -> pd.DataFrame:
+    return cells.assign(site=[site_of_smear(int(smear_id[1:])) for smear_id in cells["smear_id"]])
+
+
+def test_per_site_smear_metrics_appear_with_two_sites_and_not_with_one():
+    proposed = SmearRule(score="score_top3_mean", positive_class="covid_rl", threshold=0.3,
+                         threshold_from="development")
+    cells = with_sites(evaluation_cells(parts=False), lambda i: "hospital_a" if i < 10 else "hospital_b")
+    measured = measure_rule(proposed, cells, CLASSES, selection="development", n_resamples=50)
+    sites = measured.result["per_site"]
+    assert list(sites) == ["hospital_a", "hospital_b"]
+    b = sites["hospital_b"]  # smears s10..s15: three positive, three negative
+    calls = measured.calls[measured.calls["smear_id"].isin([f"s{i}" for i in range(10, 16)])]
+    assert b["n_smears"] == 6 and b["n_positive_smears"] == 3 and b["n_negative_smears"] == 3
+    assert b["auc"]["value"] == pytest.approx(roc_auc_score(calls["truth_positive"], calls["score"]))
+    assert b["confusion"]["tp"] == int(((calls["call"] == "positive") & calls["truth_positive"]).sum())
+    assert {"sensitivity", "specificity"} <= set(b) and "note" not in b
+    assert sum(site["n_smears"] for site in sites.values()) == measured.result["n_smears"]
+
+    one = measure_rule(proposed, with_sites(evaluation_cells(parts=False), lambda i: "hospital_a"), CLASSES,
+                       selection="development", n_resamples=50)
+    plain = measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="development", n_resamples=50)
+    assert "per_site" not in one.result and "per_site_note" not in one.result
+    assert json_safe(one.result) == json_safe(plain.result)  # one site: the metrics file does not change
+
+
+def test_a_site_without_negative_smears_says_so_and_mixed_site_smears_are_not_split_by_site():
+    proposed = SmearRule(score="score_top3_mean", positive_class="covid_rl", threshold=0.3,
+                         threshold_from="development")
+    only_positive = {10, 12, 14}
+    cells = with_sites(evaluation_cells(parts=False), lambda i: "hospital_b" if i in only_positive else "hospital_a")
+    b = measure_rule(proposed, cells, CLASSES, selection="development", n_resamples=50).result["per_site"]["hospital_b"]
+    assert b["n_negative_smears"] == 0 and math.isnan(b["auc"]["value"]) and math.isnan(b["specificity"]["value"])
+    assert "no negative smears" in b["note"] and b["sensitivity"]["value"] == 1.0
+
+    composed = evaluation_cells(parts=True)
+    composed["site"] = np.where(np.arange(len(composed)) % 2, "hospital_a", "hospital_b")  # every smear mixes sites
+    result = measure_rule(proposed, composed, CLASSES, selection="held_out", n_resamples=50).result
+    assert "per_site" not in result
+    assert "16 of 16 evaluation smears mix cells of several sites" in result["per_site_note"]

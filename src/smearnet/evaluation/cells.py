@@ -2,30 +2,98 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from smearnet.io import write_text
 from smearnet.models.inference import TrainedModel, predict_probabilities, predictions_table
-from smearnet.evaluation.metrics import cell_metrics
+from smearnet.evaluation.metrics import cell_metrics, per_site
 from smearnet.evaluation.plots import confusion_matrix_png
+
+SITES_REPORT = "per_site.md"
+"""The evaluate stage's per-site table, written beside the confusion matrices when the test cells span sites."""
 
 
 def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str, *, batch_size: int,
                    confidence: float, n_resamples: int, out_dir: Path) -> tuple[dict, pd.DataFrame]:
-    """Predict every cell, compute the cell metrics (`n_resamples` bootstrap resamples for the macro-F1 interval)
-    and draw the confusion matrices into `out_dir`."""
+    """Predict every cell, compute the cell metrics (`cell_evaluation`; `n_resamples` bootstrap resamples for the
+    macro-F1 interval) and draw the confusion matrices into `out_dir`, plus `per_site.md` when the cells come from
+    two or more sites."""
     probabilities = predict_probabilities(model, cells, batch_size=batch_size, desc="evaluate")
     table = predictions_table(cells, probabilities, model.classes)
-    y_true = class_indices(cells["label"], model.classes)
-    metrics = cell_metrics(y_true, probabilities, model.classes, positive_class, confidence, n_resamples=n_resamples)
+    metrics = cell_evaluation(cells, probabilities, model.classes, positive_class, confidence=confidence,
+                              n_resamples=n_resamples)
     matrix = metrics["confusion_matrix"]
     confusion_matrix_png(matrix, model.classes, out_dir / "confusion.png", title=f"{model.name}: test cells")
     confusion_matrix_png(matrix, model.classes, out_dir / "confusion_normalised.png", normalise=True,
                          title=f"{model.name}: test cells, row-normalised")
+    if "per_site" in metrics:
+        write_text(per_site_markdown(metrics["per_site"], positive_class, confidence), out_dir / SITES_REPORT)
     return metrics, table
+
+
+def cell_evaluation(cells: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str], positive_class: str, *,
+                    confidence: float, n_resamples: int) -> dict[str, Any]:
+    """`cell_metrics` of every cell (`cells` row-aligned with `probabilities`) and, when the cells' `site` column
+    names two or more sites, `per_site` (`site_cell_metrics`); with one site (or no `site` column) nothing is added."""
+    y_true = class_indices(cells["label"], classes)
+    metrics = cell_metrics(y_true, probabilities, list(classes), positive_class, confidence, n_resamples=n_resamples)
+    sites = site_cell_metrics(cells, y_true, probabilities, classes, positive_class, confidence=confidence,
+                              n_resamples=n_resamples)
+    return {**metrics, "per_site": sites} if sites else metrics
+
+
+def site_cell_metrics(cells: pd.DataFrame, y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+                      positive_class: str, *, confidence: float, n_resamples: int) -> dict[str, dict[str, Any]]:
+    """Per site (`smearnet.evaluation.metrics.per_site` over the `site` column): its cells and patients (counts
+    only), accuracy and macro-F1 with their intervals and the positive class's sensitivity and precision, each
+    taken from `cell_metrics` of the site's cells. `{}` with fewer than two sites."""
+    patients = cells["patient_id"].to_numpy() if "patient_id" in cells.columns else None
+    y_true, probabilities = np.asarray(y_true), np.asarray(probabilities)
+
+    def measure(rows: np.ndarray) -> dict[str, Any]:
+        site = cell_metrics(y_true[rows], probabilities[rows], list(classes), positive_class, confidence,
+                            n_resamples=n_resamples)
+        positive = site["positive"]
+        return {"n_cells": site["n_cells"],
+                **({"n_patients": len(set(patients[rows]))} if patients is not None else {}),
+                "accuracy": site["accuracy"], "macro_f1": site["macro_f1"],
+                "positive": {"class": positive["class"], "counts": positive["counts"],
+                             "sensitivity": positive["sensitivity"], "precision": positive["precision"]}}
+
+    return per_site(cells["site"].to_numpy() if "site" in cells.columns else None, measure)
+
+
+def _interval_text(metric: Mapping[str, Any]) -> str:
+    value, low, high = (metric.get(key) for key in ("value", "low", "high"))
+    if value is None or value != value:
+        return "n/a"
+    if low is None or high is None or low != low or high != high:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
+def per_site_markdown(sites: Mapping[str, Mapping[str, Any]], positive_class: str, confidence: float) -> str:
+    """The per-site cell metrics (`site_cell_metrics`) as a Markdown table."""
+    lines = [
+        "# Test cells by site",
+        "",
+        f"Intervals at {confidence:.0%}; sensitivity and precision of **{positive_class}** against the other classes "
+        "(arg-max calls).",
+        "",
+        "| site | cells | patients | accuracy | macro-F1 | sensitivity | precision |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for site, entry in sites.items():
+        positive = entry["positive"]
+        lines.append(f"| {site} | {entry['n_cells']} | {entry.get('n_patients', 'n/a')} | "
+                     f"{_interval_text(entry['accuracy'])} | {_interval_text(entry['macro_f1'])} | "
+                     f"{_interval_text(positive['sensitivity'])} | {_interval_text(positive['precision'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def class_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:

@@ -284,3 +284,21 @@ def cell_metrics(
         },
     }
 
+
+
+def per_site(sites: Sequence[Any] | np.ndarray | None, measure: Callable[[np.ndarray], dict[str, Any]]
+             ) -> dict[str, dict[str, Any]]:
+    """``measure(rows)`` for the rows of each site (``rows`` a boolean mask over ``sites``), keyed by site name in
+    sorted order; ``{}`` when ``sites`` is None or names fewer than two sites (the overall figures are then the
+    site's own, and a one-site run reports nothing per site, so its metrics files do not change).
+
+    The one place rows are grouped by site: callers pass the measurement (cell or smear metrics), never a copy
+    of it restricted to a site.
+    """
+    if sites is None:
+        return {}
+    names = np.asarray([str(site) for site in sites], dtype=object)
+    distinct = sorted(set(names))
+    if len(distinct) < 2:
+        return {}
+    return {site: measure(names == site) for site in distinct}

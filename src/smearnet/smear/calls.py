@@ -63,14 +63,17 @@ def call_cells(rule: SmearRule, aggregator: MILAggregator | None, classes: Seque
     """One row per cell (``smear_id, predicted, prob_<class>..., cell_weight, smear_score, smear_threshold,
     smear_call, error``) and one row per smear (``SmearRule.classify``).
 
+    ``predicted`` is the rule's cell call (``SmearRule.cell_calls``): the arg-max, or, when the rule carries a cell
+    threshold, the positive class exactly when its calibrated probability reaches it. ``prob_<class>`` are the
+    engine's (uncalibrated) probabilities.
+
     A cell that could not be decoded keeps its row with ``error`` set and no prediction; its smear is called
     on the other cells, or ``undetermined`` when none is left.
     """
     ids = [str(s) for s in smear_ids]
     smears, weights = rule.classify(ids, probabilities, classes, embeddings=embeddings, aggregator=aggregator)
-    valid = ~np.isnan(probabilities).any(axis=1) if len(probabilities) else np.zeros(0, dtype=bool)
     cells = pd.DataFrame({"smear_id": ids})
-    cells["predicted"] = [classes[int(np.argmax(p))] if ok else "" for p, ok in zip(probabilities, valid, strict=True)]
+    cells["predicted"] = rule.cell_calls(probabilities, classes)
     for index, name in enumerate(classes):
         cells[f"prob_{name}"] = probabilities[:, index] if len(probabilities) else np.zeros(0, dtype=np.float32)
     cells["cell_weight"] = weights

@@ -5,21 +5,28 @@ development smears).  ``measure_rule`` fixes the threshold (``development``: the
 evaluation smear blind; ``held_out``/``cross_validated``/``same``: chosen on the evaluation smears as
 ``smear_evaluation`` describes) and classifies every smear through ``SmearRule.classify``, the call predict,
 serving and the gate make, so the figures reported are those of the rule that ships.
+
+Beside the overall figures: per site (``site_smear_metrics``) when the evaluation smears come from two or more
+sites, and the positive class's cell calls on the evaluation cells (``positive_cell_metrics``) when the rule calls
+cells at a threshold instead of the arg-max.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from smearnet.errors import SmearnetError
+from smearnet.evaluation.metrics import binary_counts, binary_summary, per_site
+from smearnet.smear.cell_threshold import positive_call_summary
 from smearnet.smear.mil import MILAggregator
 from smearnet.smear.roc import THRESHOLD_SELECTIONS, smear_evaluation
-from smearnet.smear.rule import SmearRule
+from smearnet.smear.rule import UNDETERMINED, SmearRule
+from smearnet.smear.selection import score_aucs
 
 SELECTIONS = ("development", *THRESHOLD_SELECTIONS)
 
@@ -49,7 +56,10 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     """Fix the threshold of ``proposed`` by ``selection`` and judge the rule on the smears of ``cells``.
 
     ``cells``: one row per cell with ``smear_id``, ``label``, ``prob_<class>`` (the engine's uncalibrated
-    softmax) and, for composed smears, ``part`` (0 may choose a threshold, 1 is judged blind).
+    softmax) and, for composed smears, ``part`` (0 may choose a threshold, 1 is judged blind) and ``cell_index``
+    (the same cell in several smears); with a ``site`` column, the result gains ``per_site`` (or
+    ``per_site_note``) as ``site_smear_metrics`` says. With a cell threshold in the rule, it gains ``positive_cells``
+    (``positive_cell_metrics``).
     """
     if selection not in SELECTIONS:
         raise SmearnetError(f"Unknown smear.threshold_selection {selection!r}.", f"use one of {', '.join(SELECTIONS)}.")
@@ -83,4 +93,76 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
         calls["part"] = table["part"].to_numpy()
     result.pop("blind_smear_ids", None)
     result["deployed_rule"] = rule.to_dict()
+    result.update(site_smear_metrics(calls, cells, confidence=confidence, n_resamples=n_resamples, seed=seed))
+    result.update(positive_cell_metrics(rule, cells, classes, confidence=confidence))
     return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind])
+
+
+def smear_sites(cells: pd.DataFrame) -> pd.Series:
+    """Each smear's site (indexed by ``smear_id`` as text): its cells' site when they share one, None when they mix
+    sites (a smear composed from test cells of several sites)."""
+    return cells.groupby(cells["smear_id"].astype(str), sort=False)["site"].agg(
+        lambda sites: sites.iloc[0] if sites.nunique() == 1 else None)
+
+
+def site_smear_metrics(calls: pd.DataFrame, cells: pd.DataFrame, *, confidence: float = 0.95,
+                       n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per site of the deployed rule's smears (``SmearRule.classify`` rows with ``truth_positive`` and ``blind``):
+    ``{"per_site": {site: ...}}`` with the AUC of the rule's score over the site's non-empty smears (with its
+    interval; NaN when the site lacks positive or negative smears, said in ``note``) and sensitivity and specificity
+    of its calls on the site's blind smears, as the overall figures are taken.
+
+    ``{}`` when ``cells`` has no ``site`` column or one site. When a smear mixes cells of several sites (composed
+    smears), no smear has a site of its own to be judged in: ``{"per_site_note": ...}`` says so instead.
+    """
+    if "site" not in cells.columns or cells["site"].nunique() < 2:
+        return {}
+    site_of = calls["smear_id"].astype(str).map(smear_sites(cells))
+    mixed = int(site_of.isna().sum())
+    if mixed:
+        return {"per_site_note": f"{mixed} of {len(calls)} evaluation smears mix cells of several sites (composed "
+                                 f"from the test cells of {cells['site'].nunique()} sites): no per-site smear metrics."}
+
+    def measure(rows: np.ndarray) -> dict[str, Any]:
+        smears = calls[rows]
+        auc = score_aucs(smears, ["score"], confidence=confidence, n_resamples=n_resamples, seed=seed)["score"]
+        judged = smears[smears["blind"].to_numpy(dtype=bool) & (smears["call"] != UNDETERMINED).to_numpy()]
+        counts = binary_counts(judged["truth_positive"].to_numpy(dtype=bool), (judged["call"] == "positive").to_numpy())
+        summary = binary_summary(counts, confidence)
+        entry: dict[str, Any] = {
+            "n_smears": auc["n_positive"] + auc["n_negative"], "n_positive_smears": auc["n_positive"],
+            "n_negative_smears": auc["n_negative"], "auc": {key: auc[key] for key in ("value", "low", "high")},
+            "n_blind_smears": len(judged), "confusion": counts,
+            "sensitivity": summary["sensitivity"], "specificity": summary["specificity"]}
+        lacking = [kind for kind, n in (("positive", auc["n_positive"]), ("negative", auc["n_negative"])) if n == 0]
+        if lacking:
+            entry["note"] = (f"no {' and no '.join(lacking)} smears at this site: AUC undefined, "
+                             + " and ".join({"positive": "sensitivity", "negative": "specificity"}[kind]
+                                            for kind in lacking) + " undefined.")
+        return entry
+
+    return {"per_site": per_site(site_of.to_numpy(), measure)}
+
+
+def positive_cell_metrics(rule: SmearRule, cells: pd.DataFrame, classes: Sequence[str], *,
+                          confidence: float = 0.95) -> dict[str, Any]:
+    """``{"positive_cells": ...}``: the positive class's cell calls on the evaluation cells (each cell once:
+    composed smears reuse cells, named by ``cell_index``), at the rule's cell threshold and, to compare, arg-max:
+    sensitivity and precision with intervals, F1 and counts (``positive_call_summary``).
+
+    ``{}`` when the rule calls cells by arg-max (the overall smear figures already are), or when the cells carry no
+    labels of the model's classes to judge the calls by.
+    """
+    if rule.cell_threshold is None or "label" not in cells.columns:
+        return {}
+    distinct = cells.drop_duplicates("cell_index") if "cell_index" in cells.columns else cells
+    labels = distinct["label"].astype(str)
+    if distinct.empty or not labels.isin(list(classes)).all():
+        return {}
+    probabilities = probability_matrix(distinct, classes)
+    truth = (labels == rule.positive_class).to_numpy()
+    at_threshold = rule.cell_calls(probabilities, classes) == rule.positive_class
+    at_argmax = replace(rule, cell_threshold=None).cell_calls(probabilities, classes) == rule.positive_class
+    return {"positive_cells": {"class": rule.positive_class, "cell_threshold": rule.cell_threshold,
+                               "at_cell_threshold": positive_call_summary(at_threshold, truth, confidence),
+                               "at_argmax": positive_call_summary(at_argmax, truth, confidence)}}

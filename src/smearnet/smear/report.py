@@ -50,6 +50,10 @@ def scores_markdown(result: AggregationResult, *, model_name: str, positive_clas
             f"validation NLL {calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f} nats/cell "
             f"over {calibration['n_cells']} validation cells."
         )
+    if result.cell_threshold is not None:
+        lines.append(f"A cell counts as a `{positive_class}` call when its calibrated probability is >= "
+                     f"**{result.cell_threshold:.4g}** (smear.cell_threshold; fixed, on validation cells when chosen, "
+                     "before any smear was scored), not when it is the arg-max: the share scores count these calls.")
     lines += [
         "",
         "## Choice (development smears only)",

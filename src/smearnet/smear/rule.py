@@ -1,12 +1,14 @@
 """The smear rule: what turns one smear's cells into a call, decided once and applied everywhere.
 
 A ``SmearRule`` holds the score (one of ``SCORES``), the positive class, the temperature that calibrates
-the cell probabilities, the cell threshold of share rules (None: the arg-max call, the paper's), the smear
-threshold, and words saying how each was chosen.  The aggregate stage chooses the score (on development
-smears only), the smear stage chooses the threshold and measures the rule, the register stage packages it
-(``smear_rule.json``, plus the MIL aggregator in ``mil/`` when the score is MIL) with the model version, and
-``SmearRule.classify`` is the one smear call of the smear stage, the promotion gate, ``smearnet predict`` and
-the served model.
+the cell probabilities, the cell threshold (a cell is called positive when its calibrated positive-class
+probability reaches it; None: the arg-max call, the paper's), the smear threshold, and words saying how each was
+chosen.  The cell threshold decides the share scores' positive cells and the per-cell class predict and serving
+return (``SmearRule.cell_calls``).  The aggregate stage chooses the score (on development smears only) and the cell
+threshold (``smear.cell_threshold``, on validation cells), the smear stage chooses the threshold and measures the
+rule, the register stage packages it (``smear_rule.json``, plus the MIL aggregator in ``mil/`` when the score is
+MIL) with the model version, and ``SmearRule.classify`` is the one smear call of the smear stage, the promotion
+gate, ``smearnet predict`` and the served model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from smearnet.evaluation.calibration import calibrate_probabilities
 from smearnet.errors import SmearnetError
 from smearnet.smear.mil import MILAggregator, load_mil, save_mil
 from smearnet.smear.roc import classify as calls_at
-from smearnet.smear.scores import MIL_SCORE, SCORE_DESCRIPTIONS, SCORES, smear_table
+from smearnet.smear.scores import MIL_SCORE, SCORE_DESCRIPTIONS, SCORES, cell_calls, smear_table
 
 RULE_FILE = "smear_rule.json"
 MIL_DIR = "mil"
@@ -40,7 +42,7 @@ class SmearRule:
     positive_class: str
     threshold: float = math.nan
     temperature: float = 1.0
-    cell_threshold: float | None = None  # share rules: a cell counts when p >= this; None = arg-max (paper)
+    cell_threshold: float | None = None  # a cell is called positive when calibrated p >= this; None = arg-max (paper)
     threshold_rule: str = "youden"
     chosen_by: str = ""
     threshold_from: str = ""
@@ -52,6 +54,10 @@ class SmearRule:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise SmearnetError(f"The smear rule's temperature must be a finite number > 0; got {self.temperature}.",
                                 "re-run the aggregate stage.")
+        cell_threshold = self.cell_threshold
+        if cell_threshold is not None and not (math.isfinite(cell_threshold) and 0 < cell_threshold <= 1):
+            raise SmearnetError(f"The smear rule's cell threshold must lie in (0, 1]; got {self.cell_threshold}.",
+                                "set smear.cell_threshold to argmax, validation or a number in (0, 1).")
 
     @property
     def uses_mil(self) -> bool:
@@ -69,7 +75,8 @@ class SmearRule:
     def describe(self) -> str:
         """One line for reports: the score in words and the threshold."""
         return (f"{self.score} ({SCORE_DESCRIPTIONS[self.score]}) >= {self.threshold:.4g}"
-                + (f", cells calibrated at T = {self.temperature:.3g}" if self.temperature != 1.0 else ""))
+                + (f", cells calibrated at T = {self.temperature:.3g}" if self.temperature != 1.0 else "")
+                + (f", a cell positive at p >= {self.cell_threshold:.4g}" if self.cell_threshold is not None else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,13 +94,29 @@ class SmearRule:
             rule["cell_threshold"] = float(rule["cell_threshold"])
         return cls(**rule)
 
+    def calibrated(self, probabilities: np.ndarray) -> np.ndarray:
+        """The engine's softmax rows calibrated with the rule's temperature (NaN rows, undecodable cells, stay NaN)."""
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        valid = ~np.isnan(probabilities).any(axis=1)
+        calibrated = np.full_like(probabilities, np.nan)
+        if valid.any():
+            calibrated[valid] = calibrate_probabilities(probabilities[valid], self.temperature)
+        return calibrated
+
+    def cell_calls(self, probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """Each cell's call (``smearnet.smear.scores.cell_calls`` of the calibrated probabilities at the rule's cell
+        threshold): the class predict and serving report per cell; ``""`` for an undecodable cell."""
+        probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(classes))
+        return cell_calls(self.calibrated(probabilities), classes, self.positive_class, self.cell_threshold)
+
     def scores(self, smear_ids: Sequence[Any], probabilities: np.ndarray, classes: Sequence[str], *,
                labels: Sequence[str] | None = None, embeddings: np.ndarray | None = None,
                aggregator: MILAggregator | None = None) -> tuple[pd.DataFrame, np.ndarray]:
         """Every score of every smear (``smear_table`` columns plus ``score_mil``) and a weight per cell.
 
         ``probabilities`` are the engine's softmax rows (NaN rows: undecodable cells, left out); they are
-        calibrated with the rule's temperature first.  A cell's weight is its MIL attention when the score is
+        calibrated with the rule's temperature first, and each cell's call is ``cell_calls`` (the share scores
+        count the cells called positive).  A cell's weight is its MIL attention when the score is
         MIL, else its share of the smear's calibrated positive probability; weights of a smear sum to 1.
         """
         ids = np.asarray([str(s) for s in smear_ids], dtype=object)
@@ -102,13 +125,12 @@ class SmearRule:
             raise SmearnetError(f"The rule's positive class {self.positive_class!r} is not one of {list(classes)}.",
                                 "use the rule registered with this model.")
         valid = ~np.isnan(probabilities).any(axis=1)
-        calibrated = np.full_like(probabilities, np.nan)
-        if valid.any():
-            calibrated[valid] = calibrate_probabilities(probabilities[valid], self.temperature)
+        calibrated = self.calibrated(probabilities)
         positive = calibrated[:, list(classes).index(self.positive_class)]
+        called = cell_calls(calibrated, classes, self.positive_class, self.cell_threshold)
         cells = pd.DataFrame({"smear_id": ids[valid],
                               "label": np.asarray(labels, dtype=object)[valid] if labels is not None else "",
-                              "predicted": [classes[i] for i in calibrated[valid].argmax(axis=1)] if valid.any() else [],
+                              "predicted": called[valid],
                               f"prob_{self.positive_class}": positive[valid]})
         order = list(dict.fromkeys(ids))
         table = smear_table(cells, self.positive_class, cell_threshold=self.cell_threshold, all_smear_ids=order)

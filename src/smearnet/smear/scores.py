@@ -10,7 +10,7 @@ how many, so nothing is dropped silently.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,6 +99,39 @@ SMEAR_SCORES: dict[str, Callable[[np.ndarray], float]] = {
     "expected_positive": expected_positive,
 }
 """Smear scores by name; ``smear_table`` adds each as column ``score_<name>``."""
+
+
+# --- the cell call ---------------------------------------------------------------------------
+
+
+def cell_calls(probabilities: np.ndarray, classes: Sequence[str], positive_class: str,
+               cell_threshold: float | None = None) -> np.ndarray:
+    """Each cell's called class from its row of class probabilities (a NaN row, an undecodable cell: ``""``).
+
+    The arg-max (the paper); with ``cell_threshold``, the positive class exactly when its probability is
+    ``>= cell_threshold``, else the arg-max of the other classes.  ``smear_table`` counts a cell as called
+    positive by the same rule, so a smear's share of positive calls is the share of its cells called positive here.
+    """
+    values = np.asarray(probabilities, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != len(classes):
+        raise SmearnetError(f"Cell probabilities must have shape (n_cells, {len(classes)}); got {values.shape}.",
+                            "pass one row of class probabilities per cell, in the model's class order.")
+    if positive_class not in classes:
+        raise SmearnetError(f"The positive class {positive_class!r} is not one of {list(classes)}.",
+                            "use the rule registered with this model (its classes).")
+    names = np.asarray(list(classes), dtype=object)
+    valid = ~np.isnan(values).any(axis=1)
+    calls = np.full(len(values), "", dtype=object)
+    if not valid.any():
+        return calls
+    calls[valid] = names[values[valid].argmax(axis=1)]
+    if cell_threshold is not None:
+        positive = list(classes).index(positive_class)
+        others = values[valid].copy()
+        others[:, positive] = -np.inf
+        called = values[valid, positive] >= cell_threshold
+        calls[valid] = np.where(called, positive_class, names[others.argmax(axis=1)])
+    return calls
 
 
 # --- per-smear table ------------------------------------------------------------------------

@@ -163,8 +163,9 @@ def natural_bags(cells: pd.DataFrame) -> tuple[list[Any], list[np.ndarray]]:
 
 
 def score_smears(cell_set: CellSet, smear_ids: Sequence[Any], bags: Sequence[np.ndarray], positive_class: str,
-                 aggregator: MILAggregator | None) -> pd.DataFrame:
-    """``smear_table`` of the smears made of ``bags`` (positions into ``cell_set``), plus ``score_mil``."""
+                 aggregator: MILAggregator | None, *, cell_threshold: float | None = None) -> pd.DataFrame:
+    """``smear_table`` of the smears made of ``bags`` (positions into ``cell_set``), plus ``score_mil``; a cell is
+    called positive at ``cell_threshold`` (None: arg-max), as the proposed rule will call it."""
     parts = []
     for smear_id, bag in zip(smear_ids, bags, strict=True):
         part = cell_set.cells.iloc[bag][["label", "predicted", f"prob_{positive_class}"]].copy()
@@ -172,7 +173,8 @@ def score_smears(cell_set: CellSet, smear_ids: Sequence[Any], bags: Sequence[np.
         parts.append(part)
     cells = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["smear_id", "label", "predicted", f"prob_{positive_class}"])
-    table = smear_table(cells, positive_class, all_smear_ids=list(smear_ids)).set_index("smear_id")
+    table = smear_table(cells, positive_class, cell_threshold=cell_threshold,
+                        all_smear_ids=list(smear_ids)).set_index("smear_id")
     if aggregator is not None:
         mil = aggregator.score([cell_set.embeddings[bag] for bag in bags])
         table[MIL_SCORE] = pd.Series(mil, index=list(smear_ids))
@@ -280,12 +282,13 @@ class DevelopmentResult:
 
 
 def development_evaluation(development: CellSet, positive_class: str, params: AggregateParams,
-                           seed: int) -> DevelopmentResult:
+                           seed: int, *, cell_threshold: float | None = None) -> DevelopmentResult:
     """Patient-grouped cross-validation of every score on composed (and natural) development smears.
 
     For each fold, an aggregator trained on smears composed from the other folds' cells
     scores smears composed from this fold's cells and this fold's own (natural) smears; the
-    fixed scores need no training.  The final aggregator is trained on all development cells.
+    fixed scores need no training.  The final aggregator is trained on all development cells.  Share scores
+    count the cells called positive at ``cell_threshold`` (None: arg-max).
     """
     fold_of_cell, unit = development_folds(development.cells, positive_class, params.folds, seed)
     n_folds = int(fold_of_cell.max()) + 1
@@ -295,14 +298,14 @@ def development_evaluation(development: CellSet, positive_class: str, params: Ag
         aggregator = train_composed_mil(training, positive_class, params, seed + 1 + fold)
         ids, bags, truth = _composed_smears(held_out, positive_class, params,
                                             np.random.default_rng([seed, fold]), f"fold{fold}-")
-        table = score_smears(held_out, ids, bags, positive_class, aggregator)
+        table = score_smears(held_out, ids, bags, positive_class, aggregator, cell_threshold=cell_threshold)
         if not np.array_equal(table["truth_positive"].to_numpy(), truth):
             raise AssertionError("composed smear truth differs from the cells' labels")
         composed_parts.append(table.assign(fold=fold))
         if unit == "patient":  # a fold holds whole smears only when whole patients are held out
             smear_ids, smear_bags = natural_bags(held_out.cells)
-            natural_parts.append(score_smears(held_out, smear_ids, smear_bags, positive_class, aggregator)
-                                 .assign(fold=fold))
+            natural_parts.append(score_smears(held_out, smear_ids, smear_bags, positive_class, aggregator,
+                                              cell_threshold=cell_threshold).assign(fold=fold))
     final = train_composed_mil(development, positive_class, params, seed)
     natural = pd.concat(natural_parts, ignore_index=True) if natural_parts else pd.DataFrame(
         columns=["smear_id", "truth_positive", *SCORES, "fold"])
@@ -322,10 +325,11 @@ class AssessmentResult:
 
 
 def assess(assessment: CellSet, aggregator: MILAggregator, chosen: str, threshold: float, positive_class: str,
-           params: AggregateParams, seed: int) -> AssessmentResult:
-    """Score the assessment smears once; classify them blind with ``chosen >= threshold``."""
+           params: AggregateParams, seed: int, *, cell_threshold: float | None = None) -> AssessmentResult:
+    """Score the assessment smears once (cells called positive at ``cell_threshold``; None: arg-max); classify
+    them blind with ``chosen >= threshold``."""
     smear_ids, bags = natural_bags(assessment.cells)
-    table = score_smears(assessment, smear_ids, bags, positive_class, aggregator)
+    table = score_smears(assessment, smear_ids, bags, positive_class, aggregator, cell_threshold=cell_threshold)
     aucs = score_aucs(table, SCORES, confidence=params.confidence, n_resamples=params.bootstrap_resamples,
                       seed=seed)
     kept = table[table["n_cells"] > 0]
@@ -348,6 +352,7 @@ class AggregationResult:
     natural_aucs: dict[str, dict[str, Any]]
     assessment: AssessmentResult | None
     params: AggregateParams
+    cell_threshold: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         """JSON-ready summary (no ROC points)."""
@@ -381,13 +386,15 @@ class AggregationResult:
 
 
 def run_aggregation(development: CellSet, assessment: CellSet | None, positive_class: str, params: AggregateParams,
-                    seed: int, *, score: str = "auto") -> AggregationResult:
+                    seed: int, *, score: str = "auto", cell_threshold: float | None = None) -> AggregationResult:
     """Choose a smear score on development smears (or take the one ``score`` names), then score the assessment.
 
     The order is the guarantee: score, threshold and aggregator are fixed from
-    ``development`` alone before ``assess`` reads ``assessment``.
+    ``development`` alone before ``assess`` reads ``assessment``.  ``cell_threshold`` (None: arg-max) is the
+    proposed rule's, fixed before (``smearnet.smear.cell_threshold``, on validation cells): share scores count the
+    cells called positive at it, on development and assessment smears alike.
     """
-    result = development_evaluation(development, positive_class, params, seed)
+    result = development_evaluation(development, positive_class, params, seed, cell_threshold=cell_threshold)
     choice = choose_score(result.composed, tie_tolerance=params.tie_tolerance, confidence=params.confidence,
                           n_resamples=params.bootstrap_resamples, seed=seed)
     if score != "auto":
@@ -406,8 +413,9 @@ def run_aggregation(development: CellSet, assessment: CellSet | None, positive_c
                               n_resamples=params.bootstrap_resamples, seed=seed) if len(result.natural) else {}
     blind = None
     if assessment is not None and len(assessment.cells):
-        blind = assess(assessment, result.aggregator, choice.chosen, threshold, positive_class, params, seed)
+        blind = assess(assessment, result.aggregator, choice.chosen, threshold, positive_class, params, seed,
+                       cell_threshold=cell_threshold)
     return AggregationResult(development=result, choice=choice, threshold=threshold, natural_aucs=natural_aucs,
-                             assessment=blind, params=params)
+                             assessment=blind, params=params, cell_threshold=cell_threshold)
 
 
