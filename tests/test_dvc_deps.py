@@ -152,7 +152,9 @@ def downstream(stage: str) -> set[str]:
 
 def test_changing_the_image_decoder_reruns_ingest_and_every_stage_after_it():
     after = downstream("ingest")
-    assert after == set(STAGES) - {"generate", "ingest"}, "every stage but generate should come after ingest"
+    # pretrain reads its own class folders (not the ingested data) through the same decoder, which it lists itself.
+    assert after == set(STAGES) - {"generate", "ingest", "pretrain"}, "every stage but generate should come after ingest"
+    assert "src/smearnet/data/decode.py" in declared("pretrain", "deps")
     not_rerun = [stage for stage in ["ingest", *sorted(after)] if not uncovered([DECODE], declared(stage, "deps")) == []]
     assert not not_rerun, f"a change to {DECODE} would not re-run {not_rerun}: add it to their deps in dvc.yaml"
 

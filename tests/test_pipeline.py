@@ -239,3 +239,39 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     assert "Stage 'train@resnet18' didn't change" in rerun and "Running stage 'aggregate'" in rerun
     scores.add(assert_round_trip(project, pipeline_env, "pipeline-test"))
     assert "share_predicted_positive" in scores
+
+
+@pytest.mark.slow
+def test_experiment_finetune_starts_from_pretrained_weights_that_dvc_keeps(tmp_path, pipeline_env):
+    """experiment=finetune end to end on the synthetic cohort, pretraining on a tiny class-folder tree (the PBC
+    layout); a changed fine-tuning recipe re-runs train but not the cached pretraining."""
+    from PIL import Image
+    import numpy as np
+
+    cells = tmp_path / "cells"
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (200, 60, 60)), ("green", (60, 200, 60)), ("blue", (60, 60, 200))):
+        (cells / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, 30, (72, 72, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(cells / label / f"{label}_{i}.png")
+    overrides = ["experiment=finetune", *TINY, f"pretrain.root={cells}", "pretrain.train.cycles=1",
+                 "pretrain.train.batch_size=8", "pretrain.val_fraction=0.25", "trainer.precision=32-true",
+                 f"mlflow.experiment=finetune-{tmp_path.name}", "registry.model_name=finetune-test"]
+    project = make_project(tmp_path, overrides)
+    dvc = [sys.executable, "-m", "dvc"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        run(cmd, project, pipeline_env)
+    run([*dvc, "repro"], project, pipeline_env)
+    card = json.loads((project / "models/pretrained/resnet18/card.json").read_text())
+    assert card["enabled"] and card["data"]["classes"] == ["blue", "green", "red"] and card["data"]["val_cells"] == 6
+    model = json.loads((project / "models/resnet18/model.json").read_text())
+    assert model["model_cfg"]["cell_weights"] == "models/pretrained/resnet18/weights.safetensors"
+    assert json.loads((project / "metrics/smear.json").read_text())["n_smears"] >= 6
+
+    from smearnet.cli import compose_params
+
+    compose_params([*overrides, "train.cycles=2"], project / "params.yaml")
+    rerun = run([*dvc, "repro"], project, pipeline_env).stdout
+    assert "Stage 'pretrain@resnet18' didn't change" in rerun and "Running stage 'train@resnet18'" in rerun
+    assert json.loads((project / "metrics/train/resnet18.json").read_text())["epochs"] == 2

@@ -7,7 +7,9 @@ from conftest import colour_cells
 from smearnet.config import compose_config
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.errors import SmearnetError
+from smearnet.data.loaders import StainAugment
 from smearnet.models.optim import build_optimizer, build_schedule, triangular_cyclic_lr
+from smearnet.models.samplers import ClassBalancedSampler, EpochShuffleSampler
 from smearnet.models.settings import TrainRecipe, TrainSettings
 from smearnet.models.training import (CellClassifier, reset_checkpoint_dir, resumable_checkpoint, run_fingerprint,
                                       train_backbone)
@@ -93,6 +95,39 @@ def test_train_settings_are_parsed_once_and_frozen():
     with pytest.raises(SmearnetError, match="Backbone `vit_huge` is not configured"):
         TrainSettings.from_params(compose_config([]), "vit_huge")
     assert TrainRecipe.from_mapping({"batch_size": 4, "cycles": 1, "lr_min": 0.1, "lr_max": 1}).optimizer == "adam"
+
+
+def test_the_sampler_and_stain_augmentation_are_part_of_the_frozen_recipe():
+    default = tiny_settings().recipe
+    assert default.sampler == "shuffle" and default.stain_augment == StainAugment() and not default.stain_augment.enabled
+    recipe = tiny_settings("train.sampler=balanced", "train.stain_augment.enabled=true",
+                           "train.stain_augment.hue=4").recipe
+    assert recipe.sampler == "balanced" and recipe.stain_augment == StainAugment(enabled=True, hue=4.0)
+    # In the run's fingerprint, its checkpoint's hyperparameters and its MLflow params, as plain values.
+    assert recipe.to_dict()["stain_augment"] == {**default.to_dict()["stain_augment"], "enabled": True, "hue": 4.0}
+    assert run_fingerprint(recipe.to_dict()) != run_fingerprint(default.to_dict())
+    with pytest.raises(AttributeError):
+        recipe.stain_augment.enabled = False
+
+
+@pytest.mark.parametrize("overrides, sampler, jittered", [
+    ((), EpochShuffleSampler, False),
+    (("train.sampler=balanced", "train.stain_augment.enabled=true"), ClassBalancedSampler, True)])
+def test_train_backbone_builds_its_training_loader_from_the_recipe(overrides, sampler, jittered, colour_split,
+                                                                   tmp_path, monkeypatch):
+    class Built(Exception):
+        pass
+
+    def capture(dataset, **kwargs):
+        raise Built(dataset, kwargs)
+
+    monkeypatch.setattr("smearnet.models.training.DataLoader", capture)  # the training loader only
+    train, val = colour_split
+    with pytest.raises(Built) as built:
+        train_backbone(tiny_settings(*overrides), train, val, tmp_path / "model", tmp_path / "ckpt", progress=False)
+    dataset, kwargs = built.value.args
+    assert type(kwargs["sampler"]) is sampler and len(kwargs["sampler"]) == len(train)
+    assert (dataset.colour is not None) is jittered
 
 
 def test_the_run_fingerprint_ignores_the_other_backbones():

@@ -9,6 +9,9 @@ OmegaConf ``DictConfig``) with the keys
 - ``pretrained``: load ImageNet weights,
 - ``weights_path``: a local file of ImageNet weights (``.safetensors``, or a plain state dict in
   ``.pth``/``.pt``/``.bin``); with it no network is used,
+- ``cell_weights``: a file of cell-domain weights (the ``pretrain`` stage's ``weights.safetensors``), used
+  only when neither ``pretrained`` nor ``weights_path`` asks for ImageNet weights (those take precedence);
+  the classifier head is always re-initialised,
 - ``allow_random_init``: when ``pretrained`` but the weights cannot be had (offline, no hub), warn and
   train from random init instead of failing,
 - ``drop_rate`` (optional): dropout before the classifier,
@@ -71,6 +74,9 @@ def build_model(model_cfg: Mapping, num_classes: int) -> nn.Module:
         return _build_from_file(model_cfg, arch, num_classes, Path(str(weights_path)).expanduser())
     if pretrained:
         return _build_from_hub(model_cfg, arch, num_classes)
+    if model_cfg.get("cell_weights"):
+        return _build_from_file(model_cfg, arch, num_classes, Path(str(model_cfg["cell_weights"])).expanduser(),
+                                reset_head=True)
     return _create(model_cfg, arch, num_classes)
 
 
@@ -199,16 +205,19 @@ def _build_from_hub(model_cfg: Mapping, arch: str, num_classes: int) -> nn.Modul
     return _create(model_cfg, arch, num_classes)
 
 
-def _build_from_file(model_cfg: Mapping, arch: str, num_classes: int, path: Path) -> nn.Module:
-    """Weights from a local file; the classifier head is re-initialised when ``num_classes`` differs."""
+def _build_from_file(model_cfg: Mapping, arch: str, num_classes: int, path: Path, *,
+                     reset_head: bool = False) -> nn.Module:
+    """Weights from a local file; the classifier head is re-initialised when ``num_classes`` differs, or always
+    with ``reset_head`` (cell-domain weights: the pretraining classes are not the task's)."""
     name = _name(model_cfg)
     state_dict = _read_state_dict(path, name)
-    if arch == LIGHTCNN_ARCH:
+    if arch == LIGHTCNN_ARCH or reset_head:
         model = _create(model_cfg, arch, num_classes)
-        head = {f"classifier.{p}" for p in ("weight", "bias")}
+        head = _head_keys(model)
         own = model.state_dict()
         state_dict = {
-            k: v for k, v in state_dict.items() if not (k in head and tuple(v.shape) != tuple(own[k].shape))
+            k: v for k, v in state_dict.items()
+            if not (k in head and (reset_head or tuple(v.shape) != tuple(own[k].shape)))
         }
         _load_checked(model, state_dict, name, path)
         return model

@@ -129,7 +129,8 @@ def load_trained(model_dir: Path) -> TrainedModel:
         raise SmearnetError(f"{model_dir} holds no trained model ({META_FILE} + {WEIGHTS_FILE}).",
                             "run `dvc repro train` first, or point to a folder written by the train stage.")
     meta = json.loads((model_dir / META_FILE).read_text())
-    model_cfg = dict(meta["model_cfg"], pretrained=False, weights_path=None, allow_random_init=True)
+    model_cfg = dict(meta["model_cfg"], pretrained=False, weights_path=None, cell_weights=None,
+                     allow_random_init=True)
     net = build_model(model_cfg, num_classes=len(meta["classes"]))
     net.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
     net = reparameterize_for_inference(net)

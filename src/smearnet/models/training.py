@@ -3,9 +3,10 @@
 Single-process and data-parallel (``trainer.strategy=ddp``) runs train the same way:
 
 - ``train.batch_size`` is per process; the global batch is ``batch_size * world_size``.
-- Training images are shuffled by a per-epoch permutation seeded with ``seed + epoch`` (what DistributedSampler
-  does), so N processes with batch B/N see the same images per step as one process with batch B, and a run
-  resumed from ``last.ckpt`` sees the epochs in the order an uninterrupted run would.
+- Training images are drawn each epoch from ``seed + epoch`` (``train.sampler``, smearnet.models.samplers: a
+  permutation, what DistributedSampler does, or a class-balanced draw), so N processes with batch B/N see the same
+  images per step as one process with batch B, and a run resumed from ``last.ckpt`` sees the epochs in the order an
+  uninterrupted run would.
 - Global rank 0 alone resets the checkpoint folder, writes files and owns the (single) MLflow run.
 """
 
@@ -17,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence, Sized
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -25,11 +26,12 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from smearnet.errors import SmearnetError
 from smearnet.models.factory import build_model
 from smearnet.models.optim import build_optimizer, build_schedule
+from smearnet.models.samplers import training_sampler
 from smearnet.models.settings import TrainSettings
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -85,27 +87,6 @@ class CellClassifier(L.LightningModule):
         optimizer = build_optimizer(self.parameters(), cfg)
         scheduler = build_schedule(optimizer, cfg, steps_per_cycle, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class EpochShuffleSampler(RandomSampler):
-    """A new permutation each epoch from ``seed + epoch``, the order torch's DistributedSampler draws.
-
-    Lightning calls ``set_epoch`` every epoch (also after resuming) and, being a RandomSampler, under DDP this
-    is replaced by ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, which deals the same permutation
-    round-robin to the ranks: with equal global batches, every step trains on the same images either way.
-    """
-
-    def __init__(self, data_source: Sized, seed: int):
-        super().__init__(data_source)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class TimmSyncBatchNorm(TorchSyncBatchNorm):
@@ -175,6 +156,19 @@ def run_fingerprint(*parts) -> str:
     """Identity of a training run: same fingerprint means `last.ckpt` may be resumed."""
     text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def starting_weights_digest(model_cfg: Mapping) -> str | None:
+    """sha256 of the local file the network starts from (``weights_path`` or ``cell_weights``), if any: new
+    starting weights at the same path make a new run, never a resumed or reused one."""
+    path = model_cfg.get("weights_path") if model_cfg.get("pretrained") else model_cfg.get("cell_weights")
+    if not path or not Path(str(path)).expanduser().is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(Path(str(path)).expanduser(), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
@@ -257,9 +251,15 @@ def _plain(value):
     return value
 
 
+TRAIN_SOURCES = {"train": "data/upsampled/manifest.csv", "val": "data/split/manifest.csv"}
+
+
 def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_dir: Path, checkpoint_dir: Path,
-                   *, progress: bool = True) -> dict:
+                   *, progress: bool = True, stage: str = "train", sources: Mapping[str, str] = TRAIN_SOURCES) -> dict:
     """Train one backbone as `settings` says; write weights + model.json to `model_dir`; log to MLflow (rank 0).
+
+    `stage` names the MLflow run (`<stage>-<backbone>`) and its tags; `sources` says where the train and val
+    manifests come from (logged as the run's datasets).
 
     Resumes from `checkpoint_dir/last.ckpt`, continuing its MLflow run, when the previous attempt had the same
     settings and data. Returns the metrics written to metrics/train/<backbone>.json ({} on ranks other than 0).
@@ -280,7 +280,8 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     seed = settings.seed
     L.seed_everything(seed, workers=True)
     data_hash = hashlib.sha256(pd_bytes(train_manifest) + pd_bytes(val_manifest)).hexdigest()[:16]
-    fingerprint = run_fingerprint(model_cfg, train_cfg, trainer_cfg, classes, seed, data_hash)
+    fingerprint = run_fingerprint(model_cfg, train_cfg, trainer_cfg, classes, seed, data_hash,
+                                  starting_weights_digest(model_cfg))
     # Every rank decides before any rank writes (rank 0 resets only after this, and checkpoints only once all
     # ranks have joined the process group), so all ranks agree on resuming.
     resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
@@ -297,8 +298,9 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     workers = int(settings.trainer.num_workers)
     cache = bool(recipe.cache_images)
     train_images = CellImages(train_manifest, classes, input_spec, cache=cache and workers == 0,
-                              dihedral=bool(recipe.dihedral_augment))
-    train_loader = DataLoader(train_images, batch_size=batch_size, sampler=EpochShuffleSampler(train_images, seed),
+                              dihedral=bool(recipe.dihedral_augment), stain=recipe.stain_augment)
+    sampler = training_sampler(recipe.sampler, train_images.targets, seed)
+    train_loader = DataLoader(train_images, batch_size=batch_size, sampler=sampler,
                               num_workers=workers, persistent_workers=workers > 0)
     val_loader = make_loader(val_manifest, classes, input_spec, batch_size=batch_size, shuffle=False,
                              num_workers=workers, cache=cache)
@@ -307,9 +309,9 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     experiment = str(settings.mlflow["experiment"])
     # Rank 0 nests the run under the pipeline execution's parent run (other DDP ranks log nothing).
     rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    tags = (stage_tags(settings.mlflow, "train", backbone=name) if rank_zero
-            else {**revision_tags(experiment=experiment), "stage": "train", "backbone": name})
-    logger = MLFlowLogger(experiment_name=experiment, run_name=f"train-{name}",
+    tags = (stage_tags(settings.mlflow, stage, backbone=name) if rank_zero
+            else {**revision_tags(experiment=experiment), "stage": stage, "backbone": name})
+    logger = MLFlowLogger(experiment_name=experiment, run_name=f"{stage}-{name}",
                           tracking_uri=tracking_uri(settings.mlflow), tags=tags, run_id=run_id)
     stopwatch = Stopwatch()
     trainer = build_trainer(trainer_cfg, train_cfg, checkpoint_dir, logger=logger, enable_progress_bar=progress,
@@ -358,7 +360,7 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     client.log_artifacts(logger.run_id, str(model_dir), artifact_path="model_dir")
     for role, frame in (("train", train_manifest), ("val", val_manifest)):
         log_dataset(frame, name=role, context="training" if role == "train" else "validation",
-                    source=f"data/{'upsampled' if role == 'train' else 'split'}/manifest.csv", run_id=logger.run_id)
+                    source=sources[role], run_id=logger.run_id)
     return metrics
 
 
