@@ -24,8 +24,12 @@ def main() -> None:
                                                           earlier=earlier)
     write_manifest(split_manifest, Path("data/split/manifest.csv"))
     write_manifest(assignments, ASSIGNMENTS)
-    write_json({**split_summary(split_manifest), "patients_assigned": assignment_counts(split_manifest, earlier)},
-               Path("metrics/split.json"))
+    # metrics/split.json is git-tracked and must be what any clone computes from the same data; how many patients
+    # the memory kept depends on this workspace's history, so it is printed, not committed.
+    write_json(split_summary(split_manifest), Path("metrics/split.json"))
+    counts = assignment_counts(split_manifest, earlier)
+    print(f"split: {counts['kept']} patients kept their earlier split, {counts['new']} newly dealt, "
+          f"{counts['remembered_absent']} remembered but absent from this manifest")
 
 
 if __name__ == "__main__":

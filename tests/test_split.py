@@ -87,8 +87,11 @@ def test_a_new_site_keeps_every_earlier_patient_and_new_patients_are_dealt_strat
 
     before, after = splits_of(first), splits_of(second)
     assert {patient: after[patient] for patient in before} == before
-    moved_when_fresh = sum(splits_of(split_by_patient(both, FRACTIONS, seed=4))[p] != s for p, s in before.items())
-    assert moved_when_fresh > 0, "a fresh deal of the grown cohort must move someone, or this test proves nothing"
+    # Dealt afresh under another seed, earlier patients move; kept by the memory, none does.
+    moved_when_fresh = sum(splits_of(split_by_patient(both, FRACTIONS, seed=5))[p] != s for p, s in before.items())
+    assert moved_when_fresh > 0, "a fresh deal must move someone, or this test proves nothing"
+    reseeded, _ = sticky_split_by_patient(both, FRACTIONS, seed=5, earlier=memory)
+    assert {patient: splits_of(reseeded)[patient] for patient in before} == before
     # The memory: old rows unchanged and first, then one row per new patient.
     pd.testing.assert_frame_equal(updated.head(len(memory)), memory)
     assert sorted(updated["patient_id"].iloc[len(memory):]) == sorted(site_b["patient_id"].unique())

@@ -5,13 +5,14 @@ training, and the new model would then be tested partly on patients it trained o
 patient it has placed (the assignments: ``patient_id, split``; raw ids, so the table lives with the data under
 ``data/``, never in git or MLflow), keeps those placements, and deals only the patients it has not seen.
 
-How new development patients are dealt: patients are stratified by their majority label (a tie goes to the first
-label by name). Within a stratum the new patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a
+How new development patients are dealt: patients are stratified by their site and their majority label (a tie
+goes to the first label by name), so a new site's patients reach val and test too and per-site figures exist. Within a stratum the new patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a
 patient's place in the order depends on the seed and its own id only: not on which other patients exist, the
 order of the manifest's rows or the pseudonym key (`smearnet.pseudonyms`, a per-machine secret). Each goes to the
-split furthest below its target share of the stratum's cells, counting the cells of the stratum's patients
-already placed. While a split of the stratum has no patient and the stratum has at least one patient per split,
-the next new patient goes to an empty split (largest target first), so small classes still reach val and test.
+split furthest below its target share of its class's cells over every site, counting the cells of the patients
+already placed. While a split has no patient of the stratum (or, failing that, of the class) and the stratum (the
+class) has at least one patient per split, the next new patient goes to an empty split (largest target first), so
+small classes and new sites still reach val and test.
 
 Assessment-cohort patients are recorded as ``assessment`` and never dealt. A patient who changes cohort, or an
 assignment to a split the fractions no longer configure, is refused rather than silently moved. Patients remembered
@@ -77,27 +78,45 @@ def deal_new_patients(development: pd.DataFrame, known: Mapping[str, str], targe
                       seed: int) -> dict[str, str]:
     """The split of every patient of `development`: `known`'s split when it has one, else dealt (module docstring)."""
     cells = development.groupby("patient_id").size()
-    strata = majority_labels(development)
+    strata = patient_strata(development)
+    labels = strata.map(lambda stratum: stratum[1])
     assignment = {patient: known[patient] for patient in cells.index if patient in known}
-    for label in sorted(strata.unique()):
-        patients = strata.index[strata == label]
-        placed_cells, placed_patients = dict.fromkeys(targets, 0), dict.fromkeys(targets, 0)
+    # Shares are kept per class over every site; empty splits are filled per site and class first, then per class.
+    class_cells = {label: dict.fromkeys(targets, 0) for label in labels.unique()}
+    class_patients = {label: dict.fromkeys(targets, 0) for label in labels.unique()}
+    for patient, split in assignment.items():
+        class_cells[labels[patient]][split] += int(cells[patient])
+        class_patients[labels[patient]][split] += 1
+    for stratum in sorted(strata.unique()):
+        label = stratum[1]
+        patients = strata.index[strata == stratum]
+        stratum_patients = dict.fromkeys(targets, 0)
         for patient in patients:
             if patient in known:
-                placed_cells[known[patient]] += int(cells[patient])
-                placed_patients[known[patient]] += 1
-        seed_empty_splits = len(patients) >= len(targets)
+                stratum_patients[known[patient]] += 1
         for patient in sorted((p for p in patients if p not in known), key=lambda p: dealing_key(seed, p)):
-            chosen = _next_split(targets, placed_cells, placed_patients, int(cells[patient]), seed_empty_splits)
+            chosen = (_empty_split(targets, stratum_patients, len(patients))
+                      or _empty_split(targets, class_patients[label], int((labels == label).sum()))
+                      or _furthest_below_target(targets, class_cells[label], int(cells[patient])))
             assignment[patient] = chosen
-            placed_cells[chosen] += int(cells[patient])
-            placed_patients[chosen] += 1
+            stratum_patients[chosen] += 1
+            class_patients[label][chosen] += 1
+            class_cells[label][chosen] += int(cells[patient])
     return assignment
 
 
 def dealing_key(seed: int, patient_id: str) -> tuple[str, str]:
     """Where a new patient comes in its stratum's dealing order: its own id and the seed, no secret key."""
     return hashlib.sha256(f"{seed}:{patient_id}".encode("utf-8")).hexdigest(), str(patient_id)
+
+
+def patient_strata(development: pd.DataFrame) -> pd.Series:
+    """Each patient's stratum: (its site, first by name if it spans several; its majority label), by patient id."""
+    labels = majority_labels(development)
+    if "site" not in development.columns:
+        return labels.map(lambda label: ("", label))
+    sites = development.groupby("patient_id")["site"].agg(lambda values: sorted(values.astype(str).unique())[0])
+    return pd.Series([(sites[p], labels[p]) for p in labels.index], index=labels.index)
 
 
 def majority_labels(development: pd.DataFrame) -> pd.Series:
@@ -150,12 +169,13 @@ def split_summary(split_manifest: pd.DataFrame) -> dict:
     return summary
 
 
-def _next_split(targets: Mapping[str, float], placed_cells: Mapping[str, int], placed_patients: Mapping[str, int],
-                cells: int, seed_empty_splits: bool) -> str:
-    """An empty split of the stratum first (largest target first) when asked, else the one furthest below target."""
+def _empty_split(targets: Mapping[str, float], placed_patients: Mapping[str, int], patients: int) -> str | None:
+    """A split with no patient yet (largest target first), when the group has at least one patient per split."""
     empty = [split for split in targets if placed_patients[split] == 0]
-    if seed_empty_splits and empty:
-        return max(empty, key=lambda split: targets[split])
+    return max(empty, key=lambda split: targets[split]) if empty and patients >= len(targets) else None
+
+
+def _furthest_below_target(targets: Mapping[str, float], placed_cells: Mapping[str, int], cells: int) -> str:
     total = sum(placed_cells.values()) + cells
     return max(targets, key=lambda split: targets[split] * total - placed_cells[split])
 
