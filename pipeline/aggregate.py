@@ -117,7 +117,7 @@ def main() -> None:
         print(f"aggregate: T={calibration.temperature:.3f}, proposed {rule.score} (development threshold "
               f"{result.threshold:.4g}"
               + (f", cell threshold {rule.cell_threshold:.4g}" if rule.cell_threshold is not None else "")
-              + "), development from {'+'.join(development_splits)}, evaluation: {smears_from}")
+              + f"), development from {'+'.join(development_splits)}, evaluation: {smears_from}")
 
         mlflow.log_params({"chosen_score": result.choice.chosen, "fold_unit": result.development.fold_unit,
                            **{f"aggregate.{k}": str(v) for k, v in cfg.aggregate.items()}})
