@@ -49,3 +49,14 @@ def colour_cells(folder: Path, labels: list[str], patients: list[str], *, size: 
                      "smear_id": smears[i] if smears else patient, "site": "default",
                      "cohort": cohorts[i] if cohorts else "development"})
     return pd.DataFrame(rows)
+
+
+def class_folders(root: Path, per_class: int, *, size: int = 72, seed: int = 0) -> Path:
+    """One folder a class (the PBC layout) of red, green and blue cells that a network learns in a few steps."""
+    rng = np.random.default_rng(seed)
+    for label, colour in (("red", (200, 60, 60)), ("green", (60, 200, 60)), ("blue", (60, 60, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, 30, (size, size, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"{label}_{i:02d}.png")
+    return root

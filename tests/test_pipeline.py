@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, class_folders
 
 TINY = ["data.synthetic.scale=0.02", "augment.per_class=24", "model.resnet18.input_size=[32,32]",
         "train.cycles=1", "train.batch_size=16", "benchmark.repeats=1", "benchmark.warmup=0",
@@ -245,16 +245,7 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
 def test_experiment_finetune_starts_from_pretrained_weights_that_dvc_keeps(tmp_path, pipeline_env):
     """experiment=finetune end to end on the synthetic cohort, pretraining on a tiny class-folder tree (the PBC
     layout); a changed fine-tuning recipe re-runs train but not the cached pretraining."""
-    from PIL import Image
-    import numpy as np
-
-    cells = tmp_path / "cells"
-    rng = np.random.default_rng(0)
-    for label, colour in (("red", (200, 60, 60)), ("green", (60, 200, 60)), ("blue", (60, 60, 200))):
-        (cells / label).mkdir(parents=True)
-        for i in range(8):
-            pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, 30, (72, 72, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(cells / label / f"{label}_{i}.png")
+    cells = class_folders(tmp_path / "cells", 8)
     overrides = ["experiment=finetune", *TINY, f"pretrain.root={cells}", "pretrain.train.cycles=1",
                  "pretrain.train.batch_size=8", "pretrain.val_fraction=0.25", "trainer.precision=32-true",
                  f"mlflow.experiment=finetune-{tmp_path.name}", "registry.model_name=finetune-test"]

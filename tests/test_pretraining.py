@@ -4,14 +4,12 @@ import json
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import pandas as pd
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import colour_cells
+from conftest import class_folders, colour_cells
 from smearnet.config import compose_config, model_config
 from smearnet.errors import SmearnetError
 from smearnet.models.factory import _head_keys, build_model
@@ -80,16 +78,6 @@ def test_validation_cells_are_chosen_by_content_not_by_row_order():
     assert len(train) == 16 and not set(train["path"]) & set(val["path"])
 
 
-def _class_folders(root: Path) -> None:
-    """One folder a class (the PBC layout) of colour-coded cells that a network learns in a few steps."""
-    rng = np.random.default_rng(0)
-    for label, colour in (("red", (200, 60, 60)), ("green", (60, 200, 60)), ("blue", (60, 60, 200))):
-        (root / label).mkdir(parents=True)
-        for i in range(12):
-            pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, 30, (72, 72, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"{label}_{i:02d}.png")
-
-
 def _settings(root: Path, *overrides: str) -> PretrainSettings:
     cfg = compose_config(["model=resnet18", "model.resnet18.input_size=[32,32]", "pretrain.enabled=true",
                           f"pretrain.root={root}", "pretrain.val_fraction=0.25", "pretrain.train.batch_size=8",
@@ -100,7 +88,7 @@ def _settings(root: Path, *overrides: str) -> PretrainSettings:
 
 def test_pretraining_writes_weights_a_model_card_and_an_mlflow_run(tmp_path, mlflow_uri):
     root = tmp_path / "cells"
-    _class_folders(root)
+    class_folders(root, 12)
     out = tmp_path / "pretrained"
     card = pretrain_backbone(_settings(root, "pretrain.exclude_classes=[blue]"), out, tmp_path / "ckpt",
                              progress=False)
@@ -140,7 +128,7 @@ def test_a_missing_pretraining_folder_or_class_is_refused_with_the_fix(tmp_path)
     with pytest.raises(SmearnetError, match="does not exist"):
         pretrain_backbone(_settings(tmp_path / "nowhere"), tmp_path / "out", tmp_path / "ckpt", progress=False)
     root = tmp_path / "cells"
-    _class_folders(root)
+    class_folders(root, 12)
     with pytest.raises(SmearnetError, match=r"\['purple'\]"):
         pretrain_backbone(_settings(root, "pretrain.exclude_classes=[purple]"), tmp_path / "out", tmp_path / "ckpt",
                           progress=False)
