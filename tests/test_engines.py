@@ -254,7 +254,8 @@ def test_packaged_engine_files_are_loaded_only_when_their_sha256_matches(trained
     an ONNX file is loaded from the very bytes that were checked."""
     import hashlib
 
-    from smearnet.models.engines import engine_file_path, file_sha256
+    from smearnet.io import file_sha256
+    from smearnet.models.engines import engine_file_path
 
     net, images, input_spec = trained_like
     spec = EngineSpec(engine="onnxruntime")

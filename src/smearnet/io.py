@@ -7,6 +7,7 @@ ones a killed process (``kill -9``, OOM killer, power loss) left behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,15 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in blocks: packaged engine files (serving.json), starting weights."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(data: Mapping, path: Path) -> Path:

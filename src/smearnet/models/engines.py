@@ -50,7 +50,7 @@ import torch
 from filelock import FileLock
 
 from smearnet.errors import SmearnetError
-from smearnet.io import atomic_file, stale_partials
+from smearnet.io import atomic_file, file_sha256, stale_partials
 
 ENGINES = ("eager", "compile", "onnxruntime")
 PRECISIONS = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16", "int8", "int8+bf16"),
@@ -219,15 +219,6 @@ def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec,
     _build_once(path, lambda partial: _quantize_pt2e(net, (height, width), spec, partial,
                                                      _calibration_cells(calibration)), _check_zip)
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 (hex) of a file, read in blocks: what serving.json records for each packaged engine file."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_packaged_file(path: Path, packaged_files: Mapping[str, str]) -> bytes:

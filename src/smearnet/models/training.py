@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch.utils.data import DataLoader
 
 from smearnet.errors import SmearnetError
+from smearnet.io import file_sha256
 from smearnet.models.factory import build_model
 from smearnet.models.optim import build_optimizer, build_schedule
 from smearnet.models.samplers import training_sampler
@@ -162,13 +163,8 @@ def starting_weights_digest(model_cfg: Mapping) -> str | None:
     """sha256 of the local file the network starts from (``weights_path`` or ``cell_weights``), if any: new
     starting weights at the same path make a new run, never a resumed or reused one."""
     path = model_cfg.get("weights_path") if model_cfg.get("pretrained") else model_cfg.get("cell_weights")
-    if not path or not Path(str(path)).expanduser().is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(Path(str(path)).expanduser(), "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    path = Path(str(path)).expanduser() if path else None
+    return file_sha256(path) if path is not None and path.is_file() else None
 
 
 def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:

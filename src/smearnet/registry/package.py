@@ -27,10 +27,10 @@ from PIL import Image
 
 from smearnet.config import REPO_ROOT
 from smearnet.errors import SmearnetError
-from smearnet.io import write_json, write_text
+from smearnet.io import file_sha256, write_json, write_text
 from smearnet.pseudonyms import key_fingerprint
 from smearnet.serving.requests import ServingLimits
-from smearnet.models.engines import engine_artifact, engine_spec, file_sha256
+from smearnet.models.engines import engine_artifact, engine_spec
 from smearnet.models.inference import (ENGINE_FILES_KEY, ENGINES_DIR, SERVING_FILE, TrainedModel, engine_inputs)
 from smearnet.smear import MIL_DIR, RULE_FILE, SmearRule
 
