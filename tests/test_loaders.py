@@ -116,3 +116,16 @@ def test_stain_augment_settings_parse_from_a_mapping_or_a_switch():
     assert StainAugment.from_mapping({"enabled": True, "hue": 4}) == StainAugment(enabled=True, hue=4.0)
     with pytest.raises(SmearnetError, match="no key hue_shift"):
         StainAugment.from_mapping({"hue_shift": 4})
+
+
+def test_albumentations_is_not_asked_to_check_pypi_for_updates_by_either_importer():
+    """The guard sits in smearnet.data, so the loaders' stain augmentation is covered as well as upsample."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
+    probe = ("import os; from smearnet.data.loaders import StainAugment; StainAugment(enabled=True).transform(); "
+             "print(os.environ.get('NO_ALBUMENTATIONS_UPDATE'))")
+    shown = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "1"

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-# albumentations asks PyPI for a newer version on import (up to 2 s, a network call from a clinical
-# pipeline, a warning when offline); the user can still opt in by setting the variable to 0.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
 
 from smearnet.data.decode import load_rgb  # noqa: E402
 from smearnet.errors import SmearnetError  # noqa: E402
@@ -60,7 +55,7 @@ def plan_upsampling(train: pd.DataFrame, classes: Sequence[str], per_class: int,
                 "add images of that class (from more than one patient, so train gets some), "
                 "or remove it from `data.classes`.",
             )
-        missing = per_class - len(originals) if per_class else 0
+        missing = per_class - len(originals)
         if missing <= 0:
             continue
         order = rng.permutation(len(originals))
