@@ -29,6 +29,7 @@ from smearnet.errors import SmearnetError
 from smearnet.evaluation.benchmark import device_name
 from smearnet.evaluation.metrics import wilson_interval
 from smearnet.io import read_json, write_json, write_text
+from smearnet.models.inference import META_FILE
 from smearnet.models.settings import TrainerSettings, TrainRecipe, TrainSettings
 from smearnet.models.training import train_backbone
 
@@ -96,11 +97,11 @@ def pretraining_cells(root: Path, classes: Sequence[str] | None, exclude: Sequen
 
 def split_for_pretraining(cells: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train and validation cells: in each class, the `val_fraction` of cells with the lowest content digest."""
-    order = cells.assign(_digest=cells["sha256"]).sort_values(["label", "_digest"])
+    order = cells.sort_values(["label", "sha256"])
     rank = order.groupby("label").cumcount()
     size = order.groupby("label")["label"].transform("size")
     is_val = rank < (size * val_fraction).round().clip(lower=1)
-    return order[~is_val].drop(columns="_digest"), order[is_val].drop(columns="_digest")
+    return order[~is_val], order[is_val]
 
 
 def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir: Path, *,
@@ -130,7 +131,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
                              stage="pretrain", sources={"train": source, "val": source})
     if not metrics:  # a DDP rank other than 0
         return {}
-    meta = read_json(out_dir / "model.json")
+    meta = read_json(out_dir / META_FILE)
     correct = round(metrics["val_accuracy"] * len(val))
     card = {
         "enabled": True, "backbone": settings.backbone, "arch": settings.model["arch"],
