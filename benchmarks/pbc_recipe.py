@@ -6,10 +6,20 @@
 
 A trial is a plain PyTorch loop (no Lightning, no DVC) over the same split as `experiment=pbc` (the project's
 `split_by_patient`, seed 42, 70/15/15) and the same preprocessing (`smearnet.data.loaders.cell_tensor`: centre crop,
-bilinear resize, ImageNet normalisation), with everything decoded once into memory: AdamW + one-cycle,
-label smoothing, random dihedral flips/rotations, bf16 autocast + channels_last. It prints and logs
-validation and test accuracy, with and without 8-view dihedral test-time augmentation, and the training time.
-The chosen recipe then runs through the pipeline: `dvc exp run -S experiment=pbc`.
+bilinear resize, ImageNet normalisation), with the training and validation cells decoded once into memory: AdamW +
+one-cycle, label smoothing, random dihedral flips/rotations, bf16 autocast + channels_last. It prints and logs
+validation accuracy (Wilson 95% interval), with and without 8-view dihedral test-time augmentation, each class's
+validation recall, and the training time.
+
+The test split is never read here: a recipe is chosen on validation cells only, and the pipeline
+(`dvc exp run -S experiment=pbc`) touches the test split once, with the chosen recipe. (An earlier version printed
+test accuracy beside validation; the 99.33% the README once reported was measured on the split the recipe had been
+chosen on, and 9,074 further PBC cells gave 97.76%.)
+
+Validation accuracy is also shown re-weighted to the class mix of the PBC cells this subset leaves out (the
+published class counts of the full 17,092-cell set, less the 1,000 a class here): the subset is balanced, the rest
+of the dataset is mostly neutrophils, eosinophils, ig and platelets, so a figure on it weighs the ig/neutrophil
+confusion far more.
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ import torch
 from tqdm import tqdm
 
 from smearnet.data.loaders import cell_tensor
+from smearnet.evaluation.metrics import wilson_interval
 from smearnet.data.sources import manifest_from_folder
-from smearnet.models.engines import dihedral_views
 from smearnet.data.decode import load_rgb
+from smearnet.models.engines import dihedral_views
 from smearnet.models.factory import build_model, model_input_spec
 from smearnet.data.split import split_by_patient
+from smearnet.evaluation.benchmark import device_name
 
 
 def load_cells(paths, input_spec) -> torch.Tensor:
@@ -47,10 +59,15 @@ def dihedral_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return out
 
 
+# Acevedo et al. 2020 (Data in Brief 30, 105474), Table 1: images a class in the full PBC set.
+PBC_FULL_COUNTS = {"basophil": 1218, "eosinophil": 3117, "erythroblast": 1551, "ig": 2895, "lymphocyte": 1214,
+                   "monocyte": 1420, "neutrophil": 3329, "platelet": 2348}
+
+
 @torch.inference_mode()
-def accuracy(net, images, targets, *, tta: bool = False, batch: int = 256) -> float:
+def predictions(net, images, *, tta: bool = False, batch: int = 256) -> torch.Tensor:
     net.eval()
-    correct = 0
+    calls = []
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -58,9 +75,21 @@ def accuracy(net, images, targets, *, tta: bool = False, batch: int = 256) -> fl
                 scores = sum(net(view).float().softmax(1) for view in dihedral_views(x))
             else:
                 scores = net(x)
-        correct += int((scores.argmax(1) == targets[start:start + batch]).sum())
+        calls.append(scores.argmax(1))
     net.train()
-    return correct / len(images)
+    return torch.cat(calls)
+
+
+def recalls(calls: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    return {name: float((calls[targets == index] == index).float().mean()) for index, name in enumerate(classes)}
+
+
+def remaining_mix_accuracy(recall: dict[str, float], per_class_here: int) -> float | None:
+    """Accuracy on the PBC cells left out of this subset, if each class is recalled as on validation."""
+    if set(recall) != set(PBC_FULL_COUNTS):
+        return None
+    weights = {name: PBC_FULL_COUNTS[name] - per_class_here for name in recall}
+    return sum(recall[name] * weights[name] for name in recall) / sum(weights.values())
 
 
 def main() -> None:
@@ -87,7 +116,7 @@ def main() -> None:
                  "allow_random_init": True, "center_crop": args.crop}
     spec = model_input_spec(model_cfg)
     parts = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val"):  # never "test": see the module docstring
         rows = manifest[manifest["split"] == split]
         parts[split] = (load_cells(rows["path"], spec), torch.tensor([classes.index(c) for c in rows["label"]]))
     net = build_model(model_cfg, num_classes=len(classes)).to(memory_format=torch.channels_last)
@@ -115,16 +144,30 @@ def main() -> None:
                 optimizer.step()
                 schedule.step()
             elapsed = time.perf_counter() - start
-            val = accuracy(net, *parts["val"])
+            val = float((predictions(net, parts["val"][0]) == parts["val"][1]).float().mean())
             mlflow.log_metrics({"train_loss": float(loss), "val_accuracy": val, "elapsed_s": elapsed}, step=epoch + 1)
             print(f"epoch {epoch + 1}: {elapsed:.0f} s, loss {float(loss):.3f}, val accuracy {val:.4f}", flush=True)
         seconds = time.perf_counter() - start
-        result = {"train_seconds": seconds, "images_per_second": args.epochs * steps_per_epoch * args.batch_size / seconds,
-                  "val_accuracy": accuracy(net, *parts["val"]), "test_accuracy": accuracy(net, *parts["test"]),
-                  "val_accuracy_tta": accuracy(net, *parts["val"], tta=True),
-                  "test_accuracy_tta": accuracy(net, *parts["test"], tta=True)}
+        val_images, val_targets = parts["val"]
+        per_class_here = int(manifest["label"].value_counts().max())
+        result = {"train_seconds": seconds, "images_per_second": args.epochs * steps_per_epoch * args.batch_size / seconds}
+        print(f"{device_name()}: {seconds / 60:.1f} min of training, {result['images_per_second']:.0f} images/s")
+        for tta in (False, True):
+            calls = predictions(net, val_images, tta=tta)
+            correct = int((calls == val_targets).sum())
+            low, high = wilson_interval(correct, len(val_targets))
+            recall = recalls(calls, val_targets, classes)
+            mixed = remaining_mix_accuracy(recall, per_class_here)
+            tag = "val_tta" if tta else "val"
+            result.update({f"{tag}_accuracy": correct / len(val_targets),
+                           **{f"{tag}_recall_{name}": value for name, value in recall.items()}})
+            if mixed is not None:
+                result[f"{tag}_accuracy_remaining_pbc_mix"] = mixed
+            print(f"{'with' if tta else 'without'} 8-view TTA: validation accuracy {correct}/{len(val_targets)} = "
+                  f"{correct / len(val_targets):.2%} (95% {low:.2%}-{high:.2%}); recall "
+                  + ", ".join(f"{name} {value:.1%}" for name, value in recall.items())
+                  + (f"; re-weighted to the remaining PBC mix {mixed:.2%}" if mixed is not None else ""))
         mlflow.log_metrics(result)
-        print({k: round(v, 4) for k, v in result.items()})
 
 
 if __name__ == "__main__":
