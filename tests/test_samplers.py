@@ -1,4 +1,5 @@
-"""Which training cells an epoch draws (smearnet.models.samplers): shuffled once each, or classes balanced."""
+"""Which training cells an epoch draws (smearnet.models.samplers): shuffled once each, or classes balanced; and
+the loss weight of each class (train.class_weights)."""
 
 from collections import Counter
 
@@ -7,7 +8,7 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import RandomSampler
 
 from smearnet.errors import SmearnetError
-from smearnet.models.samplers import ClassBalancedSampler, EpochShuffleSampler, training_sampler
+from smearnet.models.samplers import ClassBalancedSampler, EpochShuffleSampler, loss_class_weights, training_sampler
 
 RARE = [0] * 90 + [1] * 9 + [2] * 1  # 90/9/1 cells of three classes
 
@@ -87,3 +88,13 @@ def test_the_shuffle_sampler_still_draws_a_new_permutation_each_epoch():
 def test_an_unknown_sampler_is_a_clear_error():
     with pytest.raises(SmearnetError, match="train.sampler `weighted`"):
         training_sampler("weighted", RARE, seed=0)
+
+
+def test_balanced_class_weights_give_every_present_class_the_same_total_weight():
+    weights = loss_class_weights("balanced", RARE, num_classes=4)  # class 3 has no cells
+    totals = [weights[c] * RARE.count(c) for c in range(3)]
+    assert totals == pytest.approx([len(RARE) / 3] * 3)
+    assert weights[2] == pytest.approx(90 * weights[0]) and weights[3] == 0.0
+    assert loss_class_weights("none", RARE, num_classes=3) is None
+    with pytest.raises(SmearnetError, match="train.class_weights"):
+        loss_class_weights("focal", RARE, num_classes=3)

@@ -65,6 +65,26 @@ def test_label_smoothing_and_channels_last_reach_the_module():
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, 2)
 
 
+def test_balanced_class_weights_weigh_the_training_loss_and_leave_the_checkpoint_loadable(tmp_path):
+    model_cfg = {"name": "r", "arch": "resnet18", "input_size": [32, 32], "pretrained": False,
+                 "allow_random_init": True}
+    module = CellClassifier(model_cfg, {**RECIPE, "label_smoothing": 0.1}, ["a", "b"], class_weights=[0.5, 5.0])
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 0, 1])
+    with torch.no_grad():
+        logits = module(images)
+        loss = float(module.training_loss(logits, targets))
+    weighted = torch.nn.functional.cross_entropy(logits, targets, weight=torch.tensor([0.5, 5.0]), label_smoothing=0.1)
+    plain = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+    assert loss == pytest.approx(float(weighted), rel=1e-5) and float(weighted) != pytest.approx(float(plain), rel=1e-3)
+    # The weights are hyperparameters, not state: the state dict is the network's alone, and a checkpoint reloads.
+    assert all(key.startswith("net.") for key in module.state_dict())
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.0"}, path)
+    again = CellClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert again.class_weights.tolist() == [0.5, 5.0]
+
+
 def test_checkpoint_is_resumed_only_for_the_same_run(tmp_path):
     folder = tmp_path / "ckpt"
     fingerprint = run_fingerprint({"a": 1})
@@ -100,9 +120,11 @@ def test_train_settings_are_parsed_once_and_frozen():
 def test_the_sampler_and_stain_augmentation_are_part_of_the_frozen_recipe():
     default = tiny_settings().recipe
     assert default.sampler == "shuffle" and default.stain_augment == StainAugment() and not default.stain_augment.enabled
+    assert default.class_weights == "none"
     recipe = tiny_settings("train.sampler=balanced", "train.stain_augment.enabled=true",
-                           "train.stain_augment.hue=4").recipe
+                           "train.stain_augment.hue=4", "train.class_weights=balanced").recipe
     assert recipe.sampler == "balanced" and recipe.stain_augment == StainAugment(enabled=True, hue=4.0)
+    assert recipe.class_weights == "balanced"
     # In the run's fingerprint, its checkpoint's hyperparameters and its MLflow params, as plain values.
     assert recipe.to_dict()["stain_augment"] == {**default.to_dict()["stain_augment"], "enabled": True, "hue": 4.0}
     assert run_fingerprint(recipe.to_dict()) != run_fingerprint(default.to_dict())

@@ -1,4 +1,5 @@
-"""Which training cells an epoch draws, and in what order: `train.sampler` (shuffle | balanced).
+"""Which training cells an epoch draws, and in what order: `train.sampler` (shuffle | balanced); and how much each
+class weighs in the loss: `train.class_weights` (none | balanced).
 
 Both samplers draw from ``seed + epoch`` alone (Lightning calls ``set_epoch`` every epoch, also after resuming), so a
 resumed run sees the epochs an uninterrupted run would, and every DDP rank draws the same global sequence. They do
@@ -23,6 +24,7 @@ from torch.utils.data import RandomSampler, Sampler
 from smearnet.errors import SmearnetError
 
 SAMPLERS = ("shuffle", "balanced")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -86,3 +88,18 @@ def training_sampler(kind: str, targets: Sequence[int], seed: int) -> Sampler[in
     if kind == "balanced":
         return ClassBalancedSampler(targets, seed)
     raise SmearnetError(f"Unknown train.sampler `{kind}`.", f"use one of {', '.join(SAMPLERS)}.")
+
+
+def loss_class_weights(kind: str, targets: Sequence[int], num_classes: int) -> list[float] | None:
+    """The cross-entropy weight of each class under `train.class_weights` = `kind`: None (every cell weighs the same)
+    or "balanced", ``len(targets) / (present classes * count of the class)`` as scikit-learn's ``"balanced"``, so
+    every present class carries the same total weight. A class absent from `targets` weighs 0 (it has no cells)."""
+    if kind == "none":
+        return None
+    if kind != "balanced":
+        raise SmearnetError(f"Unknown train.class_weights `{kind}`.", f"use one of {', '.join(CLASS_WEIGHTS)}.")
+    counts = Counter(int(t) for t in targets)
+    if not counts:
+        raise SmearnetError("train.class_weights=balanced needs training cells; there are none.",
+                            "check the split: the train split is empty.")
+    return [len(targets) / (len(counts) * counts[c]) if counts[c] else 0.0 for c in range(num_classes)]

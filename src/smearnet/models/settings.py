@@ -33,6 +33,7 @@ class TrainRecipe:
     cache_images: bool = True
     dihedral_augment: bool = False
     sampler: str = "shuffle"                            # smearnet.models.samplers.SAMPLERS
+    class_weights: str = "none"                         # smearnet.models.samplers.CLASS_WEIGHTS
     stain_augment: StainAugment = StainAugment()        # off
 
     @classmethod
@@ -40,6 +41,7 @@ class TrainRecipe:
         values = {field.name: train[field.name] if field.default is MISSING else train.get(field.name, field.default)
                   for field in fields(cls)}
         return cls(**{**values, "betas": tuple(float(b) for b in values["betas"]), "sampler": str(values["sampler"]),
+                      "class_weights": str(values["class_weights"]),
                       "stain_augment": StainAugment.from_mapping(values["stain_augment"])})
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from smearnet.errors import SmearnetError
 from smearnet.io import file_sha256
 from smearnet.models.factory import build_model
 from smearnet.models.optim import build_optimizer, build_schedule
-from smearnet.models.samplers import training_sampler
+from smearnet.models.samplers import loss_class_weights, training_sampler
 from smearnet.models.settings import TrainSettings
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -40,15 +40,20 @@ FINISHED_FILE = "finished.json"  # a completed run's metrics and best checkpoint
 
 
 class CellClassifier(L.LightningModule):
-    """A backbone with a head for `classes`, trained with cross-entropy."""
+    """A backbone with a head for `classes`, trained with cross-entropy (each class weighted by `class_weights`,
+    when given: `train.class_weights`; a plain list in the hyperparameters, not a buffer, so the weights file and
+    the checkpoint's state dict hold the network alone)."""
 
-    def __init__(self, model_cfg: Mapping, train_cfg: Mapping, classes: Sequence[str]):
+    def __init__(self, model_cfg: Mapping, train_cfg: Mapping, classes: Sequence[str],
+                 class_weights: Sequence[float] | None = None):
         super().__init__()
         self.save_hyperparameters({"model_cfg": _plain(model_cfg), "train_cfg": _plain(train_cfg),
-                                   "classes": list(classes)})
+                                   "classes": list(classes),
+                                   "class_weights": None if class_weights is None else [float(w) for w in class_weights]})
         self.classes = list(classes)
         self.train_cfg = _plain(train_cfg)
         self.net = build_model(model_cfg, num_classes=len(classes))
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=float(self.train_cfg.get("label_smoothing") or 0.0))
         self.channels_last = bool(self.train_cfg.get("channels_last", False))
         if self.channels_last:  # NHWC: oneDNN's fast convolution layout on CPU (about 2x with bf16 here)
@@ -63,10 +68,17 @@ class CellClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
+    def training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the module's label smoothing, each class weighted by `class_weights` when set
+        (validation loss stays unweighted, so checkpoints are chosen on the cells as they come)."""
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return torch.nn.functional.cross_entropy(logits, targets, weight=weight,
+                                                 label_smoothing=self.loss.label_smoothing)
+
     def training_step(self, batch, batch_idx):
         images, targets = batch
         logits = self(images)
-        loss = self.loss(logits, targets)
+        loss = self.training_loss(logits, targets)
         self.train_accuracy(logits, targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
@@ -323,7 +335,8 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
                                 "global_batch_size": batch_size * trainer.world_size,
                                 **{f"train.{k}": v for k, v in train_cfg.items()},
                                 **{f"trainer.{k}": v for k, v in trainer_cfg.items()}})
-    module = CellClassifier(model_cfg, train_cfg, classes)
+    module = CellClassifier(model_cfg, train_cfg, classes,
+                            loss_class_weights(recipe.class_weights, train_images.targets, len(classes)))
     # Checkpoints hold tensors and plain values only (the hyperparameters are plain dicts): loaded weights-only, so
     # a tampered last.ckpt cannot run code.
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_from) if resume_from else None,
