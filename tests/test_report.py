@@ -17,3 +17,26 @@ def test_report_sets_numbers_beside_the_paper_and_embeds_plots():
     assert "paper: TP 57, FN 1, TN 33, FP 1" in text and "TP 28" in text
     assert "![confusion matrix](evaluate/confusion.png)" in text and "![smear ROC](smear/roc.png)" in text
     assert "optimistic" in text and "Selected **r**" in text
+
+
+def test_report_shows_the_rules_cell_threshold_and_each_sites_figures_when_present():
+    plain = build_report("| r |\n", {"selected": "r"}, CELL, SMEAR)
+    assert "## 4." not in plain and "## 5. Sites" not in plain  # one site, arg-max: nothing extra
+    calls = {"counts": {"tp": 9, "fp": 3, "fn": 1, "tn": 87}, "f1": 0.818,
+             "sensitivity": {"value": 0.9, "low": 0.6, "high": 0.98}, "precision": {"value": 0.75, "low": 0.47, "high": 0.91}}
+    sites = {"A": {"n_cells": 60, "n_patients": 3, "accuracy": {"value": 0.95, "low": 0.86, "high": 0.98},
+                   "positive": {"sensitivity": {"value": 0.8}, "precision": {"value": 0.7}}},
+             "B": {"n_cells": 40, "n_patients": 2, "accuracy": {"value": 0.825, "low": 0.68, "high": 0.91},
+                   "positive": {"sensitivity": {"value": 0.5}, "precision": {"value": 0.6}}}}
+    smear_sites = {"A": {"n_smears": 3, "n_positive_smears": 2, "n_negative_smears": 1,
+                         "auc": {"value": 1.0, "low": 1.0, "high": 1.0}},
+                   "B": {"n_smears": 2, "n_positive_smears": 2, "n_negative_smears": 0, "auc": {"value": float("nan")},
+                         "note": "no negative smears at this site"}}
+    text = build_report("| r |\n", {"selected": "r"}, {**CELL, "per_site": sites},
+                        {**SMEAR, "per_site": smear_sites,
+                         "positive_cells": {"class": "covid_rl", "cell_threshold": 0.3871, "at_cell_threshold": calls,
+                                            "at_argmax": {**calls, "f1": 0.5}}})
+    assert "| p >= 0.3871 (the rule's) | 0.900 (0.600-0.980) | 0.750 (0.470-0.910) | 0.818 | 9 / 3 / 1 |" in text
+    assert "| arg-max |" in text and "0.500" in text
+    assert "| B | 40 | 2 | 0.825 (0.680-0.910) | 0.500 | 0.600 |" in text
+    assert "| B | 2 (2 / 0) | n/a |" in text and "no negative smears at this site" in text

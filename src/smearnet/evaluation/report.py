@@ -17,7 +17,7 @@ PAPER = {
 
 
 def _interval(metric: Mapping | None) -> str:
-    if not metric or metric.get("value") is None:
+    if not metric or metric.get("value") is None or metric["value"] != metric["value"]:  # absent or NaN
         return "n/a"
     value, low, high = metric.get("value"), metric.get("low"), metric.get("high")
     if low is None or high is None or low != low or high != high:
@@ -86,4 +86,48 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
     ]
     if smear.get("note"):
         lines += ["", f"> {smear['note']}"]
+    lines += _positive_cells_section(smear.get("positive_cells"))
+    lines += _sites_section(cell.get("per_site"), smear.get("per_site"), smear.get("per_site_note"))
     return "\n".join(lines) + "\n"
+
+
+def _positive_cells_section(positive_cells: Mapping | None) -> list[str]:
+    """The smear rule's cell threshold against arg-max on the evaluation cells (smear.json `positive_cells`)."""
+    if not positive_cells:
+        return []
+    rows = []
+    for label, key in ((f"p >= {positive_cells.get('cell_threshold', float('nan')):.4g} (the rule's)", "at_cell_threshold"),
+                       ("arg-max", "at_argmax")):
+        calls = positive_cells.get(key) or {}
+        counts = calls.get("counts") or {}
+        rows.append(f"| {label} | {_interval(calls.get('sensitivity'))} | {_interval(calls.get('precision'))} | "
+                    f"{calls.get('f1', float('nan')):.3f} | {counts.get('tp')} / {counts.get('fp')} / {counts.get('fn')} |")
+    return ["", f"## 4. Positive cells: **{positive_cells.get('class')}** calls on the evaluation cells", "",
+            "Each evaluation cell once, called by the smear rule's calibrated cell threshold and, to compare, by "
+            "arg-max.", "", "| cell call | sensitivity (95% CI) | precision (95% CI) | F1 | TP / FP / FN |",
+            "|---|---|---|---|---|", *rows]
+
+
+def _sites_section(cell_sites: Mapping | None, smear_sites: Mapping | None, smear_note: str | None) -> list[str]:
+    """Per-site cell and smear figures, when the cells come from two or more sites."""
+    if not cell_sites and not smear_sites and not smear_note:
+        return []
+    lines = ["", "## 5. Sites", ""]
+    if cell_sites:
+        lines += ["| site | test cells | patients | cell accuracy (95% CI) | positive sensitivity | positive precision |",
+                  "|---|---|---|---|---|---|"]
+        for site, m in cell_sites.items():
+            positive = m.get("positive") or {}
+            lines.append(f"| {site} | {m.get('n_cells')} | {m.get('n_patients', 'n/a')} | {_interval(m.get('accuracy'))} | "
+                         f"{_interval(positive.get('sensitivity'))} | {_interval(positive.get('precision'))} |")
+        lines.append("")
+    if smear_sites:
+        lines += ["| site | smears (positive / negative) | smear AUC (95% CI) | blind sensitivity | blind specificity |",
+                  "|---|---|---|---|---|"]
+        for site, m in smear_sites.items():
+            lines.append(f"| {site} | {m.get('n_smears')} ({m.get('n_positive_smears')} / {m.get('n_negative_smears')}) | "
+                         f"{_interval(m.get('auc'))} | {_interval(m.get('sensitivity'))} | "
+                         f"{_interval(m.get('specificity'))} |" + (f" {m['note']}" if m.get("note") else ""))
+    if smear_note:
+        lines.append(f"Smears: {smear_note}")
+    return lines
