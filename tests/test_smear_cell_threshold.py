@@ -126,6 +126,20 @@ def test_cell_calls_and_the_served_per_cell_class_follow_the_cell_threshold():
     assert argmax_cells["predicted"].tolist() == ["covid_rl", "normal", "normal", ""]
 
 
+def test_the_served_probabilities_are_the_calibrated_ones_each_call_is_made_by():
+    from smearnet.smear.calls import call_cells
+
+    p = probabilities([0.6, 0.35, 0.3, 0.05])
+    rule = SmearRule(score="share_predicted_positive", positive_class=POSITIVE, threshold=0.5, cell_threshold=0.33,
+                     temperature=2.0)
+    cells, _ = call_cells(rule, None, CLASSES, ["a"] * 4, p)
+    served = cells[[f"prob_{name}" for name in CLASSES]].to_numpy()
+    np.testing.assert_allclose(served, rule.calibrated(p), rtol=1e-6)
+    assert not np.allclose(served, p)  # T = 2 flattens them: the raw engine output is not what is served
+    called = (cells["predicted"] == POSITIVE).to_numpy()
+    assert called.tolist() == (cells[f"prob_{POSITIVE}"] >= 0.33).tolist() and 0 < called.sum() < 4
+
+
 def test_development_smears_are_scored_at_the_cell_threshold():
     cells = pd.DataFrame({"smear_id": ["s1"] * 3 + ["s2"] * 3, "patient_id": ["p1"] * 3 + ["p2"] * 3,
                           "label": ["covid_rl", "normal", "normal"] + ["normal"] * 3,

@@ -65,7 +65,8 @@ def call_cells(rule: SmearRule, aggregator: MILAggregator | None, classes: Seque
 
     ``predicted`` is the rule's cell call (``SmearRule.cell_calls``): the arg-max, or, when the rule carries a cell
     threshold, the positive class exactly when its calibrated probability reaches it. ``prob_<class>`` are the
-    engine's (uncalibrated) probabilities.
+    probabilities the rule calls by: the engine's, calibrated with the rule's temperature (the identity at T = 1),
+    so a reader can check each call against ``prob_<positive>`` and the cell threshold the model card states.
 
     A cell that could not be decoded keeps its row with ``error`` set and no prediction; its smear is called
     on the other cells, or ``undetermined`` when none is left.
@@ -74,8 +75,9 @@ def call_cells(rule: SmearRule, aggregator: MILAggregator | None, classes: Seque
     smears, weights = rule.classify(ids, probabilities, classes, embeddings=embeddings, aggregator=aggregator)
     cells = pd.DataFrame({"smear_id": ids})
     cells["predicted"] = rule.cell_calls(probabilities, classes)
+    calibrated = rule.calibrated(probabilities) if len(probabilities) else probabilities
     for index, name in enumerate(classes):
-        cells[f"prob_{name}"] = probabilities[:, index] if len(probabilities) else np.zeros(0, dtype=np.float32)
+        cells[f"prob_{name}"] = calibrated[:, index] if len(probabilities) else np.zeros(0, dtype=np.float32)
     cells["cell_weight"] = weights
     by_smear = smears.set_index("smear_id")
     cells["smear_score"] = cells["smear_id"].map(by_smear["score"]).astype(float)
