@@ -40,3 +40,11 @@ def test_report_shows_the_rules_cell_threshold_and_each_sites_figures_when_prese
     assert "| arg-max |" in text and "0.500" in text
     assert "| B | 40 | 2 | 0.825 (0.680-0.910) | 0.500 | 0.600 |" in text
     assert "| B | 2 (2 / 0) | n/a |" in text and "no negative smears at this site" in text
+
+
+def test_report_says_how_often_composed_smears_reuse_their_cells():
+    reuse = {"blind_smears": 200, "distinct_cells": 150, "cell_draws": 6000, "mean_draws_per_cell": 40.0,
+             "max_draws_per_cell": 61, "note": "composed smears share cells"}
+    text = build_report("| r |\n", {"selected": "r"}, CELL, {**SMEAR, "composed_cell_reuse": reuse})
+    assert "The 200 blind smears are composed from 150 distinct cells, each drawn 40.0 times on average (at most 61)" in text
+    assert "distinct cells" not in build_report("| r |\n", {"selected": "r"}, CELL, SMEAR)

@@ -186,3 +186,19 @@ def test_the_smear_stage_reports_positive_cell_calls_at_the_cell_threshold_only_
                        threshold_from="development")
     assert "positive_cells" not in measure_rule(argmax, evaluation_cells(composed=False), CLASSES,
                                                 selection="development", n_resamples=20).result
+
+
+def test_composed_smears_report_how_often_the_blind_smears_reuse_each_cell():
+    rule = SmearRule(score="share_predicted_positive", positive_class=POSITIVE, threshold=0.2,
+                     threshold_from="development")
+    composed = measure_rule(rule, evaluation_cells(composed=True), CLASSES, selection="development",
+                            n_resamples=20).result["composed_cell_reuse"]
+    # 8 smears of 4 cells drawn from 8 distinct cells: every smear is blind under a development threshold.
+    assert (composed["blind_smears"], composed["distinct_cells"], composed["cell_draws"]) == (8, 8, 32)
+    assert composed["mean_draws_per_cell"] == 4.0 and composed["max_draws_per_cell"] == 4
+    assert "not independent" in composed["note"]
+    held_out = measure_rule(rule, evaluation_cells(composed=True), CLASSES, selection="held_out",
+                            n_resamples=20).result["composed_cell_reuse"]
+    assert held_out["blind_smears"] == 4 and held_out["cell_draws"] == 16  # the blind half only
+    assert "composed_cell_reuse" not in measure_rule(rule, evaluation_cells(composed=False), CLASSES,
+                                                     selection="development", n_resamples=20).result

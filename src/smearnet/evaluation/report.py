@@ -75,6 +75,7 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "",
         f"Blind confusion: TP {confusion.get('tp')}, FN {confusion.get('fn')}, TN {confusion.get('tn')}, "
         f"FP {confusion.get('fp')} (paper: TP 57, FN 1, TN 33, FP 1).",
+        *_reuse_lines(smear.get("composed_cell_reuse")),
         "",
         "![smear ROC](smear/roc.png)",
         "",
@@ -89,6 +90,14 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
     lines += _positive_cells_section(smear.get("positive_cells"))
     lines += _sites_section(cell.get("per_site"), smear.get("per_site"), smear.get("per_site_note"))
     return "\n".join(lines) + "\n"
+
+
+def _reuse_lines(reuse: Mapping | None) -> list[str]:
+    if not reuse:
+        return []
+    return ["", f"The {reuse.get('blind_smears')} blind smears are composed from {reuse.get('distinct_cells')} distinct "
+                f"cells, each drawn {reuse.get('mean_draws_per_cell')} times on average (at most "
+                f"{reuse.get('max_draws_per_cell')}): {reuse.get('note')}"]
 
 
 def _positive_cells_section(positive_cells: Mapping | None) -> list[str]:

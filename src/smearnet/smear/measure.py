@@ -59,7 +59,7 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     softmax) and, for composed smears, ``part`` (0 may choose a threshold, 1 is judged blind) and ``cell_index``
     (the same cell in several smears); with a ``site`` column, the result gains ``per_site`` (or
     ``per_site_note``) as ``site_smear_metrics`` says. With a cell threshold in the rule, it gains ``positive_cells``
-    (``positive_cell_metrics``).
+    (``positive_cell_metrics``); with composed smears, ``composed_cell_reuse`` (``composed_cell_reuse``).
     """
     if selection not in SELECTIONS:
         raise SmearnetError(f"Unknown smear.threshold_selection {selection!r}.", f"use one of {', '.join(SELECTIONS)}.")
@@ -95,6 +95,7 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     result["deployed_rule"] = rule.to_dict()
     result.update(site_smear_metrics(calls, cells, confidence=confidence, n_resamples=n_resamples, seed=seed))
     result.update(positive_cell_metrics(rule, cells, classes, confidence=confidence))
+    result.update(composed_cell_reuse(cells, calls))
     return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind])
 
 
@@ -142,6 +143,25 @@ def site_smear_metrics(calls: pd.DataFrame, cells: pd.DataFrame, *, confidence: 
         return entry
 
     return {"per_site": per_site(site_of.to_numpy(), measure)}
+
+
+def composed_cell_reuse(cells: pd.DataFrame, calls: pd.DataFrame) -> dict[str, Any]:
+    """``{"composed_cell_reuse": ...}`` for smears composed from test cells (``cell_index`` names each drawn cell):
+    how many distinct cells the blind smears drew on and how often each was drawn. Composed smears share cells, so
+    one misread cell recurs in many smears and the blind counts are not independent smears: their Wilson intervals
+    are too narrow. ``{}`` for real smears."""
+    if "cell_index" not in cells.columns:
+        return {}
+    blind_ids = set(calls.loc[calls["blind"].to_numpy(dtype=bool), "smear_id"].astype(str))
+    drawn = cells.loc[cells["smear_id"].astype(str).isin(blind_ids), "cell_index"]
+    if drawn.empty:
+        return {}
+    draws = drawn.value_counts()
+    return {"composed_cell_reuse": {
+        "blind_smears": len(blind_ids), "distinct_cells": int(len(draws)), "cell_draws": int(draws.sum()),
+        "mean_draws_per_cell": round(float(draws.mean()), 2), "max_draws_per_cell": int(draws.max()),
+        "note": "composed smears share cells: a misread cell recurs in every smear that draws it, so the blind "
+                "counts are not independent smears and their intervals are too narrow."}}
 
 
 def positive_cell_metrics(rule: SmearRule, cells: pd.DataFrame, classes: Sequence[str], *,
