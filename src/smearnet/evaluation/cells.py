@@ -12,6 +12,7 @@ import pandas as pd
 from smearnet.io import write_text
 from smearnet.models.inference import TrainedModel, predict_probabilities, predictions_table
 from smearnet.evaluation.metrics import cell_metrics, per_site
+from smearnet.evaluation.report import interval_text
 from smearnet.evaluation.plots import confusion_matrix_png
 
 SITES_REPORT = "per_site.md"
@@ -68,15 +69,6 @@ def site_cell_metrics(cells: pd.DataFrame, y_true: np.ndarray, probabilities: np
     return per_site(cells["site"].to_numpy() if "site" in cells.columns else None, measure)
 
 
-def _interval_text(metric: Mapping[str, Any]) -> str:
-    value, low, high = (metric.get(key) for key in ("value", "low", "high"))
-    if value is None or value != value:
-        return "n/a"
-    if low is None or high is None or low != low or high != high:
-        return f"{value:.3f}"
-    return f"{value:.3f} ({low:.3f}-{high:.3f})"
-
-
 def per_site_markdown(sites: Mapping[str, Mapping[str, Any]], positive_class: str, confidence: float) -> str:
     """The per-site cell metrics (`site_cell_metrics`) as a Markdown table."""
     lines = [
@@ -91,8 +83,8 @@ def per_site_markdown(sites: Mapping[str, Mapping[str, Any]], positive_class: st
     for site, entry in sites.items():
         positive = entry["positive"]
         lines.append(f"| {site} | {entry['n_cells']} | {entry.get('n_patients', 'n/a')} | "
-                     f"{_interval_text(entry['accuracy'])} | {_interval_text(entry['macro_f1'])} | "
-                     f"{_interval_text(positive['sensitivity'])} | {_interval_text(positive['precision'])} |")
+                     f"{interval_text(entry['accuracy'])} | {interval_text(entry['macro_f1'])} | "
+                     f"{interval_text(positive['sensitivity'])} | {interval_text(positive['precision'])} |")
     return "\n".join(lines) + "\n"
 
 

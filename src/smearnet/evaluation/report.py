@@ -16,7 +16,9 @@ PAPER = {
 }
 
 
-def _interval(metric: Mapping | None) -> str:
+def interval_text(metric: Mapping | None) -> str:
+    """``{"value", "low", "high"}`` as "0.900 (0.820-0.950)"; the value alone without a finite interval; "n/a"
+    when absent or NaN. The one formatter of an interval for Markdown (report, per-site tables)."""
     if not metric or metric.get("value") is None or metric["value"] != metric["value"]:  # absent or NaN
         return "n/a"
     value, low, high = metric.get("value"), metric.get("low"), metric.get("high")
@@ -41,8 +43,8 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "",
         "## 2. Cells (paper Figure 5)",
         "",
-        f"Test cells: {cell.get('n_cells')}. Accuracy {_interval(cell.get('accuracy'))}, "
-        f"macro-F1 {_interval(cell.get('macro_f1'))} (95% intervals).",
+        f"Test cells: {cell.get('n_cells')}. Accuracy {interval_text(cell.get('accuracy'))}, "
+        f"macro-F1 {interval_text(cell.get('macro_f1'))} (95% intervals).",
         "",
         f"One-vs-rest with **{positive.get('class')}** as positive:",
         "",
@@ -50,7 +52,7 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "|---|---|",
     ]
     for name in ("sensitivity", "specificity", "precision", "accuracy"):
-        lines.append(f"| {name} | {_interval(positive.get(name))} |")
+        lines.append(f"| {name} | {interval_text(positive.get(name))} |")
     lines += [
         "",
         "![confusion matrix](evaluate/confusion.png) ![row-normalised](evaluate/confusion_normalised.png)",
@@ -67,10 +69,10 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "",
         "| metric | smearnet (95% CI) | paper (92 smears) |",
         "|---|---|---|",
-        f"| AUC | {_interval(smear.get('auc'))} | {PAPER['smear_auc']} |",
+        f"| AUC | {interval_text(smear.get('auc'))} | {PAPER['smear_auc']} |",
     ]
     for name in ("sensitivity", "specificity", "precision", "accuracy"):
-        lines.append(f"| {name} | {_interval(summary.get(name))} | {PAPER[name]} |")
+        lines.append(f"| {name} | {interval_text(summary.get(name))} | {PAPER[name]} |")
     lines += [
         "",
         f"Blind confusion: TP {confusion.get('tp')}, FN {confusion.get('fn')}, TN {confusion.get('tn')}, "
@@ -109,7 +111,7 @@ def _positive_cells_section(positive_cells: Mapping | None) -> list[str]:
                        ("arg-max", "at_argmax")):
         calls = positive_cells.get(key) or {}
         counts = calls.get("counts") or {}
-        rows.append(f"| {label} | {_interval(calls.get('sensitivity'))} | {_interval(calls.get('precision'))} | "
+        rows.append(f"| {label} | {interval_text(calls.get('sensitivity'))} | {interval_text(calls.get('precision'))} | "
                     f"{calls.get('f1', float('nan')):.3f} | {counts.get('tp')} / {counts.get('fp')} / {counts.get('fn')} |")
     return ["", f"## 4. Positive cells: **{positive_cells.get('class')}** calls on the evaluation cells", "",
             "Each evaluation cell once, called by the smear rule's calibrated cell threshold and, to compare, by "
@@ -127,16 +129,16 @@ def _sites_section(cell_sites: Mapping | None, smear_sites: Mapping | None, smea
                   "|---|---|---|---|---|---|"]
         for site, m in cell_sites.items():
             positive = m.get("positive") or {}
-            lines.append(f"| {site} | {m.get('n_cells')} | {m.get('n_patients', 'n/a')} | {_interval(m.get('accuracy'))} | "
-                         f"{_interval(positive.get('sensitivity'))} | {_interval(positive.get('precision'))} |")
+            lines.append(f"| {site} | {m.get('n_cells')} | {m.get('n_patients', 'n/a')} | {interval_text(m.get('accuracy'))} | "
+                         f"{interval_text(positive.get('sensitivity'))} | {interval_text(positive.get('precision'))} |")
         lines.append("")
     if smear_sites:
         lines += ["| site | smears (positive / negative) | smear AUC (95% CI) | blind sensitivity | blind specificity |",
                   "|---|---|---|---|---|"]
         for site, m in smear_sites.items():
             lines.append(f"| {site} | {m.get('n_smears')} ({m.get('n_positive_smears')} / {m.get('n_negative_smears')}) | "
-                         f"{_interval(m.get('auc'))} | {_interval(m.get('sensitivity'))} | "
-                         f"{_interval(m.get('specificity'))} |" + (f" {m['note']}" if m.get("note") else ""))
+                         f"{interval_text(m.get('auc'))} | {interval_text(m.get('sensitivity'))} | "
+                         f"{interval_text(m.get('specificity'))} |" + (f" {m['note']}" if m.get("note") else ""))
     if smear_note:
         lines.append(f"Smears: {smear_note}")
     return lines

@@ -75,9 +75,9 @@ def call_cells(rule: SmearRule, aggregator: MILAggregator | None, classes: Seque
     smears, weights = rule.classify(ids, probabilities, classes, embeddings=embeddings, aggregator=aggregator)
     cells = pd.DataFrame({"smear_id": ids})
     cells["predicted"] = rule.cell_calls(probabilities, classes)
-    calibrated = rule.calibrated(probabilities) if len(probabilities) else probabilities
+    calibrated = rule.calibrated(probabilities) if len(probabilities) else np.zeros((0, len(classes)), np.float32)
     for index, name in enumerate(classes):
-        cells[f"prob_{name}"] = calibrated[:, index] if len(probabilities) else np.zeros(0, dtype=np.float32)
+        cells[f"prob_{name}"] = calibrated[:, index]
     cells["cell_weight"] = weights
     by_smear = smears.set_index("smear_id")
     cells["smear_score"] = cells["smear_id"].map(by_smear["score"]).astype(float)
