@@ -39,8 +39,9 @@ from tqdm import tqdm
 from smearnet.config import compose_config
 from smearnet.data.decode import load_rgb
 from smearnet.data.upsample import materialise, plan_upsampling
-from smearnet.evaluation.benchmark import device_name
-from smearnet.evaluation.metrics import wilson_interval
+from smearnet.evaluation.benchmark import device_name, markdown_table
+from smearnet.evaluation.metrics import binary_counts, binary_summary
+from smearnet.evaluation.report import interval_text
 from smearnet.io import write_text
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.models.pretraining import pretraining_cells
@@ -87,20 +88,14 @@ def write_new_site(test: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return test.assign(path=paths)
 
 
-def scores(model_dir: Path, cells: pd.DataFrame, positive: str) -> dict:
-    model = load_trained(model_dir)
+def scores(model, cells: pd.DataFrame, positive: str) -> dict:
+    """Positive-class AUC and, at the arg-max call, sensitivity and specificity with Wilson intervals."""
     probabilities = predict_probabilities(model, cells, batch_size=64, progress=False)
-    p_positive = probabilities[:, model.classes.index(positive)]
     truth = (cells["label"] == positive).to_numpy()
     called = np.array(model.classes)[probabilities.argmax(1)] == positive
-    tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
-    return {"auc": float(roc_auc_score(truth, p_positive)), "sens": (tp, int(truth.sum())),
-            "spec": (tn, int((~truth).sum()))}
-
-
-def rate(pair: tuple[int, int]) -> str:
-    low, high = wilson_interval(*pair)
-    return f"{pair[0] / pair[1]:.3f} ({low:.3f}-{high:.3f})"
+    summary = binary_summary(binary_counts(truth, called))
+    return {"auc": float(roc_auc_score(truth, probabilities[:, model.classes.index(positive)])),
+            "sensitivity": interval_text(summary["sensitivity"]), "specificity": interval_text(summary["specificity"])}
 
 
 def main() -> None:
@@ -137,25 +132,22 @@ def main() -> None:
             train_backbone(settings, arm_train, val, work / name / "model", work / name / "ckpt", progress=False,
                            stage="imbalance", sources={"train": "PBC hospital play", "val": "PBC hospital play"})
             seconds = time.perf_counter() - started
-            same, other = scores(work / name / "model", test, args.positive), scores(work / name / "model", shifted,
-                                                                                  args.positive)
-            rows.append({"arm": arm, "seed": seed, "train_cells": len(arm_train), "seconds": seconds,
-                         "same": same, "other": other})
-            print(f"{arm} seed {seed}: AUC {same['auc']:.4f} / new site {other['auc']:.4f}; sensitivity "
-                  f"{rate(same['sens'])} / {rate(other['sens'])}; specificity {rate(same['spec'])} / "
-                  f"{rate(other['spec'])}; {seconds:.0f} s", flush=True)
+            model = load_trained(work / name / "model")
+            same, other = scores(model, test, args.positive), scores(model, shifted, args.positive)
+            row = {"arm": arm, "seed": seed, "training cells": len(arm_train), "AUC": f"{same['auc']:.4f}",
+                   "sensitivity": same["sensitivity"], "specificity": same["specificity"],
+                   "new site: AUC": f"{other['auc']:.4f}", "new site: sensitivity": other["sensitivity"],
+                   "new site: specificity": other["specificity"], "seconds": f"{seconds:.0f}"}
+            rows.append(row)
+            print("; ".join(f"{key} {value}" for key, value in row.items()), flush=True)
     n_neg, n_pos = int((test["label"] == args.negative).sum()), int((test["label"] == args.positive).sum())
     lines = [f"Rare positive cells and a new site ({device_name()}; {time.strftime('%Y-%m-%d')}): PBC {args.negative} "
              f"(negative) vs {args.positive} (positive); {len(train)} training cells ({args.train[1]} positive), "
              f"{len(val)} validation, test {n_neg} negatives + {n_pos} positives, each also re-stained as a new site. "
              f"experiment=finetune recipe, {args.cycles} passes, from "
              f"{'the pretrained weights ' + str(weights) if weights.is_file() else 'random weights'}.", "",
-             "| arm | seed | training cells | AUC | sensitivity | specificity | new site: AUC | sensitivity | "
-             "specificity | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seed']} | {r['train_cells']} | {r['same']['auc']:.4f} | {rate(r['same']['sens'])} | "
-              f"{rate(r['same']['spec'])} | {r['other']['auc']:.4f} | {rate(r['other']['sens'])} | "
-              f"{rate(r['other']['spec'])} | {r['seconds']:.0f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
+             markdown_table(rows, list(rows[0]))]
+    text = "\n".join(lines)
     write_text(text, args.out / "imbalance.md")
     print(text)
 
