@@ -142,7 +142,7 @@ def pseudonyms_in_files_git_would_track(project: Path, env: dict) -> list[str]:
     return hits
 
 
-def assert_one_parent_run_with_nested_stages(tracking_uri: str, experiment_name: str) -> None:
+def assert_one_parent_run_with_nested_stages(tracking_uri: str, experiment_name: str, project: Path) -> None:
     """One pipeline execution is one parent run; each stage that ran is a run nested under it, spanning its
     work; training logs its datasets as inputs with their digests."""
     import mlflow
@@ -172,7 +172,10 @@ def assert_one_parent_run_with_nested_stages(tracking_uri: str, experiment_name:
     inputs = {d.dataset.name: d.dataset.digest for d in train.inputs.dataset_inputs}
     assert {"train", "val"} <= set(inputs) and all(inputs.values())
     evaluate = next(r for r in children if r.data.tags.get("stage") == "evaluate")
-    assert evaluate.info.end_time - evaluate.info.start_time > 500, "the evaluate run spans the stage's work"
+    # The run spans the work: the stage's metrics file (uncached, so DVC leaves it as written) was written while
+    # the run was open. Not a duration: how long the tiny evaluation takes depends on the machine.
+    written_ms = (project / "metrics/cell.json").stat().st_mtime_ns // 1_000_000
+    assert evaluate.info.start_time <= written_ms <= evaluate.info.end_time, "the evaluate run spans its work"
 
 
 @pytest.mark.slow
@@ -222,7 +225,7 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     identifiers = patient_ids(read_table(project / "data/split/manifest.csv"))
     mlflow.set_tracking_uri(pipeline_env["MLFLOW_TRACKING_URI"])
     assert scan_mlflow_for(identifiers, tmp_path / "download") == []
-    assert_one_parent_run_with_nested_stages(pipeline_env["MLFLOW_TRACKING_URI"], experiment)
+    assert_one_parent_run_with_nested_stages(pipeline_env["MLFLOW_TRACKING_URI"], experiment, project)
 
     mlflow.set_tracking_uri(pipeline_env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'evaluate'")
