@@ -16,7 +16,9 @@ def main() -> None:
     # As in train, every DDP rank runs this; rank 0 alone writes (DVC removed the previous output before the run).
     card = pretrain_backbone(settings, Path("models/pretrained") / name, Path("checkpoints/pretrain") / name)
     if card.get("enabled"):
-        print(f"pretrain@{name}: val accuracy {card['val_accuracy']:.4f}, {card['train_seconds']:.0f} s of training "
+        head = "" if card["val_accuracy"] is None else f"val accuracy {card['val_accuracy']:.4f}, "
+        print(f"pretrain@{name} ({card['objective']}): {head}features' k-NN val accuracy "
+              f"{card['knn_val_accuracy']:.4f}, {card['train_seconds']:.0f} s of training "
               f"(model card: models/pretrained/{name}/MODEL_CARD.md)")
 
 

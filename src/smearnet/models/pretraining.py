@@ -1,9 +1,11 @@
 """Cell-domain starting weights (DVC stage `pretrain@<backbone>`).
 
 Where no model hub can be reached every backbone would start from random weights, and a hospital's own dataset is
-small. This stage trains the configured backbone once, supervised, on a class-per-folder collection of cells
-(``pretrain.root``; the PBC set of 8 CellaVision classes under ``experiment=finetune``) and writes its weights
-(safetensors), ``model.json`` and a model card. ``model.<name>.cell_weights`` then points the train stage at
+small. This stage trains the configured backbone once on a class-per-folder collection of cells (``pretrain.root``;
+the PBC set of 8 CellaVision classes under ``experiment=finetune``), supervised on the folder labels, contrastive
+(SimCLR, no labels) or both (``pretrain.train.objective``, smearnet.models.contrastive), and writes its weights
+(safetensors), ``model.json`` and a model card with the validation accuracy of the features' k-NN vote (the one
+figure every objective has). ``model.<name>.cell_weights`` then points the train stage at
 them (`smearnet.models.factory`: the head is reset, and ImageNet weights, when configured, take precedence).
 
 Cells are checked by the ingest checks (undecodable, too small and duplicate files are left out and counted);
@@ -132,6 +134,9 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
     if not metrics:  # a DDP rank other than 0
         return {}
     meta = read_json(out_dir / META_FILE)
+    knn = features_knn_accuracy(out_dir, train, val)
+    # A contrastive run trains no classifier: its head's accuracy means nothing, the features' k-NN accuracy does.
+    supervised = settings.recipe.objective != "contrastive"
     correct = round(metrics["val_accuracy"] * len(val))
     card = {
         "enabled": True, "backbone": settings.backbone, "arch": settings.model["arch"],
@@ -141,9 +146,13 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
                  "cells_per_class": {str(k): int(v) for k, v in cells["label"].value_counts().sort_index().items()},
                  "left_out": left_out, "content_digest": _content_digest(cells)},
         "recipe": settings.recipe.to_dict(), "precision": settings.trainer.precision,
-        "val_accuracy": metrics["val_accuracy"],
-        "val_accuracy_interval": list(wilson_interval(int(correct), len(val))),
-        "val_macro_f1": metrics["val_macro_f1"], "epochs": metrics["epochs"],
+        "objective": settings.recipe.objective,
+        "val_accuracy": metrics["val_accuracy"] if supervised else None,
+        "val_accuracy_interval": list(wilson_interval(int(correct), len(val))) if supervised else None,
+        "val_macro_f1": metrics["val_macro_f1"] if supervised else None,
+        "knn_val_accuracy": knn,
+        "knn_val_accuracy_interval": list(wilson_interval(round(knn * len(val)), len(val))),
+        "epochs": metrics["epochs"],
         "train_seconds": metrics["train_seconds"], "stage_seconds": round(time.perf_counter() - started, 1),
         "device": device_name(), "date": datetime.date.today().isoformat(),
         "mlflow_run_id": meta["mlflow_run_id"], "resumed": metrics["resumed"],
@@ -154,10 +163,29 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
     return card
 
 
+def features_knn_accuracy(model_dir: Path, train: pd.DataFrame, val: pd.DataFrame, k: int = 20) -> float:
+    """Validation accuracy of a k-nearest-neighbour vote over the training cells' features (the classifier's input)
+    of the weights in `model_dir`: one yardstick for supervised and self-supervised features alike."""
+    from smearnet.data.loaders import CellImages
+    from smearnet.models.contrastive import cell_features, knn_accuracy
+    from smearnet.models.inference import load_trained
+
+    model = load_trained(model_dir)
+    train_features, train_targets = cell_features(model.net, CellImages(train, model.classes, model.input_spec))
+    val_features, val_targets = cell_features(model.net, CellImages(val, model.classes, model.input_spec))
+    return knn_accuracy(train_features, train_targets, val_features, val_targets, k=k)
+
+
 def model_card_markdown(card: Mapping[str, Any]) -> str:
     """The model card a reader opens first: what the weights saw, how they were trained, how good they are."""
     data, recipe = card["data"], card["recipe"]
-    low, high = card["val_accuracy_interval"]
+    knn_low, knn_high = card["knn_val_accuracy_interval"]
+    if card["val_accuracy"] is None:
+        head = "- No classifier was trained (`objective: contrastive`, no labels): the k-NN figure is the one to read."
+    else:
+        low, high = card["val_accuracy_interval"]
+        head = (f"- Accuracy {card['val_accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f}) on "
+                f"{data['val_cells']} cells; macro-F1 {card['val_macro_f1']:.4f}; {card['epochs']} epochs.")
     per_class = ", ".join(f"{k} {v}" for k, v in data["cells_per_class"].items())
     left_out = ", ".join(f"{v} {k}" for k, v in data["left_out"].items()) or "none"
     return "\n".join([
@@ -179,10 +207,14 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- {recipe['cycles']} passes, batch {recipe['batch_size']}, {recipe['optimizer']} + {recipe['schedule']}, "
         f"lr {recipe['lr_min']}..{recipe['lr_max']}, weight decay {recipe['weight_decay']}, "
         f"label smoothing {recipe['label_smoothing']}, flips/rotations {recipe['dihedral_augment']}.",
+        f"- Objective {card['objective']}" + ("" if card["objective"] == "supervised" else
+                                              f" (SimCLR NT-Xent, temperature {recipe['contrastive_temperature']}, "
+                                              f"random crops down to {recipe['contrastive_crop']} of the side)") + ".",
         "",
         "## Accuracy (validation cells of the pretraining classes)",
-        f"- Accuracy {card['val_accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f}) on {data['val_cells']} "
-        f"cells; macro-F1 {card['val_macro_f1']:.4f}; {card['epochs']} epochs.",
+        head,
+        f"- Features alone: a 20-nearest-neighbour vote among the training cells' features is right for "
+        f"{card['knn_val_accuracy']:.4f} (95% Wilson interval {knn_low:.4f}-{knn_high:.4f}) of validation cells.",
         f"- Training time {card['train_seconds']:.0f} s (stage {card['stage_seconds']:.0f} s). MLflow run "
         f"`{card['mlflow_run_id']}`.",
         "",

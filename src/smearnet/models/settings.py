@@ -8,6 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from smearnet.config import model_config, plain
+from smearnet.errors import SmearnetError
 from smearnet.data.loaders import StainAugment
 
 
@@ -35,6 +36,9 @@ class TrainRecipe:
     sampler: str = "shuffle"                            # smearnet.models.samplers.SAMPLERS
     class_weights: str = "none"                         # smearnet.models.samplers.CLASS_WEIGHTS
     stain_augment: StainAugment = StainAugment()        # off
+    objective: str = "supervised"                       # smearnet.models.contrastive.OBJECTIVES
+    contrastive_temperature: float = 0.2                # NT-Xent temperature (contrastive, both)
+    contrastive_crop: float = 0.6                       # smallest random crop side, a fraction of the image
 
     @classmethod
     def from_mapping(cls, train: Mapping[str, Any]) -> TrainRecipe:
@@ -42,6 +46,7 @@ class TrainRecipe:
                   for field in fields(cls)}
         return cls(**{**values, "betas": tuple(float(b) for b in values["betas"]), "sampler": str(values["sampler"]),
                       "class_weights": str(values["class_weights"]),
+                      "objective": str(values["objective"]),
                       "stain_augment": StainAugment.from_mapping(values["stain_augment"])})
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,8 +97,13 @@ class TrainSettings:
     def from_params(cls, params: Mapping[str, Any], backbone: str) -> TrainSettings:
         """From the stage's parameters (`smearnet.config.stage_params`, or a composed configuration in tests):
         `seed`, `data.classes`, `model.<backbone>`, the recipe's `train.*` keys, `trainer`, `mlflow`."""
+        recipe = TrainRecipe.from_mapping(params["train"])
+        if recipe.objective == "contrastive":
+            raise SmearnetError("`train.objective=contrastive` trains no classifier, so the train stage has nothing "
+                                "to evaluate.", "use it for cell-domain starting weights "
+                                "(pretrain.train.objective=contrastive); train with supervised or both.")
         return cls(backbone=backbone, model=model_config(params, backbone),
                    classes=tuple(str(name) for name in params["data"]["classes"]),
-                   recipe=TrainRecipe.from_mapping(params["train"]),
+                   recipe=recipe,
                    trainer=TrainerSettings.from_mapping(params["trainer"]), seed=int(params["seed"]),
                    mlflow={key: plain(params["mlflow"][key]) for key in ("tracking_uri", "experiment")})

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from smearnet.errors import SmearnetError
 from smearnet.io import file_sha256
+from smearnet.models.contrastive import OBJECTIVES, TwoViews, hook_features, nt_xent, projection_head, random_resized_crop
 from smearnet.models.factory import build_model
 from smearnet.models.optim import build_optimizer, build_schedule
 from smearnet.models.samplers import loss_class_weights, training_sampler
@@ -58,6 +59,16 @@ class CellClassifier(L.LightningModule):
         self.channels_last = bool(self.train_cfg.get("channels_last", False))
         if self.channels_last:  # NHWC: oneDNN's fast convolution layout on CPU (about 2x with bf16 here)
             self.net = self.net.to(memory_format=torch.channels_last)
+        # `objective` (smearnet.models.contrastive): contrastive and both add a projection head beside the network,
+        # fed by the features its classifier reads (hooked, so one pass gives logits and features).
+        self.objective = str(self.train_cfg.get("objective") or "supervised")
+        if self.objective not in OBJECTIVES:
+            raise SmearnetError(f"`objective` is {self.objective!r}; expected one of {list(OBJECTIVES)}.",
+                                "e.g. pretrain.train.objective=contrastive.")
+        self._features: dict = {}
+        if self.objective != "supervised":
+            classifier, _ = hook_features(self.net, self._features)
+            self.projection = projection_head(classifier.in_features)
         n = len(classes)
         self.train_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
@@ -75,10 +86,31 @@ class CellClassifier(L.LightningModule):
         return torch.nn.functional.cross_entropy(logits, targets, weight=weight,
                                                  label_smoothing=self.loss.label_smoothing)
 
+    def contrastive_loss(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """NT-Xent of the projected features of two views of the same cells."""
+        return nt_xent(self.projection(first), self.projection(second), float(self.train_cfg["contrastive_temperature"]))
+
+    def objective_loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch's loss under the module's objective, and logits to score the batch's cells by.
+
+        Supervised batches are (N, C, H, W); contrastive and both read TwoViews batches, (N, 2, C, H, W), crop each
+        view at random and keep the pairs adjacent."""
+        if self.objective == "supervised":
+            logits = self(images)
+            return self.training_loss(logits, targets), logits
+        views = random_resized_crop(images.flatten(0, 1), float(self.train_cfg["contrastive_crop"]))
+        logits = self(views)
+        features = self._features.pop("features")
+        loss = self.contrastive_loss(features[0::2], features[1::2])
+        if self.objective == "both":
+            loss = loss + self.training_loss(logits, targets.repeat_interleave(2))
+        else:  # the head takes no part: a zero term keeps DDP from waiting for its gradients
+            loss = loss + 0.0 * logits.sum()
+        return loss, logits[0::2]
+
     def training_step(self, batch, batch_idx):
         images, targets = batch
-        logits = self(images)
-        loss = self.training_loss(logits, targets)
+        loss, logits = self.objective_loss(images, targets)
         self.train_accuracy(logits, targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
@@ -90,7 +122,13 @@ class CellClassifier(L.LightningModule):
         logits = self(images)
         self.val_accuracy(logits, targets)
         self.val_macro_f1(logits, targets)
-        self.log("val/loss", self.loss(logits, targets), on_epoch=True, prog_bar=True, sync_dist=True)
+        if self.objective != "contrastive":
+            self.log("val/loss", self.loss(logits, targets), on_epoch=True, prog_bar=True, sync_dist=True)
+        elif len(images) > 1:  # no labels: how well each cell finds its own quarter-turned view among the batch
+            first = self._features.pop("features")
+            self(torch.rot90(images, 1, dims=(2, 3)))
+            loss = self.contrastive_loss(first, self._features.pop("features"))
+            self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True)
         self.log("val/macro_f1", self.val_macro_f1, on_epoch=True)
 
@@ -308,7 +346,8 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     train_images = CellImages(train_manifest, classes, input_spec, cache=cache and workers == 0,
                               dihedral=bool(recipe.dihedral_augment), stain=recipe.stain_augment)
     sampler = training_sampler(recipe.sampler, train_images.targets, seed)
-    train_loader = DataLoader(train_images, batch_size=batch_size, sampler=sampler,
+    train_loader = DataLoader(train_images if recipe.objective == "supervised" else TwoViews(train_images),
+                              batch_size=batch_size, sampler=sampler,
                               num_workers=workers, persistent_workers=workers > 0)
     val_loader = make_loader(val_manifest, classes, input_spec, batch_size=batch_size, shuffle=False,
                              num_workers=workers, cache=cache)
