@@ -1,15 +1,18 @@
 """How much cell-domain pretraining helps a small dataset: pretrain on some PBC classes, fine-tune on the others.
 
     .venv/bin/python benchmarks/transfer.py [--root ../shared/data/pbc] [--held-out lymphocyte monocyte]
-        [--shots 20 50 200] [--pretrain-cycles 10] [--finetune-cycles 30] [--out reports/transfer]
+        [--shots 20 50 200] [--objectives supervised contrastive] [--pretrain-cycles 10] [--finetune-cycles 30]
+        [--pretrain-stain] [--out reports/transfer]
 
 The pretrain stage's own code (`smearnet.models.pretraining`, the `experiment=finetune` recipe and geometry) trains
-resnet18 on every PBC class but the held-out ones. The held-out classes then play a hospital's small dataset: for
-each class the cells are ordered by content digest; the first 200 are the pool the `shots` training cells per class
-come from, the next 100 validate, and the rest (about 700 a class) are the test cells. Each shot count is trained
-twice with the train stage's code (`train_backbone`), from random weights and from the pretrained ones, with one
-fixed recipe chosen before any run (no choice is made on the test cells, which each model sees once). It prints a
-table of test accuracy with 95% Wilson intervals and the times, and writes it to `<out>/transfer.md`.
+resnet18 on every PBC class but the held-out ones, once per pretraining objective (`pretrain.train.objective`:
+supervised on the labels, contrastive = SimCLR without them, or both). The held-out classes then play a hospital's
+small dataset: for each class the cells are ordered by content digest; the first 200 are the pool the `shots`
+training cells per class come from, the next 100 validate, and the rest (about 700 a class) are the test cells.
+Each shot count is trained with the train stage's code (`train_backbone`) from random weights and from each
+pretrained start, with one fixed recipe chosen before any run (no choice is made on the test cells, which each
+model sees once). It prints a table of test accuracy with 95% Wilson intervals and the times, and writes it to
+`<out>/transfer.md`.
 Runs log to MLflow (experiment `transfer`). Time it alone: two jobs on two cores slow each other far more than 2x.
 """
 
@@ -42,9 +45,9 @@ def held_out_splits(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd
 
 
 def fine_tune(base: list[str], shots: int, pool: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame,
-              cell_weights: Path | None, work: Path) -> dict:
+              start: str, cell_weights: Path | None, work: Path) -> dict:
     train = pool.groupby("label").head(shots)
-    name = f"{'pretrained' if cell_weights else 'scratch'}-{shots}"
+    name = f"{start.replace(' ', '-')}-{shots}"
     cfg = compose_config([*base, f"model.resnet18.cell_weights={cell_weights or 'null'}"])
     settings = TrainSettings.from_params(cfg, "resnet18")
     started = time.perf_counter()
@@ -54,7 +57,7 @@ def fine_tune(base: list[str], shots: int, pool: pd.DataFrame, val: pd.DataFrame
     probabilities = predict_probabilities(model, test, batch_size=64, progress=False)
     correct = int((np.array(model.classes)[probabilities.argmax(1)] == test["label"].to_numpy()).sum())
     low, high = wilson_interval(correct, len(test))
-    return {"start": "pretrained" if cell_weights else "scratch", "shots": shots, "val_accuracy": metrics["val_accuracy"],
+    return {"start": start, "shots": shots, "val_accuracy": metrics["val_accuracy"],
             "test_accuracy": correct / len(test), "low": low, "high": high, "test_cells": len(test),
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -64,7 +67,11 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("../shared/data/pbc"))
     parser.add_argument("--held-out", nargs="+", default=["lymphocyte", "monocyte"])
     parser.add_argument("--shots", nargs="+", type=int, default=[20, 50, 200])
+    parser.add_argument("--objectives", nargs="+", default=["supervised", "contrastive"],
+                        choices=["supervised", "contrastive", "both"])
     parser.add_argument("--pretrain-cycles", type=int, default=10)
+    parser.add_argument("--pretrain-stain", action="store_true",
+                        help="colour-jitter the pretraining cells (every objective alike); SimCLR relies on it")
     parser.add_argument("--finetune-cycles", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("reports/transfer"))
     args = parser.parse_args()
@@ -72,26 +79,40 @@ def main() -> None:
     held = ",".join(args.held_out)
     common = ["experiment=finetune", "mlflow.experiment=transfer", f"pretrain.root={args.root}"]
 
-    started = time.perf_counter()
-    pretrain = PretrainSettings.from_params(compose_config([*common, f"pretrain.exclude_classes=[{held}]",
-                                                            f"pretrain.train.cycles={args.pretrain_cycles}"]),
-                                            "resnet18")
-    card = pretrain_backbone(pretrain, work / "pretrained", work / "pretrain-ckpt")
-    pretrain_seconds = time.perf_counter() - started
-    print(f"pretrained on {card['data']['classes']}: val accuracy {card['val_accuracy']:.4f}, {pretrain_seconds:.0f} s")
+    cards, seconds = {}, {}
+    for objective in args.objectives:
+        started = time.perf_counter()
+        pretrain = PretrainSettings.from_params(compose_config([
+            *common, f"pretrain.exclude_classes=[{held}]", f"pretrain.train.cycles={args.pretrain_cycles}",
+            f"pretrain.train.objective={objective}", f"pretrain.train.stain_augment={args.pretrain_stain}"]),
+            "resnet18")
+        cards[objective] = pretrain_backbone(pretrain, work / f"pretrained-{objective}",
+                                             work / f"pretrain-ckpt-{objective}")
+        seconds[objective] = time.perf_counter() - started
+        print(f"pretrained ({objective}) on {cards[objective]['data']['classes']}: features' k-NN val accuracy "
+              f"{cards[objective]['knn_val_accuracy']:.4f}, {seconds[objective]:.0f} s")
 
     cells, _ = pretraining_cells(args.root, args.held_out, [], progress=False)
     pool, val, test = held_out_splits(cells)
     base = [*common, f"data.classes=[{held}]", "train.batch_size=16", f"train.cycles={args.finetune_cycles}"]
-    rows = [fine_tune(base, shots, pool, val, test, weights, work)
-            for shots in args.shots for weights in (None, work / "pretrained" / "weights.safetensors")]
+    starts = [("scratch", None), *((f"{o} pretrained", work / f"pretrained-{o}" / "weights.safetensors")
+                                   for o in args.objectives)]
+    rows = [fine_tune(base, shots, pool, val, test, start, weights, work)
+            for shots in args.shots for start, weights in starts]
+    card = next(iter(cards.values()))
     lines = [f"Transfer to held-out PBC classes {args.held_out} ({device_name()}; {time.strftime('%Y-%m-%d')}).",
              f"Pretraining: resnet18 112 px on {', '.join(card['data']['classes'])} ({card['data']['train_cells']} "
-             f"cells, {args.pretrain_cycles} passes): val accuracy {card['val_accuracy']:.4f}, "
-             f"{card['train_seconds']:.0f} s of training ({pretrain_seconds:.0f} s with checks).",
-             f"Fine-tuning: {args.finetune_cycles} passes, batch 16, the experiment=finetune recipe otherwise; "
-             f"test: {len(test)} held-out cells never used to choose anything.", "",
-             "| cells per class | start | test accuracy (95% CI) | val accuracy | seconds |", "|---|---|---|---|---|"]
+             f"cells, {args.pretrain_cycles} passes, colour jitter {args.pretrain_stain}, "
+             f"{card['data']['val_cells']} validation cells):"]
+    for objective, card in cards.items():
+        head = "" if card["val_accuracy"] is None else f"classifier val accuracy {card['val_accuracy']:.4f}, "
+        low, high = card["knn_val_accuracy_interval"]
+        lines.append(f"- {objective}: {head}features' 20-NN val accuracy {card['knn_val_accuracy']:.4f} "
+                     f"({low:.4f}-{high:.4f}); {card['train_seconds']:.0f} s of training ({seconds[objective]:.0f} s "
+                     "with checks).")
+    lines += [f"Fine-tuning: {args.finetune_cycles} passes, batch 16, the experiment=finetune recipe otherwise; "
+              f"test: {len(test)} held-out cells never used to choose anything.", "",
+              "| cells per class | start | test accuracy (95% CI) | val accuracy | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['shots']} | {r['start']} | {r['test_accuracy']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | "
               f"{r['val_accuracy']:.3f} | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
