@@ -1,5 +1,6 @@
 """Inference engines side by side, in one run: eager fp32 (the reference) against bf16, torch.compile (fp32, bf16,
-PT2E int8) and ONNX Runtime fp32/int8, for one trained model over a fixed number of cells.
+PT2E int8), ONNX Runtime fp32/int8 and OpenVINO (fp32, bf16, NNCF int8), for one trained model over a fixed number
+of cells.
 
     .venv/bin/python benchmarks/inference_engines.py --model-dir models/xception71 --manifest data/split/manifest.csv \
         [--cells 1491] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl@32,...] [--batch-size 8]
@@ -30,7 +31,7 @@ from smearnet.models.inference import calibration_batches, load_trained
 from smearnet.io import read_table, write_text
 
 DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8,compile-int8-cl,"
-                   "compile-int8+bf16-cl")
+                   "compile-int8+bf16-cl,openvino-fp32,openvino-bf16,openvino-int8,openvino-int8+bf16")
 COLUMNS = ["engine", "precision", "channels_last", "batch_size", "images", "build_seconds", "ms_per_image",
            "images_per_second", "speedup", "preprocess_ms_per_image", "peak_memory_mb", "accuracy", "agreement",
            "max_probability_difference"]

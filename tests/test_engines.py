@@ -43,7 +43,9 @@ def _agreement(engine, net, images):
 
 
 @pytest.mark.parametrize("spec", [EngineSpec(precision="bf16", channels_last=True, batch_size=5),
-                                  EngineSpec(engine="onnxruntime", batch_size=7)], ids=lambda s: s.label)
+                                  EngineSpec(engine="onnxruntime", batch_size=7),
+                                  EngineSpec(engine="openvino", batch_size=7),
+                                  EngineSpec(engine="openvino", precision="bf16", batch_size=7)], ids=lambda s: s.label)
 def test_engine_agrees_with_eager_fp32(trained_like, spec, tmp_path):
     net, images, input_spec = trained_like
     agreement, difference = _agreement(build_engine(net, input_spec, spec, cache_dir=tmp_path), net, images)
@@ -53,6 +55,7 @@ def test_engine_agrees_with_eager_fp32(trained_like, spec, tmp_path):
 
 @pytest.mark.parametrize("spec, files", [
     (EngineSpec(engine="onnxruntime", precision="int8", batch_size=8), 2),  # fp32 export + its int8 version
+    (EngineSpec(engine="openvino", precision="int8", batch_size=8), 2),     # fp32 IR + its NNCF int8 version
     pytest.param(EngineSpec(engine="compile", precision="int8", channels_last=True, batch_size=8), 1,
                  marks=pytest.mark.slow),  # the quantised program (Inductor compiles it on the first batch)
 ], ids=lambda v: v.label if isinstance(v, EngineSpec) else None)
@@ -281,4 +284,31 @@ def test_packaged_engine_files_are_loaded_only_when_their_sha256_matches(trained
         build_engine(net, input_spec, int8, cache_dir=tmp_path, packaged_files={program.name: "0" * 64})
     program.unlink()
     with pytest.raises(SmearnetError, match="carries no engine file"):  # never rebuilt where it is served
+        build_engine(net, input_spec, int8, cache_dir=tmp_path, packaged_files={}, calibration=lambda: [images])
+
+
+def test_openvino_ir_is_one_packaged_file_loaded_only_when_its_sha256_matches(trained_like, tmp_path):
+    """model.xml and model.bin travel as one zip: hashed, checked and read from the checked bytes like the other
+    engine files; an int8 IR is never re-quantised where it is served."""
+    import zipfile
+
+    from smearnet.io import file_sha256
+
+    net, images, input_spec = trained_like
+    spec = EngineSpec(engine="openvino", batch_size=8)
+    ir = engine_artifact(net, input_spec, spec, cache_dir=tmp_path, calibration=None)
+    assert ir.name.startswith(weights_digest(net)) and ir.suffix == ".ovz"
+    with zipfile.ZipFile(ir) as archive:
+        assert sorted(archive.namelist()) == ["model.bin", "model.xml"]
+    hashes = {ir.name: file_sha256(ir)}
+    engine = build_engine(net, input_spec, spec, cache_dir=tmp_path, packaged_files=hashes)
+    assert torch.allclose(engine(images), net(images), atol=1e-3)
+
+    data = bytearray(ir.read_bytes())
+    data[-100] ^= 0xFF  # inside the weights
+    ir.write_bytes(bytes(data))
+    with pytest.raises(SmearnetError, match="altered"):
+        build_engine(net, input_spec, spec, cache_dir=tmp_path, packaged_files=hashes)
+    int8 = EngineSpec(engine="openvino", precision="int8", batch_size=8)
+    with pytest.raises(SmearnetError, match="carries no engine file"):
         build_engine(net, input_spec, int8, cache_dir=tmp_path, packaged_files={}, calibration=lambda: [images])

@@ -14,6 +14,12 @@ to float32 logits. Which one runs is configuration (`inference.engine`, `inferen
 - ``onnxruntime``: the network exported to ONNX (RepVGG already re-parameterised by `load_trained`), run by ONNX
   Runtime with full graph optimisation; ``int8`` is ONNX Runtime static quantisation (QDQ, per-channel weights)
   calibrated on training cells.
+- ``openvino``: the network converted to OpenVINO IR (fp32 weights) and compiled for the CPU plugin at the engine's
+  batch size; ``bf16`` is the plugin's inference-precision hint (AMX / AVX-512 BF16 kernels), which fp32 pins to
+  f32 (the plugin would otherwise pick bf16 by itself on such CPUs). ``int8`` is NNCF post-training quantisation of
+  the IR calibrated on training cells; the operations it leaves in floating point run in f32, or in bf16 with
+  ``int8+bf16``. The IR (model.xml + model.bin) is cached as one uncompressed zip, so it is checked, hashed and
+  packaged like the other engine files and loaded from the verified bytes.
 
 Exports and quantised programs are cached under ``cache_dir`` by a hash of the weights, so a model version is
 exported (and calibrated) once; `engine_artifact` names the file a registered version carries.
@@ -52,9 +58,9 @@ from filelock import FileLock
 from smearnet.errors import SmearnetError
 from smearnet.io import atomic_file, file_sha256, stale_partials
 
-ENGINES = ("eager", "compile", "onnxruntime")
+ENGINES = ("eager", "compile", "onnxruntime", "openvino")
 PRECISIONS = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16", "int8", "int8+bf16"),
-              "onnxruntime": ("fp32", "int8")}
+              "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8", "int8+bf16")}
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,8 @@ class EngineSpec:
 
     @property
     def label(self) -> str:
-        return (f"{self.engine}-{self.precision}" + ("-cl" if self.channels_last and self.engine != "onnxruntime" else "")
+        return (f"{self.engine}-{self.precision}"
+                + ("-cl" if self.channels_last and self.engine not in ("onnxruntime", "openvino") else "")
                 + ("-tta" if self.tta else ""))
 
 
@@ -150,6 +157,8 @@ def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *,
         else:
             path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
             data = path.read_bytes()
+    if spec.engine == "openvino":
+        return _openvino_engine(data, input_spec, spec)
     if spec.engine == "onnxruntime":
         session = _ort_session(data)
         input_name = session.get_inputs()[0].name
@@ -185,8 +194,8 @@ def _inductor_freezing(enabled: bool):
 
 
 def runs_from_artifact(spec: EngineSpec) -> bool:
-    """Whether the engine runs from a file made from the weights (an ONNX export, an int8 program)."""
-    return spec.engine == "onnxruntime" or spec.precision.startswith("int8")
+    """Whether the engine runs from a file made from the weights (an ONNX export, OpenVINO IR, an int8 program)."""
+    return spec.engine in ("onnxruntime", "openvino") or spec.precision.startswith("int8")
 
 
 def engine_file_path(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, cache_dir: Path) -> Path:
@@ -195,6 +204,8 @@ def engine_file_path(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec
     height, width = (int(v) for v in input_spec["input_size"])
     if spec.engine == "onnxruntime":
         return _onnx_path(net, (height, width), spec.precision, Path(cache_dir))
+    if spec.engine == "openvino":
+        return _openvino_path(net, (height, width), spec.precision, Path(cache_dir))
     layout = "cl" if spec.channels_last else "nchw"
     return Path(cache_dir) / (f"{weights_digest(net)}-{height}x{width}-b{spec.batch_size}-{layout}"
                               f"-torch{torch.__version__}-torchao{package_version('torchao')}-int8.pt2")
@@ -215,6 +226,13 @@ def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec,
         if spec.precision == "int8":
             _build_once(path, lambda partial: _quantize_int8(fp32_path, partial, _calibration_cells(calibration)),
                         _check_onnx)
+        return path
+    if spec.engine == "openvino":
+        fp32_path = _openvino_path(net, (height, width), "fp32", cache_dir)
+        _build_once(fp32_path, lambda partial: _convert_openvino(net, (height, width), partial), _check_zip)
+        if spec.precision.startswith("int8"):
+            _build_once(path, lambda partial: _quantize_openvino(fp32_path, partial, _calibration_cells(calibration)),
+                        _check_zip)
         return path
     _build_once(path, lambda partial: _quantize_pt2e(net, (height, width), spec, partial,
                                                      _calibration_cells(calibration)), _check_zip)
@@ -281,8 +299,8 @@ def _check_zip(path: Path) -> None:
     except (zipfile.BadZipFile, OSError) as err:
         damaged = str(err)
     if damaged is not None:
-        raise SmearnetError(f"The int8 program {path.name} is unreadable ({damaged}); it was not kept.",
-                            "re-run; if it persists, use inference.engine=onnxruntime with precision int8.")
+        raise SmearnetError(f"The engine file {path.name} is unreadable ({damaged}); it was not kept.",
+                            "re-run; if it persists, use inference.engine=eager.")
 
 
 def _calibration_cells(calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Sequence[torch.Tensor]:
@@ -370,6 +388,84 @@ def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")  # CPU weights: the note is moot
         torch.export.save(program, str(path))
+
+
+def _openvino_path(net: torch.nn.Module, size: tuple[int, int], precision: str, cache_dir: Path) -> Path:
+    """The IR file of `net`: fp32 and bf16 share the fp32 IR (bf16 is a runtime hint), int8 and int8+bf16 the
+    quantised one."""
+    import openvino  # heavy: only OpenVINO engines import it
+
+    weights = "int8" if precision.startswith("int8") else "fp32"
+    return cache_dir / f"{weights_digest(net)}-{size[0]}x{size[1]}-ov{openvino.get_version().split('-')[0]}-{weights}.ovz"
+
+
+def _write_ir(model, path: Path) -> None:
+    """OpenVINO IR as one uncompressed zip of model.xml and model.bin (weights kept in fp32)."""
+    import openvino
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ir-") as folder:
+        xml = Path(folder) / "model.xml"
+        openvino.save_model(model, str(xml), compress_to_fp16=False)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.write(xml, "model.xml")
+            archive.write(xml.with_suffix(".bin"), "model.bin")
+
+
+def _read_ir(data: bytes):
+    """The OpenVINO model in the zip bytes `data` (read from memory: what was checked is what runs)."""
+    import openvino
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        xml, weights = archive.read("model.xml"), archive.read("model.bin")
+    return openvino.Core().read_model(model=xml, weights=openvino.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+
+
+def _convert_openvino(net: torch.nn.Module, size: tuple[int, int], path: Path) -> None:
+    """Convert to OpenVINO IR, from `torch.export` with a dynamic batch axis (the engine fixes the input shape
+    when it compiles)."""
+    import openvino
+
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.export.export(net.float().eval(), (torch.zeros(2, 3, *size),), dynamic_shapes=({0: batch},))
+        model = openvino.convert_model(program)
+    except Exception as err:  # noqa: BLE001 - converter errors come in many types
+        raise SmearnetError(f"Converting the network to OpenVINO failed ({type(err).__name__}: {err}).",
+                            "use inference.engine=eager, compile or onnxruntime for this architecture.") from None
+    _write_ir(model, path)
+
+
+def _quantize_openvino(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Tensor]) -> None:
+    """NNCF post-training int8 of the fp32 IR (per-channel weights, activations observed on `batches`)."""
+    import nncf  # heavy: only int8 OpenVINO engines import it
+
+    model = _read_ir(fp32_path.read_bytes())
+    cells = [b.contiguous().numpy().astype(np.float32) for b in batches]
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(cells), subset_size=len(cells))  # every batch given
+    except Exception as err:  # noqa: BLE001 - quantiser errors come in many types
+        raise SmearnetError(f"Quantising the network with NNCF failed ({type(err).__name__}: {err}).",
+                            "use inference.engine=openvino with precision bf16, or onnxruntime int8.") from None
+    _write_ir(quantized, int8_path)
+
+
+def _openvino_engine(data: bytes, input_spec: Mapping, spec: EngineSpec) -> Engine:
+    """The IR in `data` compiled for the CPU at the engine's batch size (batches are padded to it)."""
+    import openvino
+
+    height, width = (int(v) for v in input_spec["input_size"])
+    model = _read_ir(data)
+    model.reshape([spec.batch_size, 3, height, width])
+    hint = "bf16" if spec.precision in ("bf16", "int8+bf16") else "f32"
+    compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                           "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                           "PERFORMANCE_HINT": "LATENCY"})
+    request, output = compiled.create_infer_request(), compiled.output(0)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(request.infer({0: images.contiguous().numpy()})[output], copy=True))
+
+    return Engine(spec, run, pad_batches=True)
 
 
 def _x86_quantizer():
