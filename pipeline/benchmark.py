@@ -1,12 +1,13 @@
-"""DVC stage `benchmark`: Table 1 over the test split for every trained backbone and inference engine; selects
-the model."""
+"""DVC stage `benchmark`: Table 1 over the validation split for every trained backbone and inference engine;
+selects the model on it. The test split is left to `evaluate`, which measures the selected model on it once."""
 
 from pathlib import Path
 
 import pandas as pd
 
 from smearnet.config import stage_params
-from smearnet.evaluation.benchmark import BenchmarkSettings, benchmark_engines, markdown_table, select_model
+from smearnet.evaluation.benchmark import (BenchmarkSettings, benchmark_engines, markdown_table, select_model,
+                                          selection_cells)
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
 from smearnet.tracking.runs import stage_run
@@ -23,13 +24,11 @@ def main() -> None:
     with stage_run(params.mlflow, "benchmark") as stage:  # opened before the work: the run spans the stage
         settings = BenchmarkSettings.from_params(params.benchmark, params.inference, seed=int(params.seed))
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        test = split_manifest[split_manifest["split"] == "test"]
+        val = selection_cells(split_manifest, settings.max_images)
         train = split_manifest[split_manifest["split"] == "train"]
-        if settings.max_images:
-            test = test.iloc[: settings.max_images]
         rows, chosen_rows = [], []
         for name in params.train.models:
-            model_rows, chosen = benchmark_engines(Path("models") / name, test, train, settings)
+            model_rows, chosen = benchmark_engines(Path("models") / name, val, train, settings)
             rows += model_rows
             chosen_rows.append(chosen)
             for row in model_rows:
@@ -38,12 +37,16 @@ def main() -> None:
         selected, reason = select_model(chosen_rows, settings.select_by)
         out = Path("reports/benchmark")
         write_text(pd.DataFrame(rows).to_csv(index=False), out / "table1.csv")
-        write_text("# Backbone comparison (paper 1, Table 1)\n\n" + markdown_table(rows, COLUMNS)
+        write_text(f"# Backbone comparison (paper 1, Table 1)\n\nOn the {len(val)} validation cells (accuracy, "
+                   "agreement and times; the selected backbone's test figures are the evaluate stage's).\n\n"
+                   + markdown_table(rows, COLUMNS)
                    + f"\nSelected: **{selected}**: {reason} (inference engine "
                    f"{settings.inference.engine}-{settings.inference.precision}).\n", out / "table1.md")
         write_json({"selected": selected, "reason": reason, "rule": settings.select_by}, out / "selection.json")
-        write_json({"selected": selected, "models": {r["model"]: {k: r[k] for k in
-                    ("accuracy", "agreement", "ms_per_image", "peak_memory_mb", "total_seconds")} for r in chosen_rows}},
+        write_json({"selected": selected, "split": "val", "cells": len(val),
+                    "models": {r["model"]: {k: r[k] for k in ("accuracy", "agreement", "ms_per_image",
+                                                               "peak_memory_mb", "total_seconds")}
+                               for r in chosen_rows}},
                    Path("metrics/benchmark.json"))
         row_tags = {key: value for key, value in stage.data.tags.items() if not key.startswith("mlflow.")}
         for row in rows:
@@ -52,7 +55,7 @@ def main() -> None:
                                   nested=True, tags={**row_tags, "backbone": row["model"]}):
                 mlflow.log_params({k: row[k] for k in ("device", "engine", "precision", "channels_last", "input_size",
                                                        "images", "batch_size")})
-                mlflow.log_metrics({f"test/{k}": row[k] for k in ("accuracy", "agreement", "ms_per_image",
+                mlflow.log_metrics({f"val/{k}": row[k] for k in ("accuracy", "agreement", "ms_per_image",
                                                                   "images_per_second", "peak_memory_mb", "total_seconds",
                                                                   "preprocess_ms_per_image", "build_seconds")})
                 mlflow.log_artifacts(str(out), artifact_path="benchmark")

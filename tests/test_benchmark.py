@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import colour_cells
-from smearnet.evaluation.benchmark import PeakMemory, benchmark_model, markdown_table, select_model
+from smearnet.evaluation.benchmark import PeakMemory, benchmark_model, markdown_table, select_model, selection_cells
 from smearnet.errors import SmearnetError
 from smearnet.models.engines import EngineSpec
 from smearnet.models.inference import TrainedModel, with_engine
@@ -55,6 +55,19 @@ def test_selection_highest_accuracy_then_shorter_time():
         select_model([])
     with pytest.raises(SmearnetError, match="select_by"):
         select_model(rows, "fastest")
+
+
+def test_backbones_are_compared_and_selected_on_validation_cells_never_on_test():
+    import pandas as pd
+
+    split = pd.DataFrame({"path": [f"c{i}" for i in range(10)],
+                          "split": ["train", "val", "test", "val", "test", "assessment", "val", "test", "val", "train"]})
+    assert selection_cells(split)["path"].tolist() == ["c1", "c3", "c6", "c8"]
+    assert selection_cells(split, max_images=2)["path"].tolist() == ["c1", "c3"]
+    with pytest.raises(SmearnetError, match="no validation cells"):
+        selection_cells(split[split["split"] != "val"])
+    rows = [{"model": "a", "accuracy": 0.9, "total_seconds": 1.0}, {"model": "b", "accuracy": 0.8, "total_seconds": 1.0}]
+    assert "validation accuracy 0.9000" in select_model(rows)[1]
 
 
 def test_markdown_table_has_header_and_rows():

@@ -62,7 +62,7 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int,
     for these cells), so a slow image pipeline shows.
     """
     if manifest.empty:
-        raise SmearnetError("The benchmark split holds no cells.", "check data/split/manifest.csv (test split).")
+        raise SmearnetError("The benchmark split holds no cells.", "check data/split/manifest.csv (validation split).")
     spec = model.engine.spec if model.engine is not None else EngineSpec()
     targets = np.array([model.classes.index(label) for label in manifest["label"]])
     options = dict(batch_size=spec.batch_size, progress=False)
@@ -114,15 +114,26 @@ def preprocess_seconds(model: TrainedModel, manifest: pd.DataFrame) -> float:
     return time.perf_counter() - start
 
 
+def selection_cells(split_manifest: pd.DataFrame, max_images: int | None = None) -> pd.DataFrame:
+    """The cells the benchmark stage compares backbones and engines on and selects by: the validation split (the
+    first `max_images` of it), never the test split, which the evaluate stage measures the selected model on once."""
+    val = split_manifest[split_manifest["split"] == "val"]
+    if val.empty:
+        raise SmearnetError("The split has no validation cells, and the benchmark compares and selects backbones on "
+                            "them (never on the test split).", "give split.val a share of the patients.")
+    return val.iloc[:max_images] if max_images else val
+
+
 def select_model(rows: Sequence[dict], rule: str = "accuracy_then_time") -> tuple[str, str]:
-    """The paper's choice: highest accuracy, ties broken by shorter time. Returns (name, reason)."""
+    """The paper's choice: highest accuracy, ties broken by shorter time, on the rows' cells (the benchmark stage's
+    are validation cells: a choice is never made on the test split). Returns (name, reason)."""
     if not rows:
         raise SmearnetError("No trained backbone to select from.", "check `train.models` and the train stage.")
     if rule != "accuracy_then_time":
         raise SmearnetError(f"Unknown `benchmark.select_by` rule `{rule}`.", "use `accuracy_then_time`.")
     ranked = sorted(rows, key=lambda r: (-r["accuracy"], r["total_seconds"]))
     best = ranked[0]
-    reason = f"highest test accuracy {best['accuracy']:.4f}"
+    reason = f"highest validation accuracy {best['accuracy']:.4f}"
     if len(ranked) > 1:
         runner = ranked[1]
         if runner["accuracy"] == best["accuracy"]:
@@ -195,7 +206,7 @@ class BenchmarkSettings:
     engines: tuple[EngineSpec, ...] = ()  # `benchmark.engines`: extra rows, each checked like `inference`
     warmup: int = 1
     repeats: int = 2
-    max_images: int | None = None         # None: the whole test split
+    max_images: int | None = None         # None: the whole validation split
     select_by: str = "accuracy_then_time"
     cache_dir: Path | None = None         # `inference.cache_dir`: ONNX exports and int8 programs
     calibration_images: int = 128         # `inference.calibration_images`: int8 only
@@ -227,10 +238,10 @@ class BenchmarkSettings:
         return specs
 
 
-def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame,
+def benchmark_engines(model_dir, cells: pd.DataFrame, train: pd.DataFrame,
                       settings: BenchmarkSettings) -> tuple[list[dict], dict]:
-    """Table 1 rows for one trained model: eager fp32 (the reference), every extra engine and the configured
-    `inference` engine, all in one run so their ratios are meaningful on a noisy machine; int8 engines calibrate on
+    """Table 1 rows for one trained model over `cells`: eager fp32 (the reference), every extra engine and the
+    configured `inference` engine, all in one run so their ratios are meaningful on a noisy machine; int8 engines calibrate on
     `train` cells.
 
     Returns (rows, the configured engine's row). Each row carries `agreement` with eager fp32.
@@ -240,6 +251,6 @@ def benchmark_engines(model_dir, test: pd.DataFrame, train: pd.DataFrame,
     model = load_trained(model_dir)
     specs = settings.specs
     calibration = calibration_batches(model, train, images=settings.calibration_images, seed=settings.seed)
-    rows = benchmark_specs(model, specs, test, warmup=settings.warmup, repeats=settings.repeats,
+    rows = benchmark_specs(model, specs, cells, warmup=settings.warmup, repeats=settings.repeats,
                            cache_dir=settings.cache_dir, calibration=calibration)
     return rows, rows[specs.index(settings.inference)]

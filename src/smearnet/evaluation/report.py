@@ -35,7 +35,7 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
     lines = [
         "# smearnet run report",
         "",
-        "## 1. Backbones (paper Table 1)",
+        "## 1. Backbones (paper Table 1, on the validation cells the selection is made on)",
         "",
         "\n".join(line for line in table1_markdown.splitlines() if line.startswith("|")),
         "",
