@@ -104,6 +104,26 @@ def test_bootstrap_interval_skips_undefined_resamples_and_keeps_strata():
         bootstrap_interval(np.mean, (values, values[:3]))
 
 
+def test_a_cluster_bootstrap_resamples_whole_patients_and_is_as_wide_as_their_number_makes_it():
+    """5 patients of 100 cells, each patient's cells all right or all wrong: every resample holds whole patients,
+    so its accuracy is a multiple of 1/5, and the interval is far wider than the Wilson interval over 500 cells."""
+    from smearnet.evaluation.cells import patient_accuracy_interval
+
+    patients = np.repeat(np.arange(5), 100)
+    correct = np.isin(patients, [0, 1, 2]).astype(float)
+    low, high = bootstrap_interval(np.mean, (correct,), clusters=patients, n_resamples=400)
+    assert {round(low * 5, 9) % 1, round(high * 5, 9) % 1} == {0.0}
+    wilson_low, wilson_high = wilson_interval(300, 500)
+    assert high - low > 3 * (wilson_high - wilson_low)
+    same = bootstrap_interval(np.mean, (correct,), clusters=np.arange(500), n_resamples=400)  # one cell each
+    assert same[1] - same[0] < 1.5 * (wilson_high - wilson_low)
+    with pytest.raises(SmearnetError, match="clusters"):
+        bootstrap_interval(np.mean, (correct,), clusters=patients[:10])
+    y_true = np.zeros(500, dtype=int)
+    summary = patient_accuracy_interval(y_true, 1 - correct.astype(int), patients, confidence=0.95, n_resamples=400)
+    assert summary["value"] == 0.6 and summary["patients"] == 5 and (summary["low"], summary["high"]) == (low, high)
+
+
 CLASSES = ["lymphocyte", "covid_rl", "neutrophil", "monocyte"]  # monocyte absent
 
 

@@ -48,3 +48,11 @@ def test_report_says_how_often_composed_smears_reuse_their_cells():
     text = build_report("| r |\n", {"selected": "r"}, CELL, {**SMEAR, "composed_cell_reuse": reuse})
     assert "The 200 blind smears are composed from 150 distinct cells, each drawn 40.0 times on average (at most 61)" in text
     assert "distinct cells" not in build_report("| r |\n", {"selected": "r"}, CELL, SMEAR)
+
+
+def test_report_gives_the_patient_resampled_interval_when_cells_cluster_in_few_patients():
+    clustered = {**CELL, "accuracy_by_patient": {"value": 0.9, "low": 0.6, "high": 1.0, "patients": 5}}
+    text = build_report("| r |\n", {"selected": "r"}, clustered, SMEAR)
+    assert "come from 5 patients" in text and "0.600-1.000" in text
+    one_each = {**CELL, "accuracy_by_patient": {"value": 0.9, "low": 0.84, "high": 0.95, "patients": 100}}
+    assert "patients" not in build_report("| r |\n", {"selected": "r"}, one_each, SMEAR).split("## 3.")[0]

@@ -11,7 +11,7 @@ import pandas as pd
 
 from smearnet.io import write_text
 from smearnet.models.inference import TrainedModel, predict_probabilities, predictions_table
-from smearnet.evaluation.metrics import cell_metrics, per_site
+from smearnet.evaluation.metrics import bootstrap_interval, cell_metrics, per_site
 from smearnet.evaluation.report import interval_text
 from smearnet.evaluation.plots import confusion_matrix_png
 
@@ -43,9 +43,24 @@ def cell_evaluation(cells: pd.DataFrame, probabilities: np.ndarray, classes: Seq
     names two or more sites, `per_site` (`site_cell_metrics`); with one site (or no `site` column) nothing is added."""
     y_true = class_indices(cells["label"], classes)
     metrics = cell_metrics(y_true, probabilities, list(classes), positive_class, confidence, n_resamples=n_resamples)
+    if "patient_id" in cells.columns:
+        metrics["accuracy_by_patient"] = patient_accuracy_interval(
+            y_true, np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy(), confidence=confidence,
+            n_resamples=n_resamples)
     sites = site_cell_metrics(cells, y_true, probabilities, classes, positive_class, confidence=confidence,
                               n_resamples=n_resamples)
     return {**metrics, "per_site": sites} if sites else metrics
+
+
+def patient_accuracy_interval(y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarray, *, confidence: float,
+                              n_resamples: int) -> dict[str, Any]:
+    """Accuracy with a percentile bootstrap interval that resamples whole patients: a patient's cells are not
+    independent, so with few patients the Wilson interval over cells is too narrow."""
+    correct = (np.asarray(y_true) == np.asarray(y_pred)).astype(float)
+    low, high = bootstrap_interval(np.mean, (correct,), clusters=patients, n_resamples=n_resamples,
+                                   confidence=confidence)
+    return {"value": float(correct.mean()) if len(correct) else float("nan"), "low": low, "high": high,
+            "patients": int(len(np.unique(patients))), "method": "percentile bootstrap over patients"}
 
 
 def site_cell_metrics(cells: pd.DataFrame, y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],

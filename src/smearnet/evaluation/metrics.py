@@ -66,11 +66,15 @@ def bootstrap_interval(
     confidence: float = 0.95,
     seed: int = 0,
     stratify: np.ndarray | None = None,
+    clusters: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(*arrays)``.
 
     Rows are resampled jointly (the same indices for every array).  With ``stratify``,
     rows are resampled within each stratum, so every resample keeps the stratum sizes.
+    With ``clusters`` (e.g. one patient id per cell), whole clusters are resampled with
+    replacement instead of rows: cells of one patient are not independent, and an interval
+    over them should be as wide as the number of patients makes it.
     Resamples where the statistic is nan (undefined) are skipped; if all are skipped the
     interval is ``(nan, nan)``.
     """
@@ -89,7 +93,15 @@ def bootstrap_interval(
     if n_rows == 0:
         return (NAN, NAN)
     rng = np.random.default_rng(seed)
-    if stratify is None:
+    if clusters is not None:
+        clusters = np.asarray(clusters)
+        if stratify is not None or len(clusters) != n_rows:
+            raise SmearnetError(f"clusters needs one entry per row ({n_rows}) and no stratify; got {len(clusters)}.",
+                                "Pass one cluster label (e.g. patient id) per row.")
+        groups = [np.flatnonzero(clusters == value) for value in np.unique(clusters)]
+        draws = rng.integers(0, len(groups), size=(n_resamples, len(groups)))
+        resampled_rows = [np.concatenate([groups[g] for g in draw]) for draw in draws]
+    elif stratify is None:
         strata = [np.arange(n_rows)]
     else:
         stratify = np.asarray(stratify)
@@ -100,10 +112,10 @@ def bootstrap_interval(
             )
         strata = [np.flatnonzero(stratify == value) for value in np.unique(stratify)]
 
-    # one (n_resamples, n_rows) matrix of row indices, drawn within each stratum
-    resampled_rows = np.concatenate(
-        [stratum[rng.integers(0, len(stratum), size=(n_resamples, len(stratum)))] for stratum in strata], axis=1
-    )
+    if clusters is None:  # one (n_resamples, n_rows) matrix of row indices, drawn within each stratum
+        resampled_rows = np.concatenate(
+            [stratum[rng.integers(0, len(stratum), size=(n_resamples, len(stratum)))] for stratum in strata], axis=1
+        )
     values = np.array([statistic(*(column[rows] for column in columns)) for rows in resampled_rows], dtype=float)
     defined = values[np.isfinite(values)]
     if defined.size == 0:

@@ -27,6 +27,17 @@ def interval_text(metric: Mapping | None) -> str:
     return f"{value:.3f} ({low:.3f}-{high:.3f})"
 
 
+def _by_patient(cell: Mapping) -> str:
+    """The accuracy interval that resamples patients, when the cells come from fewer patients than cells."""
+    by_patient = cell.get("accuracy_by_patient")
+    if not by_patient or by_patient.get("patients", 0) >= cell.get("n_cells", 0):
+        return ""
+    low, high = by_patient.get("low"), by_patient.get("high")
+    return (f" The cells come from {by_patient['patients']} patients, and a patient's cells are not independent: "
+            f"resampling whole patients, the accuracy interval is "
+            + ("n/a" if low is None or low != low else f"{low:.3f}-{high:.3f}") + ".")
+
+
 def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear: Mapping) -> str:
     """The run's report as Markdown; image links are relative to the `reports/` folder."""
     summary = smear.get("binary_summary", {})
@@ -44,7 +55,7 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "## 2. Cells (paper Figure 5)",
         "",
         f"Test cells: {cell.get('n_cells')}. Accuracy {interval_text(cell.get('accuracy'))}, "
-        f"macro-F1 {interval_text(cell.get('macro_f1'))} (95% intervals).",
+        f"macro-F1 {interval_text(cell.get('macro_f1'))} (95% intervals over cells)." + _by_patient(cell),
         "",
         f"One-vs-rest with **{positive.get('class')}** as positive:",
         "",
