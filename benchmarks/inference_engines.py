@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from smearnet.evaluation.benchmark import benchmark_specs, markdown_table
-from smearnet.models.engines import EngineSpec, build_engine, engine_spec
+from smearnet.models.engines import EngineSpec, build_engine, parse_engine_label
 from smearnet.models.inference import calibration_batches, load_trained
 from smearnet.io import read_table, write_text
 
@@ -35,14 +35,6 @@ DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,on
 COLUMNS = ["engine", "precision", "channels_last", "batch_size", "images", "build_seconds", "ms_per_image",
            "images_per_second", "speedup", "preprocess_ms_per_image", "peak_memory_mb", "accuracy", "agreement",
            "max_probability_difference"]
-
-
-def parse_engine(text: str, batch_size: int):
-    """`engine-precision[-cl][-tta][@batch]`, e.g. `eager-bf16-cl@32`."""
-    text, _, batch = text.partition("@")
-    parts = text.split("-")
-    return engine_spec({"engine": parts[0], "precision": parts[1], "channels_last": "cl" in parts[2:],
-                        "tta": "tta" in parts[2:], "batch_size": int(batch or batch_size)})
 
 
 def benchmark_cells(manifest: pd.DataFrame, count: int) -> pd.DataFrame:
@@ -181,7 +173,7 @@ def main() -> None:
     calibration = calibration_batches(model, train, images=args.calibration_images)
     print(f"{model.name} ({model.meta['model_cfg']['arch']}) at {model.input_spec['input_size']}, {len(cells)} cells, "
           f"{torch.get_num_threads()} threads", flush=True)
-    specs = [parse_engine(text, args.batch_size) for text in args.engines.split(",")]
+    specs = [parse_engine_label(text, args.batch_size) for text in args.engines.split(",")]
     if not args.no_limit:  # first, in a process no engine has touched yet
         print_limit(model, torch.cat(calibration())[: args.batch_size])
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from smearnet.config import stage_params
+from smearnet.config import plain, stage_params
 from smearnet.evaluation.calibration import CALIBRATION_FILE, fit_temperature, save_calibration, scaled_probabilities
 from smearnet.errors import SmearnetError, run_cli
 from smearnet.evaluation.cells import class_indices
-from smearnet.models.inference import load_for_inference, predictions_table
+from smearnet.models.inference import load_for_inference, resolve_inference, predictions_table
 from smearnet.io import read_table, write_json, write_text
 from smearnet.io import json_safe
 from smearnet.smear.mil import cell_outputs
@@ -47,9 +47,10 @@ def main() -> None:
                                              threshold_rule=str(cfg.smear.threshold_rule),
                                              fixed_threshold=float(cfg.smear.fixed_threshold))
         cell_setting = check_cell_threshold_setting(cfg.smear.cell_threshold)  # a bad value stops before any work
-        selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
+        selection = json.loads(Path("reports/benchmark/selection.json").read_text())
+        selected = selection["selected"]
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        model = load_for_inference(Path("models") / selected, cfg.inference,
+        model = load_for_inference(Path("models") / selected, resolve_inference(plain(cfg.inference), selection),
                                    split_manifest[split_manifest["split"] == "train"], seed=seed)
 
         smears, smears_from = evaluation_smears(split_manifest, cfg.smear.compose, positive_class=positive, seed=seed)

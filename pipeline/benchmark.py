@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 
 from smearnet.config import stage_params
-from smearnet.evaluation.benchmark import (BenchmarkSettings, benchmark_engines, markdown_table, select_model,
-                                          selection_cells)
+from smearnet.evaluation.benchmark import (BenchmarkSettings, benchmark_engines, chosen_inference, markdown_table,
+                                          select_model, selection_cells)
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
 from smearnet.tracking.runs import stage_run
@@ -26,23 +26,28 @@ def main() -> None:
         split_manifest = read_table(Path("data/split/manifest.csv"))
         val = selection_cells(split_manifest, settings.max_images)
         train = split_manifest[split_manifest["split"] == "train"]
-        rows, chosen_rows = [], []
+        rows, chosen_rows, engine_reasons = [], [], {}
         for name in params.train.models:
-            model_rows, chosen = benchmark_engines(Path("models") / name, val, train, settings)
+            model_rows, chosen, why = benchmark_engines(Path("models") / name, val, train, settings)
+            engine_reasons[name] = why
             rows += model_rows
             chosen_rows.append(chosen)
             for row in model_rows:
                 print(f"benchmark {name} {row['engine']}-{row['precision']}: accuracy {row['accuracy']}, "
                       f"agreement {row.get('agreement', 1.0)}, {row['ms_per_image']} ms/image")
         selected, reason = select_model(chosen_rows, settings.select_by)
+        engine = chosen_inference(next(r for r in chosen_rows if r["model"] == selected))
         out = Path("reports/benchmark")
         write_text(pd.DataFrame(rows).to_csv(index=False), out / "table1.csv")
         write_text(f"# Backbone comparison (paper 1, Table 1)\n\nOn the {len(val)} validation cells (accuracy, "
                    "agreement and times; the selected backbone's test figures are the evaluate stage's).\n\n"
                    + markdown_table(rows, COLUMNS)
-                   + f"\nSelected: **{selected}**: {reason} (inference engine "
-                   f"{settings.inference.engine}-{settings.inference.precision}).\n", out / "table1.md")
-        write_json({"selected": selected, "reason": reason, "rule": settings.select_by}, out / "selection.json")
+                   + f"\nSelected: **{selected}**: {reason}.\n\nInference engine: {engine_reasons[selected]}.\n",
+                   out / "table1.md")
+        # `inference` is the engine evaluate, aggregate and register run the model by (and predict and serving,
+        # through the registered serving.json): with inference.engine=auto, the one picked here.
+        write_json({"selected": selected, "reason": reason, "rule": settings.select_by, "inference": engine,
+                    "engine_reason": engine_reasons[selected]}, out / "selection.json")
         write_json({"selected": selected, "split": "val", "cells": len(val),
                     "models": {r["model"]: {k: r[k] for k in ("accuracy", "agreement", "ms_per_image",
                                                                "peak_memory_mb", "total_seconds")}

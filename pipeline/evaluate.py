@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-from smearnet.config import stage_params
+from smearnet.config import plain, stage_params
 from smearnet.errors import run_cli
 from smearnet.evaluation.cells import evaluate_cells
-from smearnet.models.inference import load_for_inference
+from smearnet.models.inference import load_for_inference, resolve_inference
 from smearnet.io import read_table, write_json, write_text
 from smearnet.pseudonyms import id_key
 from smearnet.tracking.runs import flatten_metrics, log_dataset, log_stage_outputs, stage_run
@@ -20,9 +20,10 @@ def main() -> None:
     params = stage_params("evaluate")
     id_key()  # a missing pseudonym key stops the stage before any work
     with stage_run(params.mlflow, "evaluate"):  # opened before the work: the run spans the stage
-        selected = json.loads(Path("reports/benchmark/selection.json").read_text())["selected"]
+        selection = json.loads(Path("reports/benchmark/selection.json").read_text())
+        selected = selection["selected"]
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        model = load_for_inference(Path("models") / selected, params.inference,
+        model = load_for_inference(Path("models") / selected, resolve_inference(plain(params.inference), selection),
                                    split_manifest[split_manifest["split"] == "train"], seed=int(params.seed))
         test = split_manifest[split_manifest["split"] == "test"]
         positive, evaluation = str(params.data.positive_class), params.evaluation

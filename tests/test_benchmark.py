@@ -108,7 +108,67 @@ def test_benchmark_engines_rows_for_one_model(tmp_path):
     cells = colour_cells(tmp_path / "cells", ["red", "green", "blue"] * 3, [f"p{i}" for i in range(9)], size=40)
     settings = BenchmarkSettings.from_params(BENCHMARK, {**INFERENCE, "precision": "fp32", "channels_last": False},
                                              seed=0)
-    rows, chosen = benchmark_engines(model_dir, cells, cells, settings)
+    rows, chosen, reason = benchmark_engines(model_dir, cells, cells, settings)
     assert len(rows) == 1 and chosen is rows[0]  # the configured engine is the eager fp32 reference itself
+    assert reason.startswith("configured")
     assert chosen["engine"] == "eager" and chosen["precision"] == "fp32" and chosen["agreement"] == 1.0
     assert chosen["images"] == 9 and "probabilities" not in chosen
+
+
+def _row(engine, precision, ms, agreement, accuracy, channels_last=False, batch_size=8):
+    return {"model": "m", "engine": engine, "precision": precision, "channels_last": channels_last,
+            "batch_size": batch_size, "tta": False, "images": 400, "ms_per_image": ms, "agreement": agreement,
+            "accuracy": accuracy}
+
+
+def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_says_why():
+    from smearnet.evaluation.benchmark import AutoEngine, chosen_inference, pick_engine
+
+    auto = AutoEngine.from_mapping({"candidates": ["eager-bf16-cl", "openvino-int8", "compile-int8-cl"],
+                                    "min_agreement": 0.995, "max_accuracy_drop": 0.003}, batch_size=8)
+    assert auto.candidates[1] == EngineSpec(engine="openvino", precision="int8", batch_size=8)
+    rows = [_row("eager", "fp32", 10.0, 1.0, 0.950),
+            _row("eager", "bf16", 4.0, 0.998, 0.950, channels_last=True),
+            _row("openvino", "int8", 1.0, 0.990, 0.951),                         # fastest, but disagrees
+            _row("compile", "int8", 2.0, 0.996, 0.946, channels_last=True),      # agrees, loses 0.4 points
+            _row("onnxruntime", "fp32", 0.5, 1.0, 0.950)]                        # not a candidate
+    row, reason = pick_engine(rows, auto)
+    assert (row["engine"], row["precision"]) == ("eager", "bf16")
+    assert "openvino-int8@8 refused (agreement 0.9900" in reason and "compile-int8-cl@8 refused" in reason
+    assert "400 validation cells" in reason
+    assert chosen_inference(row) == {"engine": "eager", "precision": "bf16", "channels_last": True, "batch_size": 8,
+                                     "tta": False}
+    rows[3]["accuracy"] = 0.950  # now kept, and 2x faster than eager bf16
+    assert pick_engine(rows, auto)[0] is rows[3]
+    rows[1]["ms_per_image"] = 2.1  # within 10% of the fastest: the earlier candidate, whatever the timing noise
+    assert pick_engine(rows, auto)[0] is rows[1]
+    rows[1]["agreement"] = rows[3]["agreement"] = 0.99
+    row, reason = pick_engine(rows, auto)
+    assert row is rows[0] and reason.startswith("no candidate kept")
+    with pytest.raises(SmearnetError, match="candidates is empty"):
+        AutoEngine.from_mapping({"candidates": [], "min_agreement": 0.995, "max_accuracy_drop": 0.003}, 8)
+
+
+def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny_model, tmp_path):
+    from smearnet.evaluation.benchmark import BenchmarkSettings, benchmark_engines, chosen_inference
+    from smearnet.models.engines import engine_spec
+    from smearnet.models.inference import resolve_inference, save_trained
+
+    inference = {**INFERENCE, "engine": "auto", "auto": {"candidates": ["eager-bf16-cl", "openvino-fp32"],
+                                                         "min_agreement": 0.0, "max_accuracy_drop": 1.0}}
+    settings = BenchmarkSettings.from_params(BENCHMARK, inference, seed=0)
+    assert settings.specs == [EngineSpec(batch_size=8), EngineSpec(precision="bf16", channels_last=True, batch_size=8),
+                              EngineSpec(engine="openvino", batch_size=8)]
+    save_trained(tiny_model.net, tmp_path / "m", {"name": "tiny", "model_cfg": CFG, "classes": ["a", "b"],
+                                                  "input_spec": tiny_model.input_spec})
+    cells = colour_cells(tmp_path / "cells", ["a", "b"] * 4, [f"p{i}" for i in range(8)], size=64)
+    rows, chosen, reason = benchmark_engines(tmp_path / "m", cells, cells, settings)
+    assert len(rows) == 3 and chosen in rows[1:] and "the fastest" in reason
+    selection = {"selected": "tiny", "inference": chosen_inference(chosen)}
+    resolved = resolve_inference(inference, selection)
+    assert engine_spec(resolved) == settings.specs[1 + rows[1:].index(chosen)]
+    assert resolve_inference(INFERENCE, selection) == INFERENCE  # a configured engine is left as it is
+    with pytest.raises(SmearnetError, match="names no engine"):
+        resolve_inference(inference, {"selected": "tiny"})
+    with pytest.raises(SmearnetError, match="auto"):
+        engine_spec(inference)  # an unresolved auto never runs

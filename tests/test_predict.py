@@ -17,6 +17,7 @@ import torch
 from conftest import colour_cells
 from smearnet.cli import main as smearnet
 from smearnet.errors import SmearnetError
+from smearnet.models.engines import EngineSpec
 from smearnet.serving.predict import collect_cells, load_model, predict_cells
 from workspace import CLASSES, POSITIVE, random_model, write_rule
 
@@ -272,3 +273,19 @@ def test_a_workspace_params_yaml_is_read_once_and_names_the_engine(tmp_path, mon
     assert loaded.model.engine.spec.label == "eager-bf16" and loaded.rule.threshold == 0.125
     assert len(loads) == 1
     assert predict.read_workspace().tracking_uri == "sqlite:///elsewhere.db"
+
+
+def test_a_workspace_with_engine_auto_runs_its_models_by_the_engine_the_benchmark_picked(tmp_path, monkeypatch):
+    model = random_model(tmp_path / "models" / "resnet18", seed=0)
+    write_rule(tmp_path / "reports" / "smear", 0.125)
+    (tmp_path / "params.yaml").write_text("inference: {engine: auto, precision: fp32, batch_size: 4, "
+                                          "auto: {candidates: [eager-bf16], min_agreement: 0.995, "
+                                          "max_accuracy_drop: 0.003}}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SmearnetError, match="names no engine"):  # no benchmark stage has run: nothing to guess
+        load_model(str(model))
+    (tmp_path / "reports" / "benchmark").mkdir(parents=True)
+    (tmp_path / "reports" / "benchmark" / "selection.json").write_text(json.dumps(
+        {"selected": "resnet18", "inference": {"engine": "eager", "precision": "bf16", "channels_last": True,
+                                               "batch_size": 16, "tta": False}}))
+    assert load_model(str(model)).model.engine.spec == EngineSpec(precision="bf16", channels_last=True, batch_size=16)

@@ -85,6 +85,7 @@ def benchmark_model(model: TrainedModel, manifest: pd.DataFrame, *, warmup: int,
         "precision": spec.precision,
         "channels_last": spec.channels_last,
         "batch_size": spec.batch_size,
+        "tta": spec.tta,
         "images": int(len(manifest)),
         "accuracy": round(accuracy, 4),
         "total_seconds": round(total, 3),
@@ -198,6 +199,65 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
 
 
 @dataclass(frozen=True)
+class AutoEngine:
+    """`inference.auto`: with `inference.engine: auto`, the benchmark stage times these engines on the validation
+    cells and the model runs by the fastest that stays close enough to eager fp32 (`pick_engine`)."""
+
+    candidates: tuple[EngineSpec, ...]
+    min_agreement: float = 0.995      # share of cells whose arg-max equals eager fp32's
+    max_accuracy_drop: float = 0.003  # accuracy below eager fp32's, at most
+    time_tolerance: float = 0.1       # engines within this share of the fastest time count as equally fast: the
+                                      # first of them in `candidates` order is taken (timing noise does not flip it)
+
+    @classmethod
+    def from_mapping(cls, auto: Mapping[str, Any], batch_size: int) -> AutoEngine:
+        from smearnet.models.engines import parse_engine_label
+
+        candidates = tuple(parse_engine_label(label, batch_size) for label in auto["candidates"])
+        if not candidates:
+            raise SmearnetError("inference.engine is auto but inference.auto.candidates is empty.",
+                                "list the engines to try, e.g. [eager-bf16-cl, openvino-bf16, compile-int8-cl].")
+        return cls(candidates=candidates, min_agreement=float(auto["min_agreement"]),
+                   max_accuracy_drop=float(auto["max_accuracy_drop"]),
+                   time_tolerance=float(auto.get("time_tolerance", 0.1)))
+
+
+def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
+    """The fastest row among `auto.candidates` whose agreement with the reference (`rows[0]`, eager fp32) and
+    accuracy meet `auto`'s limits (of those within `time_tolerance` of the fastest, the first candidate), with the
+    reason; the reference itself when none does."""
+    reference = rows[0]
+    labelled = {EngineSpec(engine=r["engine"], precision=r["precision"], channels_last=r["channels_last"],
+                           batch_size=r["batch_size"], tta=r.get("tta", False)): r for r in rows}
+    candidates = [labelled[spec] for spec in auto.candidates if spec in labelled]
+    floor = reference["accuracy"] - auto.max_accuracy_drop
+    kept = [r for r in candidates if r["agreement"] >= auto.min_agreement and r["accuracy"] >= floor - 1e-12]
+    limits = (f"agreement with eager fp32 >= {auto.min_agreement:.3f} and accuracy >= {floor:.4f} "
+              f"(eager fp32 {reference['accuracy']:.4f} less {auto.max_accuracy_drop}) on {reference['images']} "
+              "validation cells")
+    refused = "; ".join(f"{_label(r)} refused (agreement {r['agreement']:.4f}, accuracy {r['accuracy']:.4f})"
+                        for r in candidates if r not in kept)
+    if not kept:
+        return reference, f"no candidate kept {limits}, so eager fp32" + (f"; {refused}" if refused else "")
+    fastest = min(r["ms_per_image"] for r in kept)
+    best = next(r for r in kept if r["ms_per_image"] <= fastest * (1 + auto.time_tolerance))  # candidates order
+    others = ", ".join(f"{_label(r)} {r['ms_per_image']} ms" for r in kept if r is not best)
+    return best, (f"{_label(best)}: the fastest, within {auto.time_tolerance:.0%} ({best['ms_per_image']} ms/image, agreement {best['agreement']:.4f}, "
+                  f"accuracy {best['accuracy']:.4f}) of the engines that keep {limits}"
+                  + (f"; also kept: {others}" if others else "") + (f"; {refused}" if refused else ""))
+
+
+def _label(row: Mapping) -> str:
+    return f"{row['engine']}-{row['precision']}" + ("-cl" if row["channels_last"] else "") + f"@{row['batch_size']}"
+
+
+def chosen_inference(row: Mapping) -> dict[str, Any]:
+    """The `inference` keys that name the engine of a Table 1 row (what selection.json records)."""
+    return {"engine": row["engine"], "precision": row["precision"], "channels_last": bool(row["channels_last"]),
+            "batch_size": int(row["batch_size"]), "tta": bool(row.get("tta", False))}
+
+
+@dataclass(frozen=True)
 class BenchmarkSettings:
     """What the benchmark stage reads, parsed once: the configured inference engine (`inference`), the extra
     engines to time beside it and how (`benchmark`), and the seed that draws int8 calibration cells."""
@@ -211,14 +271,20 @@ class BenchmarkSettings:
     cache_dir: Path | None = None         # `inference.cache_dir`: ONNX exports and int8 programs
     calibration_images: int = 128         # `inference.calibration_images`: int8 only
     seed: int = 0
+    auto: AutoEngine | None = None        # `inference.engine: auto`: the engines to pick from and the limits
 
     @classmethod
     def from_params(cls, benchmark: Mapping[str, Any], inference: Mapping[str, Any], *, seed: int) -> BenchmarkSettings:
         """From the `benchmark` and `inference` sections; an extra engine without a batch size takes the configured
         engine's."""
-        from smearnet.models.engines import engine_spec
+        from smearnet.models.engines import AUTO, engine_spec
 
-        configured = engine_spec(inference)
+        auto = None
+        if inference.get("engine") == AUTO:
+            auto = AutoEngine.from_mapping(inference["auto"], int(inference["batch_size"]))
+            configured = auto.candidates[0]
+        else:
+            configured = engine_spec(inference)
         extra = tuple(engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size))
                       for entry in (benchmark.get("engines") or []))
         max_images = benchmark.get("max_images")
@@ -226,25 +292,27 @@ class BenchmarkSettings:
         return cls(inference=configured, engines=extra, warmup=int(benchmark["warmup"]),
                    repeats=int(benchmark["repeats"]), max_images=int(max_images) if max_images else None,
                    select_by=str(benchmark["select_by"]), cache_dir=Path(cache_dir) if cache_dir else None,
-                   calibration_images=int(inference.get("calibration_images", 128)), seed=int(seed))
+                   calibration_images=int(inference.get("calibration_images", 128)), seed=int(seed), auto=auto)
 
     @property
     def specs(self) -> list[EngineSpec]:
-        """The engines timed, in order: eager fp32 (the reference), the extra engines, the configured one."""
+        """The engines timed, in order: eager fp32 (the reference), the extra engines, the configured one (with
+        `auto`: every candidate)."""
         specs = [EngineSpec(batch_size=self.inference.batch_size)]
-        for spec in (*self.engines, self.inference):
+        for spec in (*self.engines, *(self.auto.candidates if self.auto else (self.inference,))):
             if spec not in specs:
                 specs.append(spec)
         return specs
 
 
 def benchmark_engines(model_dir, cells: pd.DataFrame, train: pd.DataFrame,
-                      settings: BenchmarkSettings) -> tuple[list[dict], dict]:
+                      settings: BenchmarkSettings) -> tuple[list[dict], dict, str]:
     """Table 1 rows for one trained model over `cells`: eager fp32 (the reference), every extra engine and the
-    configured `inference` engine, all in one run so their ratios are meaningful on a noisy machine; int8 engines calibrate on
-    `train` cells.
+    configured `inference` engine, all in one run so their ratios are meaningful on a noisy machine; int8 engines
+    calibrate on `train` cells.
 
-    Returns (rows, the configured engine's row). Each row carries `agreement` with eager fp32.
+    Returns (rows, the row of the engine the model runs by, why). Each row carries `agreement` with eager fp32.
+    The engine is the configured one, or with `auto` the one `pick_engine` chose among the candidates.
     """
     from smearnet.models.inference import calibration_batches, load_trained
 
@@ -253,4 +321,6 @@ def benchmark_engines(model_dir, cells: pd.DataFrame, train: pd.DataFrame,
     calibration = calibration_batches(model, train, images=settings.calibration_images, seed=settings.seed)
     rows = benchmark_specs(model, specs, cells, warmup=settings.warmup, repeats=settings.repeats,
                            cache_dir=settings.cache_dir, calibration=calibration)
-    return rows, rows[specs.index(settings.inference)]
+    if settings.auto is not None:
+        return (rows, *pick_engine(rows, settings.auto))
+    return rows, rows[specs.index(settings.inference)], "configured (inference.engine)"

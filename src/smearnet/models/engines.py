@@ -80,6 +80,21 @@ class EngineSpec:
                 + ("-tta" if self.tta else ""))
 
 
+AUTO = "auto"  # inference.engine: auto: the benchmark stage picks per model (smearnet.evaluation.benchmark)
+
+
+def parse_engine_label(text: str, batch_size: int) -> EngineSpec:
+    """An `EngineSpec` from its label, `engine-precision[-cl][-tta][@batch]` (e.g. `compile-int8-cl@16`), checked;
+    without `@batch`, `batch_size`."""
+    text, _, batch = str(text).partition("@")
+    parts = text.split("-")
+    if len(parts) < 2:
+        raise SmearnetError(f"Engine label {text!r} is not engine-precision[-cl][-tta][@batch].",
+                            "e.g. eager-bf16-cl, openvino-int8, compile-int8-cl@16.")
+    return engine_spec({"engine": parts[0], "precision": parts[1], "channels_last": "cl" in parts[2:],
+                        "tta": "tta" in parts[2:], "batch_size": int(batch or batch_size)})
+
+
 def engine_spec(cfg: Mapping | None = None, **overrides) -> EngineSpec:
     """An `EngineSpec` from the `inference` config section (or defaults), checked; `overrides` win."""
     values = {key: (cfg or {}).get(key, default) for key, default in asdict(EngineSpec()).items()}
@@ -87,8 +102,12 @@ def engine_spec(cfg: Mapping | None = None, **overrides) -> EngineSpec:
     spec = EngineSpec(engine=str(values["engine"]), precision=str(values["precision"]),
                       channels_last=bool(values["channels_last"]), batch_size=int(values["batch_size"]),
                       tta=bool(values["tta"]))
+    if spec.engine == AUTO:
+        raise SmearnetError("inference.engine is `auto`, and nothing resolved it to the engine the benchmark stage "
+                            "picked.", "run the benchmark stage (dvc repro) so reports/benchmark/selection.json "
+                            "names the engine, or configure an engine.")
     if spec.engine not in ENGINES:
-        raise SmearnetError(f"Unknown inference.engine `{spec.engine}`.", f"use one of {', '.join(ENGINES)}.")
+        raise SmearnetError(f"Unknown inference.engine `{spec.engine}`.", f"use one of {', '.join(ENGINES)} or auto.")
     if spec.precision not in PRECISIONS[spec.engine]:
         raise SmearnetError(f"inference.precision `{spec.precision}` is not available with engine `{spec.engine}`.",
                             f"use one of {', '.join(PRECISIONS[spec.engine])} with {spec.engine}.")
@@ -396,7 +415,8 @@ def _openvino_path(net: torch.nn.Module, size: tuple[int, int], precision: str, 
     import openvino  # heavy: only OpenVINO engines import it
 
     weights = "int8" if precision.startswith("int8") else "fp32"
-    return cache_dir / f"{weights_digest(net)}-{size[0]}x{size[1]}-ov{openvino.get_version().split('-')[0]}-{weights}.ovz"
+    runtime = openvino.get_version().split("-")[0]
+    return cache_dir / f"{weights_digest(net)}-{size[0]}x{size[1]}-ov{runtime}-{weights}.ovz"
 
 
 def _write_ir(model, path: Path) -> None:

@@ -68,6 +68,20 @@ def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, calibratio
     return {"cache_dir": Path(cache) if cache else None, "calibration": calibration}
 
 
+def resolve_inference(inference_cfg: Mapping, selection: Mapping) -> dict:
+    """The `inference` section with `engine: auto` replaced by the engine the benchmark stage picked for the
+    selected model (`selection`, reports/benchmark/selection.json); any other engine as configured."""
+    from smearnet.models.engines import AUTO
+
+    settings = dict(inference_cfg)
+    if settings.get("engine") != AUTO:
+        return settings
+    if not selection.get("inference"):
+        raise SmearnetError("inference.engine is auto, and reports/benchmark/selection.json names no engine.",
+                            "re-run the benchmark stage (dvc repro).")
+    return {**settings, **selection["inference"]}
+
+
 def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
                        *, seed: int = 0) -> TrainedModel:
     """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training

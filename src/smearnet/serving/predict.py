@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from smearnet.data.decode import IMAGE_SUFFIXES, load_rgb
 from smearnet.errors import SmearnetError
-from smearnet.io import json_safe
-from smearnet.models.inference import SERVING_FILE, TrainedModel, load_trained, read_serving, serving_engine
+from smearnet.io import json_safe, read_json
+from smearnet.models.engines import AUTO
+from smearnet.models.inference import (SERVING_FILE, TrainedModel, load_trained, read_serving, resolve_inference,
+                                       serving_engine)
 from smearnet.serving.batches import classify_in_batches
 from smearnet.smear.calls import call_cells, served_rule
 from smearnet.smear.mil import MILAggregator
@@ -36,6 +38,7 @@ from smearnet.tracking.runs import check_reachable
 
 WORKSPACE_PARAMS = Path("params.yaml")
 WORKSPACE_RULE = Path("reports/smear")
+WORKSPACE_SELECTION = Path("reports/benchmark/selection.json")  # the selected model and, for engine auto, its engine
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file:/")
 
@@ -54,8 +57,12 @@ def read_workspace(params: Path = WORKSPACE_PARAMS) -> Workspace:
     if not Path(params).is_file():
         return Workspace()
     cfg = OmegaConf.to_container(OmegaConf.load(params), resolve=True)
+    inference = cfg.get("inference")
+    if inference and inference.get("engine") == AUTO:  # the engine the benchmark stage picked, as evaluate used
+        selection = Path(params).parent / WORKSPACE_SELECTION
+        inference = resolve_inference(inference, read_json(selection) if selection.is_file() else {})
     return Workspace(tracking_uri=str((cfg.get("mlflow") or {}).get("tracking_uri") or DEFAULT_TRACKING_URI),
-                     inference=cfg.get("inference"))
+                     inference=inference)
 
 
 @dataclass
