@@ -124,8 +124,9 @@ def _row(engine, precision, ms, agreement, accuracy, channels_last=False, batch_
 def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_says_why():
     from smearnet.evaluation.benchmark import AutoEngine, chosen_inference, pick_engine
 
-    auto = AutoEngine.from_mapping({"candidates": ["eager-bf16-cl", "openvino-int8", "compile-int8-cl"],
-                                    "min_agreement": 0.995, "max_accuracy_drop": 0.003}, batch_size=8)
+    auto = AutoEngine.from_mapping({"batch_size": 8, "fidelity": {"min_agreement": 0.995, "max_accuracy_drop": 0.003},
+                                    "auto": {"candidates": ["eager-bf16-cl", "openvino-int8", "compile-int8-cl"],
+                                             "time_tolerance": 0.1}})
     assert auto.candidates[1] == EngineSpec(engine="openvino", precision="int8", batch_size=8)
     rows = [_row("eager", "fp32", 10.0, 1.0, 0.950),
             _row("eager", "bf16", 4.0, 0.998, 0.950, channels_last=True),
@@ -146,7 +147,8 @@ def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_say
     row, reason = pick_engine(rows, auto)
     assert row is rows[0] and reason.startswith("no candidate kept")
     with pytest.raises(SmearnetError, match="candidates is empty"):
-        AutoEngine.from_mapping({"candidates": [], "min_agreement": 0.995, "max_accuracy_drop": 0.003}, 8)
+        AutoEngine.from_mapping({"batch_size": 8, "fidelity": {"min_agreement": 0.995, "max_accuracy_drop": 0.003},
+                                 "auto": {"candidates": [], "time_tolerance": 0.1}})
 
 
 def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny_model, tmp_path):
@@ -155,7 +157,8 @@ def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny
     from smearnet.models.inference import resolve_inference, save_trained
 
     inference = {**INFERENCE, "engine": "auto", "auto": {"candidates": ["eager-bf16-cl", "openvino-fp32"],
-                                                         "min_agreement": 0.0, "max_accuracy_drop": 1.0}}
+                                                         "time_tolerance": 0.1},
+                 "fidelity": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}
     settings = BenchmarkSettings.from_params(BENCHMARK, inference, seed=0)
     assert settings.specs == [EngineSpec(batch_size=8), EngineSpec(precision="bf16", channels_last=True, batch_size=8),
                               EngineSpec(engine="openvino", batch_size=8)]

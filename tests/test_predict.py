@@ -279,8 +279,7 @@ def test_a_workspace_with_engine_auto_runs_its_models_by_the_engine_the_benchmar
     model = random_model(tmp_path / "models" / "resnet18", seed=0)
     write_rule(tmp_path / "reports" / "smear", 0.125)
     (tmp_path / "params.yaml").write_text("inference: {engine: auto, precision: fp32, batch_size: 4, "
-                                          "auto: {candidates: [eager-bf16], min_agreement: 0.995, "
-                                          "max_accuracy_drop: 0.003}}\n")
+                                          "auto: {candidates: [eager-bf16], time_tolerance: 0.1}}\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SmearnetError, match="names no engine"):  # no benchmark stage has run: nothing to guess
         load_model(str(model))

@@ -340,3 +340,35 @@ def test_gate_refuses_a_champion_made_under_another_pseudonym_key():
     with pytest.raises(SmearnetError, match=r"version 3 of m\) was made under pseudonym key key-") as error:
         check_same_pseudonym_key({ID_KEY_FIELD: key_fingerprint(b"another key")}, "m", "3")
     assert "SMEARNET_ID_SALT" in str(error.value)
+
+
+def test_a_quantised_engine_that_changes_the_calls_is_refused_at_registration(tmp_path):
+    """inference.fidelity on the validation cells: an int8 engine whose calls stray from eager fp32 is refused with
+    the measured figures; one that keeps them passes; fp32 and bf16 engines are not checked."""
+    from dataclasses import replace
+
+    from conftest import colour_cells
+    from smearnet.models.engines import Engine, EngineSpec
+    from smearnet.models.inference import load_trained
+    from smearnet.registry.register import refuse_unfaithful_engine
+    from workspace import CLASSES
+
+    reference = load_trained(random_model(tmp_path / "model", seed=0))
+    val = colour_cells(tmp_path / "val", CLASSES * 4, [f"p{i}" for i in range(12)], size=40)
+    val["split"] = "val"
+    inference = {"engine": "compile", "precision": "int8", "fidelity": {"min_agreement": 0.995,
+                                                                        "max_accuracy_drop": 0.003}}
+    int8 = EngineSpec(engine="compile", precision="int8", batch_size=8)
+    faithful = replace(reference, engine=Engine(int8, lambda images: reference.net(images)))
+    measured = refuse_unfaithful_engine(faithful, reference, val, inference, batch_size=8)
+    assert measured["agreement"] == 1.0 and measured["accuracy"] == measured["reference_accuracy"]
+    # An engine whose calls differ from eager fp32's on every cell (the largest logit becomes the smallest).
+    broken = replace(reference, engine=Engine(int8, lambda images: -reference.net(images)))
+    with pytest.raises(SmearnetError, match=r"Refusing to register with the compile-int8 engine: on the 12 "
+                                            r"validation cells it agrees with eager fp32 on 0\.00%"):
+        refuse_unfaithful_engine(broken, reference, val, inference, batch_size=8)
+    assert refuse_unfaithful_engine(reference, reference, val, inference, batch_size=8) is None  # eager fp32
+    bf16 = replace(reference, engine=Engine(EngineSpec(precision="bf16"), lambda images: -reference.net(images)))
+    assert refuse_unfaithful_engine(bf16, reference, val, inference, batch_size=8) is None  # only int8 is checked
+    with pytest.raises(SmearnetError, match="No validation cells"):
+        refuse_unfaithful_engine(broken, reference, val.assign(split="test"), inference, batch_size=8)

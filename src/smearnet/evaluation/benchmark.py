@@ -199,27 +199,49 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
 
 
 @dataclass(frozen=True)
-class AutoEngine:
-    """`inference.auto`: with `inference.engine: auto`, the benchmark stage times these engines on the validation
-    cells and the model runs by the fastest that stays close enough to eager fp32 (`pick_engine`)."""
+class Fidelity:
+    """`inference.fidelity`: how close to eager fp32 an engine must stay on validation cells to run a model (auto
+    picks only among engines that do; register refuses a configured engine that does not)."""
 
-    candidates: tuple[EngineSpec, ...]
     min_agreement: float = 0.995      # share of cells whose arg-max equals eager fp32's
     max_accuracy_drop: float = 0.003  # accuracy below eager fp32's, at most
+
+    @classmethod
+    def from_mapping(cls, fidelity: Mapping[str, Any]) -> Fidelity:
+        return cls(min_agreement=float(fidelity["min_agreement"]),
+                   max_accuracy_drop=float(fidelity["max_accuracy_drop"]))
+
+    def keeps(self, agreement: float, accuracy: float, reference_accuracy: float) -> bool:
+        return agreement >= self.min_agreement and accuracy >= reference_accuracy - self.max_accuracy_drop - 1e-12
+
+    def describe(self, reference_accuracy: float, cells: int) -> str:
+        return (f"agreement with eager fp32 >= {self.min_agreement:.3f} and accuracy >= "
+                f"{reference_accuracy - self.max_accuracy_drop:.4f} (eager fp32 {reference_accuracy:.4f} less "
+                f"{self.max_accuracy_drop}) on {cells} validation cells")
+
+
+@dataclass(frozen=True)
+class AutoEngine:
+    """`inference.auto`: with `inference.engine: auto`, the benchmark stage times these engines on the validation
+    cells and the model runs by the fastest that keeps `fidelity` (`pick_engine`)."""
+
+    candidates: tuple[EngineSpec, ...]
+    fidelity: Fidelity = Fidelity()
     time_tolerance: float = 0.1       # engines within this share of the fastest time count as equally fast: the
                                       # first of them in `candidates` order is taken (timing noise does not flip it)
 
     @classmethod
-    def from_mapping(cls, auto: Mapping[str, Any], batch_size: int) -> AutoEngine:
+    def from_mapping(cls, inference: Mapping[str, Any]) -> AutoEngine:
+        """From the `inference` section: `auto.candidates`, `auto.time_tolerance`, `fidelity`."""
         from smearnet.models.engines import parse_engine_label
 
-        candidates = tuple(parse_engine_label(label, batch_size) for label in auto["candidates"])
+        auto = inference["auto"]
+        candidates = tuple(parse_engine_label(label, int(inference["batch_size"])) for label in auto["candidates"])
         if not candidates:
             raise SmearnetError("inference.engine is auto but inference.auto.candidates is empty.",
                                 "list the engines to try, e.g. [eager-bf16-cl, openvino-bf16, compile-int8-cl].")
-        return cls(candidates=candidates, min_agreement=float(auto["min_agreement"]),
-                   max_accuracy_drop=float(auto["max_accuracy_drop"]),
-                   time_tolerance=float(auto.get("time_tolerance", 0.1)))
+        return cls(candidates=candidates, fidelity=Fidelity.from_mapping(inference["fidelity"]),
+                   time_tolerance=float(auto["time_tolerance"]))
 
 
 def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
@@ -230,11 +252,8 @@ def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
     labelled = {EngineSpec(engine=r["engine"], precision=r["precision"], channels_last=r["channels_last"],
                            batch_size=r["batch_size"], tta=r.get("tta", False)): r for r in rows}
     candidates = [labelled[spec] for spec in auto.candidates if spec in labelled]
-    floor = reference["accuracy"] - auto.max_accuracy_drop
-    kept = [r for r in candidates if r["agreement"] >= auto.min_agreement and r["accuracy"] >= floor - 1e-12]
-    limits = (f"agreement with eager fp32 >= {auto.min_agreement:.3f} and accuracy >= {floor:.4f} "
-              f"(eager fp32 {reference['accuracy']:.4f} less {auto.max_accuracy_drop}) on {reference['images']} "
-              "validation cells")
+    kept = [r for r in candidates if auto.fidelity.keeps(r["agreement"], r["accuracy"], reference["accuracy"])]
+    limits = auto.fidelity.describe(reference["accuracy"], reference["images"])
     refused = "; ".join(f"{_label(r)} refused (agreement {r['agreement']:.4f}, accuracy {r['accuracy']:.4f})"
                         for r in candidates if r not in kept)
     if not kept:
@@ -281,7 +300,7 @@ class BenchmarkSettings:
 
         auto = None
         if inference.get("engine") == AUTO:
-            auto = AutoEngine.from_mapping(inference["auto"], int(inference["batch_size"]))
+            auto = AutoEngine.from_mapping(inference)
             configured = auto.candidates[0]
         else:
             configured = engine_spec(inference)

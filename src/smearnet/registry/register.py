@@ -60,6 +60,43 @@ class RegisterInputs:
     serving_limits: ServingLimits | None = None  # the `serving` config section; None = the defaults
 
 
+def refuse_unfaithful_engine(model: TrainedModel, reference: TrainedModel, split_manifest: pd.DataFrame,
+                             inference: Mapping[str, Any] | None, *, batch_size: int) -> dict[str, float] | None:
+    """Refuse (SmearnetError) to register a model whose int8 engine strays from eager fp32 beyond
+    `inference.fidelity` on the validation cells (disjoint from the training cells int8 calibrates on): a quantised
+    engine that changes the calls is never shipped. Other engines (fp32, bf16: no calibration, and the benchmark
+    table shows their agreement) and a configuration without `fidelity` pass unchecked. Returns the measured
+    agreement and accuracies when checked."""
+    from smearnet.evaluation.benchmark import Fidelity
+    from smearnet.models.engines import EngineSpec
+    from smearnet.models.inference import predict_probabilities
+
+    spec = model.engine.spec if model.engine is not None else EngineSpec()
+    if not inference or not inference.get("fidelity") or not spec.precision.startswith("int8"):
+        return None
+    fidelity = Fidelity.from_mapping(inference["fidelity"])
+    val = split_manifest[split_manifest["split"] == "val"]
+    if val.empty:
+        raise SmearnetError(f"No validation cells to check the {spec.label} engine against eager fp32 on.",
+                            "give split.val a share of the patients, or register with inference.engine=eager "
+                            "and precision fp32.")
+    truth = val["label"].map({name: i for i, name in enumerate(model.classes)}).to_numpy()
+    served = predict_probabilities(model, val, batch_size=batch_size, progress=False).argmax(1)
+    eager = predict_probabilities(reference, val, batch_size=batch_size, progress=False).argmax(1)
+    measured = {"agreement": float((served == eager).mean()), "accuracy": float((served == truth).mean()),
+                "reference_accuracy": float((eager == truth).mean())}
+    if not fidelity.keeps(measured["agreement"], measured["accuracy"], measured["reference_accuracy"]):
+        raise SmearnetError(
+            f"Refusing to register with the {spec.label} engine: on the {len(val)} validation cells it agrees with "
+            f"eager fp32 on {measured['agreement']:.2%} of cells and is {measured['accuracy']:.2%} accurate against "
+            f"eager fp32's {measured['reference_accuracy']:.2%}; inference.fidelity asks for "
+            f"{fidelity.describe(measured['reference_accuracy'], len(val))}.",
+            "use inference.engine=auto (it picks only engines that keep this), or an engine whose row in "
+            "reports/benchmark/table1.md does; relax inference.fidelity only knowingly: calls of uncertain cells "
+            "would change.")
+    return measured
+
+
 def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
     """Log + register the challenger (or reuse its version), run the gate, move aliases; return the decision.
 
@@ -73,7 +110,9 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
     train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
     exports = export_engine_files(model, inputs.inference, train, seed=inputs.seed)
     # Judged on the engine it is served with: the very file packaged with it (int8 is calibrated once, above).
+    reference = model
     model = with_engine(model, engine_spec(inputs.inference), cache_dir=exports[0].parent if exports else None)
+    refuse_unfaithful_engine(model, reference, inputs.split_manifest, inputs.inference, batch_size=inputs.batch_size)
     frozen = frozen_set(inputs.split_manifest, inputs.compose, positive_class=rule.positive_class, seed=inputs.seed,
                         blind_smear_ids=inputs.blind_smear_ids)
     close_abandoned_runs(client, inputs.experiment, inputs.model_name, fingerprint)
