@@ -1,17 +1,19 @@
-"""Inference engines side by side, in one run: eager fp32 (the reference) against bf16, torch.compile (fp32, bf16,
-PT2E int8), ONNX Runtime fp32/int8 and OpenVINO (fp32, bf16, NNCF int8), for one trained model over a fixed number
-of cells.
+"""Inference engines side by side: eager fp32 (the reference) against bf16, torch.compile (fp32, bf16, PT2E int8),
+ONNX Runtime fp32/int8 and OpenVINO (fp32, bf16, NNCF int8), for one trained model over a fixed number of cells.
 
     .venv/bin/python benchmarks/inference_engines.py --model-dir models/xception71 --manifest data/split/manifest.csv \
-        [--cells 1491] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl@32,...] [--batch-size 8]
-        [--threads 1]
+        [--cells 200] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl,...]
+        [--batch-sizes 1,8,16] [--threads 1,2]
 
-Cells are the manifest's test split, topped up from its validation split to ``--cells`` (the paper timed 1,491
-test cells). int8 is calibrated on ``--calibration-images`` training cells. ``--input-size``/``--center-crop``
-run the model at another input than it was trained at (e.g. a network trained at 128 px timed at the paper's
-299 px; its accuracy then says little, the agreement with eager fp32 still does). Each row: build time (export,
-quantisation, compilation), ms/image over the cells (decode + resize included, median of ``--repeats``), the
-image pipeline alone, peak RSS increase, accuracy and agreement with eager fp32. Writes
+Cells are the manifest's test split, topped up from its validation split to ``--cells``; nothing here is chosen
+on them (the pipeline's `inference.engine: auto` chooses on validation cells). Each engine runs in a process of
+its own for each thread count (a 7-engine run in one process peaked at 17.7 GB), at every batch size, and the best
+batch size is reported. int8 is calibrated on ``--calibration-images`` training cells. ``--input-size`` /
+``--center-crop`` run the model at another input than it was trained at (e.g. a network trained at 128 px timed at
+the paper's 299 px; its accuracy then says little, the agreement with eager fp32 still does). Each row: build time
+(export, quantisation, compilation), ms/image over the cells (decode + resize included, median of ``--repeats``),
+the image pipeline alone, the process's peak RSS, accuracy and agreement with eager fp32 (computed once, in the
+parent, with all threads). Name the CPU with every figure: the first line prints it. Writes
 ``reports/benchmarks/inference_engines.{csv,md}``.
 """
 
@@ -25,22 +27,29 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from smearnet.evaluation.benchmark import benchmark_specs, markdown_table
+from smearnet.evaluation.benchmark import benchmark_model, device_name, markdown_table
 from smearnet.models.engines import EngineSpec, build_engine, parse_engine_label
-from smearnet.models.inference import calibration_batches, load_trained
+from smearnet.models.inference import calibration_batches, load_trained, predict_probabilities, with_engine
 from smearnet.io import read_table, write_text
 
 DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8,compile-int8-cl,"
                    "compile-int8+bf16-cl,openvino-fp32,openvino-bf16,openvino-int8,openvino-int8+bf16")
-COLUMNS = ["engine", "precision", "channels_last", "batch_size", "images", "build_seconds", "ms_per_image",
-           "images_per_second", "speedup", "preprocess_ms_per_image", "peak_memory_mb", "accuracy", "agreement",
-           "max_probability_difference"]
+COLUMNS = ["engine", "threads", "batch_size", "images", "build_seconds", "ms_per_image", "images_per_second",
+           "speedup", "preprocess_ms_per_image", "process_peak_rss_mb", "accuracy", "agreement",
+           "max_probability_difference", "batches_tried"]
 
 
 def benchmark_cells(manifest: pd.DataFrame, count: int) -> pd.DataFrame:
-    test = manifest[manifest["split"] == "test"]
-    extra = manifest[manifest["split"] == "val"]
-    return pd.concat([test, extra]).iloc[:count].reset_index(drop=True)
+    """`count` cells spread evenly over the test split, then the validation split (a manifest is often ordered by
+    class: the first rows alone would be one class)."""
+    import numpy as np
+
+    cells = pd.concat([manifest[manifest["split"] == "test"], manifest[manifest["split"] == "val"]])
+    if count >= len(cells):
+        return cells.reset_index(drop=True)
+    test = int((manifest["split"] == "test").sum())
+    pool = cells.iloc[:test] if count <= test else cells
+    return pool.iloc[np.linspace(0, len(pool) - 1, count).round().astype(int)].reset_index(drop=True)
 
 
 def matmul_peak_tflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -140,25 +149,8 @@ def print_limit(model, images: torch.Tensor) -> None:
               f"alone need {dense / rate:.1f} ms/image")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--manifest", type=Path, default=Path("data/split/manifest.csv"))
-    parser.add_argument("--cells", type=int, default=1491)
-    parser.add_argument("--input-size", type=int, default=None)
-    parser.add_argument("--center-crop", type=float, default=None)
-    parser.add_argument("--engines", default=DEFAULT_ENGINES)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--calibration-images", type=int, default=128)
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/engines"))
-    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
-    parser.add_argument("--no-limit", action="store_true", help="skip the per-layer time split and matmul peak")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+def load_model(args) -> tuple:
+    """The trained model (at `--input-size`/`--center-crop` when given), the benchmark cells and the training cells."""
     model = load_trained(args.model_dir)
     if args.input_size or args.center_crop:
         spec = dict(model.input_spec)
@@ -168,27 +160,106 @@ def main() -> None:
             spec["center_crop"] = args.center_crop
         model = replace(model, input_spec=spec)
     manifest = read_table(args.manifest)
-    cells = benchmark_cells(manifest, args.cells)
-    train = manifest[manifest["split"] == "train"]
+    return model, benchmark_cells(manifest, args.cells), manifest[manifest["split"] == "train"]
+
+
+def worker(args) -> None:
+    """One engine at one thread count, in this process alone: a row per batch size, written as JSON lines."""
+    import json
+    import resource
+
+    import numpy as np
+
+    torch.set_num_threads(args.threads)
+    model, cells, train = load_model(args)
     calibration = calibration_batches(model, train, images=args.calibration_images)
+    reference = np.load(args.reference)
+    rows = []
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        spec = parse_engine_label(args.engines, batch_size)
+        start = time.perf_counter()
+        engined = with_engine(model, spec, cache_dir=args.cache_dir, calibration=calibration)
+        engined.logits(torch.zeros(batch_size, 3, *model.input_spec["input_size"]))  # compile / load a session
+        row = benchmark_model(engined, cells, warmup=1, repeats=args.repeats, reference=reference,
+                              build_seconds=time.perf_counter() - start)
+        row.pop("probabilities")
+        rows.append(row)
+        if spec.engine == "compile":
+            torch._dynamo.reset()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_text("".join(json.dumps({**r, "process_peak_rss_mb": round(peak_mb)}) + "\n" for r in rows), args.out_json)
+
+
+def main() -> None:
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, default=Path("data/split/manifest.csv"))
+    parser.add_argument("--cells", type=int, default=200)
+    parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--center-crop", type=float, default=None)
+    parser.add_argument("--engines", default=DEFAULT_ENGINES)
+    parser.add_argument("--batch-sizes", default="1,8,16", help="each engine's best of these is reported")
+    parser.add_argument("--threads", default="1,2", help="intra-op thread counts, each timed separately")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/engines"))
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    parser.add_argument("--no-limit", action="store_true", help="skip the per-layer time split and matmul peak")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out-json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.threads = int(args.threads)
+        return worker(args)
+
+    model, cells, train = load_model(args)
+    labels = args.engines.split(",")
+    [parse_engine_label(label, 1) for label in labels]  # a bad label stops here, before any timing
     print(f"{model.name} ({model.meta['model_cfg']['arch']}) at {model.input_spec['input_size']}, {len(cells)} cells, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    specs = [parse_engine_label(text, args.batch_size) for text in args.engines.split(",")]
-    if not args.no_limit:  # first, in a process no engine has touched yet
-        print_limit(model, torch.cat(calibration())[: args.batch_size])
-
-    def report(row: dict) -> None:
-        print(" | ".join(f"{c}={row.get(c)}" for c in COLUMNS if c != "speedup"), flush=True)
-
-    rows = benchmark_specs(model, specs, cells, warmup=1, repeats=args.repeats, cache_dir=args.cache_dir,
-                           calibration=calibration, on_row=report)
+          f"{device_name()}; each engine x threads in its own process, best of batch {args.batch_sizes}", flush=True)
+    with torch.inference_mode():  # the eager fp32 reference every engine's agreement is measured against
+        reference = predict_probabilities(model, cells, batch_size=16, progress=False)
+    if not args.no_limit:
+        print_limit(model, torch.cat(calibration_batches(model, train, images=16)())[:16])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="smearnet-engines-") as tmp:
+        np.save(Path(tmp) / "reference.npy", reference)
+        common = [sys.executable, __file__, "--worker", "--model-dir", str(args.model_dir), "--manifest",
+                  str(args.manifest), "--cells", str(args.cells), "--batch-sizes", args.batch_sizes,
+                  "--repeats", str(args.repeats), "--calibration-images", str(args.calibration_images),
+                  "--cache-dir", str(args.cache_dir), "--reference", str(Path(tmp) / "reference.npy"),
+                  *(["--input-size", str(args.input_size)] if args.input_size else []),
+                  *(["--center-crop", str(args.center_crop)] if args.center_crop else [])]
+        for label in labels:
+            for threads in args.threads.split(","):
+                out = Path(tmp) / f"{label}-{threads}.jsonl"
+                done = subprocess.run([*common, "--engines", label, "--threads", threads, "--out-json", str(out)],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{label} with {threads} threads failed:\n{done.stderr[-2000:]}", flush=True)
+                    continue
+                tried = [json.loads(line) for line in out.read_text().splitlines()]
+                best = min(tried, key=lambda r: r["ms_per_image"])
+                rows.append({**best, "engine": label.split("@")[0], "threads": int(threads),
+                             "build_seconds": max(r["build_seconds"] for r in tried),  # the first batch size built
+                             "batches_tried": " / ".join(f"{r['batch_size']}: {r['ms_per_image']}" for r in tried)})
+                print(" | ".join(f"{c}={rows[-1].get(c)}" for c in COLUMNS if c != "speedup"), flush=True)
     for row in rows:
-        row["speedup"] = round(rows[0]["ms_per_image"] / row["ms_per_image"], 2)
+        reference_row = next((r for r in rows if r["engine"] == "eager-fp32" and r["threads"] == row["threads"]), row)
+        row["speedup"] = round(reference_row["ms_per_image"] / row["ms_per_image"], 2)
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
     write_text(pd.DataFrame(rows).to_csv(index=False), args.out / "inference_engines.csv")
     write_text(f"# Inference engines: {model.name} at {model.input_spec['input_size']}, {len(cells)} cells, "
-               f"{rows[0]['device']}\n\n" + table, args.out / "inference_engines.md")
+               f"{device_name()}\n\n" + table, args.out / "inference_engines.md")
 
 
 if __name__ == "__main__":
