@@ -9,10 +9,10 @@ from conftest import colour_cells
 from sklearn.metrics import roc_auc_score
 
 from smearnet.errors import SmearnetError
+from smearnet.models.embeddings import cell_embeddings
 from smearnet.models.inference import TrainedModel, predict_probabilities
 from smearnet.smear.mil import (
     MILConfig,
-    cell_embeddings,
     cell_outputs,
     load_mil,
     logit_features,

@@ -13,7 +13,7 @@ starts from it (``model.<name>.cell_weights``) resets the classifier as for supe
 process contrasts the cells of its own batch (negatives are not gathered across processes).
 
 `knn_accuracy` scores features with no head at all (the usual yardstick of self-supervised features), so the
-objectives can be compared on one figure.
+objectives can be compared on one figure. The features are the network's embeddings (`smearnet.models.embeddings`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class TwoViews(Dataset):
 
     def __init__(self, images: Dataset):
         self.images = images
-        self.targets = getattr(images, "targets", None)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -86,31 +85,3 @@ def knn_accuracy(train_features: torch.Tensor, train_targets: torch.Tensor, quer
     votes = torch.zeros(len(query), int(train_targets.max()) + 1)
     votes.scatter_add_(1, train_targets[index], similarity.clamp(min=0))
     return float((votes.argmax(1) == query_targets).float().mean())
-
-
-def hook_features(net: torch.nn.Module, store: dict):
-    """Hook the network's linear classifier (timm's `get_classifier`, lightcnn's too) so that every forward pass
-    also leaves the features it reads in `store["features"]`: one pass gives logits and features. Returns
-    (the classifier, the hook's handle)."""
-    classifier = net.get_classifier() if hasattr(net, "get_classifier") else None
-    if not isinstance(classifier, torch.nn.Linear):
-        raise ValueError(f"{type(net).__name__} has no linear classifier to read features from")
-    handle = classifier.register_forward_hook(lambda module, args, output: store.__setitem__("features", args[0]))
-    return classifier, handle
-
-
-@torch.no_grad()
-def cell_features(net: torch.nn.Module, images: Dataset, *, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features the classifier of `net` reads, for every cell of `images` (as the dataset gives them), and
-    the targets."""
-    store: dict = {}
-    _, handle = hook_features(net.eval(), store)
-    features, targets = [], []
-    try:
-        for batch, target in torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False):
-            net(batch)
-            features.append(store.pop("features").float())
-            targets.append(torch.as_tensor(target))
-    finally:
-        handle.remove()
-    return torch.cat(features), torch.cat(targets)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from smearnet.config import model_config, plain
 from smearnet.data.ingest import validate_manifest
@@ -166,14 +167,17 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
 def features_knn_accuracy(model_dir: Path, train: pd.DataFrame, val: pd.DataFrame, k: int = 20) -> float:
     """Validation accuracy of a k-nearest-neighbour vote over the training cells' features (the classifier's input)
     of the weights in `model_dir`: one yardstick for supervised and self-supervised features alike."""
-    from smearnet.data.loaders import CellImages
-    from smearnet.models.contrastive import cell_features, knn_accuracy
+    from smearnet.models.contrastive import knn_accuracy
+    from smearnet.models.embeddings import cell_embeddings
     from smearnet.models.inference import load_trained
 
     model = load_trained(model_dir)
-    train_features, train_targets = cell_features(model.net, CellImages(train, model.classes, model.input_spec))
-    val_features, val_targets = cell_features(model.net, CellImages(val, model.classes, model.input_spec))
-    return knn_accuracy(train_features, train_targets, val_features, val_targets, k=k)
+
+    def embedded(cells: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.tensor([model.classes.index(label) for label in cells["label"]])
+        return torch.from_numpy(cell_embeddings(model, cells, batch_size=64)), targets
+
+    return knn_accuracy(*embedded(train), *embedded(val), k=k)
 
 
 def model_card_markdown(card: Mapping[str, Any]) -> str:

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from smearnet.errors import SmearnetError
 from smearnet.io import file_sha256
-from smearnet.models.contrastive import OBJECTIVES, TwoViews, hook_features, nt_xent, projection_head, random_resized_crop
+from smearnet.models.contrastive import OBJECTIVES, TwoViews, nt_xent, projection_head, random_resized_crop
+from smearnet.models.embeddings import classifier_layer, logits_and_embeddings
 from smearnet.models.factory import build_model
 from smearnet.models.optim import build_optimizer, build_schedule
 from smearnet.models.samplers import loss_class_weights, training_sampler
@@ -60,24 +61,26 @@ class CellClassifier(L.LightningModule):
         if self.channels_last:  # NHWC: oneDNN's fast convolution layout on CPU (about 2x with bf16 here)
             self.net = self.net.to(memory_format=torch.channels_last)
         # `objective` (smearnet.models.contrastive): contrastive and both add a projection head beside the network,
-        # fed by the features its classifier reads (hooked, so one pass gives logits and features).
+        # fed by the features its classifier reads (smearnet.models.embeddings: one pass gives logits and features).
         self.objective = str(self.train_cfg.get("objective") or "supervised")
         if self.objective not in OBJECTIVES:
             raise SmearnetError(f"`objective` is {self.objective!r}; expected one of {list(OBJECTIVES)}.",
                                 "e.g. pretrain.train.objective=contrastive.")
-        self._features: dict = {}
         if self.objective != "supervised":
-            classifier, _ = hook_features(self.net, self._features)
-            self.projection = projection_head(classifier.in_features)
+            self.projection = projection_head(classifier_layer(self.net).in_features)
         n = len(classes)
         self.train_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=n, average="micro")
         self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(num_classes=n, average="macro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self.net(self._layout(images))
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def logits_and_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_embeddings(self.net, self._layout(images))
 
     def training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with the module's label smoothing, each class weighted by `class_weights` when set
@@ -99,8 +102,7 @@ class CellClassifier(L.LightningModule):
             logits = self(images)
             return self.training_loss(logits, targets), logits
         views = random_resized_crop(images.flatten(0, 1), float(self.train_cfg["contrastive_crop"]))
-        logits = self(views)
-        features = self._features.pop("features")
+        logits, features = self.logits_and_embeddings(views)
         loss = self.contrastive_loss(features[0::2], features[1::2])
         if self.objective == "both":
             loss = loss + self.training_loss(logits, targets.repeat_interleave(2))
@@ -119,16 +121,17 @@ class CellClassifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, targets = batch
-        logits = self(images)
+        if self.objective != "contrastive":
+            logits = self(images)
+            self.log("val/loss", self.loss(logits, targets), on_epoch=True, prog_bar=True, sync_dist=True)
+        else:
+            logits, first = self.logits_and_embeddings(images)
+            if len(images) > 1:  # no labels: how well each cell finds its own quarter-turned view among the batch
+                _, second = self.logits_and_embeddings(torch.rot90(images, 1, dims=(2, 3)))
+                self.log("val/loss", self.contrastive_loss(first, second), on_epoch=True, prog_bar=True,
+                         sync_dist=True)
         self.val_accuracy(logits, targets)
         self.val_macro_f1(logits, targets)
-        if self.objective != "contrastive":
-            self.log("val/loss", self.loss(logits, targets), on_epoch=True, prog_bar=True, sync_dist=True)
-        elif len(images) > 1:  # no labels: how well each cell finds its own quarter-turned view among the batch
-            first = self._features.pop("features")
-            self(torch.rot90(images, 1, dims=(2, 3)))
-            loss = self.contrastive_loss(first, self._features.pop("features"))
-            self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True)
         self.log("val/macro_f1", self.val_macro_f1, on_epoch=True)
 

@@ -17,7 +17,8 @@ import torch
 
 from smearnet.errors import SmearnetError
 from smearnet.models.inference import TrainedModel
-from smearnet.smear.mil import MILAggregator, batch_embeddings
+from smearnet.models.embeddings import batch_embeddings
+from smearnet.smear.mil import MILAggregator
 from smearnet.smear.rule import RULE_FILE, SmearRule, load_rule
 
 

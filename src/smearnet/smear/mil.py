@@ -1,7 +1,7 @@
 """Attention-based multiple-instance learning over frozen cell embeddings (Ilse et al. 2018).
 
 A smear is a bag of cells.  Each cell's embedding (the selected backbone's penultimate
-layer, :func:`cell_embeddings`) is standardised, encoded by a small layer, weighted by a
+layer, `smearnet.models.embeddings`) is standardised, encoded by a small layer, weighted by a
 *gated attention* ``a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))`` and the weighted
 mean is classified: one probability per smear, trained on smear labels only.  The backbone
 stays frozen; the aggregator has a few thousand parameters and trains in seconds on CPU.
@@ -13,7 +13,7 @@ smear score in ``smearnet.smear`` does).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smearnet.errors import SmearnetError
+from smearnet.models.embeddings import batch_embeddings
 from smearnet.models.inference import TrainedModel
 
 MIL_WEIGHTS = "mil.safetensors"
@@ -40,51 +41,6 @@ class CellOutputs:
 
     logits: np.ndarray
     embeddings: np.ndarray
-
-
-def _classifier_layer(net: nn.Module) -> nn.Module:
-    getter = getattr(net, "get_classifier", None)
-    layer = getter() if callable(getter) else getattr(net, "classifier", None)
-    if not isinstance(layer, nn.Module) or isinstance(layer, nn.Identity):
-        raise SmearnetError(
-            f"Cannot find the classifier layer of {type(net).__name__} to read the cell embeddings from.",
-            "Use a timm model (forward_head) or a model with get_classifier() / a `classifier` attribute.",
-        )
-    return layer
-
-
-def _timm_outputs(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
-    """``images -> (logits, pre-logits)`` for a timm-style model (forward_features + forward_head), else None."""
-    forward_features = getattr(net, "forward_features", None)
-    forward_head = getattr(net, "forward_head", None)
-    if not (callable(forward_features) and callable(forward_head)):
-        return None
-
-    def outputs(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = forward_features(images)
-        return forward_head(features), forward_head(features, pre_logits=True)
-
-    return outputs
-
-
-def batch_embeddings(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Penultimate-layer embeddings ``(n, d)`` of a batch, eager fp32.
-
-    timm's ``forward_head(forward_features(x), pre_logits=True)`` (pooled features before the classifier)
-    when the model has ``forward_head``; otherwise the input of the classifier layer, captured by a forward
-    pre-hook during ``net(x)``.
-    """
-    timm_outputs = _timm_outputs(net)
-    if timm_outputs is not None:
-        return timm_outputs(images)[1].float().flatten(1)
-    captured: list[torch.Tensor] = []
-    handle = _classifier_layer(net).register_forward_pre_hook(
-        lambda _module, inputs: captured.append(inputs[0].detach()))
-    try:
-        net(images)
-    finally:
-        handle.remove()
-    return captured[-1].float().flatten(1)
 
 
 @torch.inference_mode()
@@ -113,11 +69,6 @@ def cell_outputs(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int
     stacked = np.concatenate(embedding_chunks) if embedding_chunks else np.zeros((sum(map(len, logits_chunks)), 0),
                                                                                  np.float32)
     return CellOutputs(np.concatenate(logits_chunks), stacked)
-
-
-def cell_embeddings(model: TrainedModel, manifest: pd.DataFrame, *, batch_size: int = 32) -> np.ndarray:
-    """Penultimate-layer embeddings ``(n_cells, d)`` of every row of ``manifest`` (see :func:`cell_outputs`)."""
-    return cell_outputs(model, manifest, batch_size=batch_size).embeddings
 
 
 # --- the aggregator ------------------------------------------------------------------------
