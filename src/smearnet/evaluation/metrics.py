@@ -101,18 +101,17 @@ def bootstrap_interval(
         groups = [np.flatnonzero(clusters == value) for value in np.unique(clusters)]
         draws = rng.integers(0, len(groups), size=(n_resamples, len(groups)))
         resampled_rows = [np.concatenate([groups[g] for g in draw]) for draw in draws]
-    elif stratify is None:
-        strata = [np.arange(n_rows)]
     else:
-        stratify = np.asarray(stratify)
-        if len(stratify) != n_rows:
-            raise SmearnetError(
-                f"stratify has {len(stratify)} entries but the arrays have {n_rows} rows.",
-                "Pass one stratum label per row.",
-            )
-        strata = [np.flatnonzero(stratify == value) for value in np.unique(stratify)]
-
-    if clusters is None:  # one (n_resamples, n_rows) matrix of row indices, drawn within each stratum
+        strata = [np.arange(n_rows)]
+        if stratify is not None:
+            stratify = np.asarray(stratify)
+            if len(stratify) != n_rows:
+                raise SmearnetError(
+                    f"stratify has {len(stratify)} entries but the arrays have {n_rows} rows.",
+                    "Pass one stratum label per row.",
+                )
+            strata = [np.flatnonzero(stratify == value) for value in np.unique(stratify)]
+        # one (n_resamples, n_rows) matrix of row indices, drawn within each stratum
         resampled_rows = np.concatenate(
             [stratum[rng.integers(0, len(stratum), size=(n_resamples, len(stratum)))] for stratum in strata], axis=1
         )
