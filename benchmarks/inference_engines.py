@@ -27,9 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from smearnet.evaluation.benchmark import benchmark_model, device_name, markdown_table
+from smearnet.evaluation.benchmark import benchmark_specs, device_name, markdown_table
 from smearnet.models.engines import EngineSpec, build_engine, parse_engine_label
-from smearnet.models.inference import calibration_batches, load_trained, predict_probabilities, with_engine
+from smearnet.models.inference import calibration_batches, load_trained, predict_probabilities
 from smearnet.io import read_table, write_text
 
 DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8,compile-int8-cl,"
@@ -173,19 +173,9 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     model, cells, train = load_model(args)
     calibration = calibration_batches(model, train, images=args.calibration_images)
-    reference = np.load(args.reference)
-    rows = []
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        spec = parse_engine_label(args.engines, batch_size)
-        start = time.perf_counter()
-        engined = with_engine(model, spec, cache_dir=args.cache_dir, calibration=calibration)
-        engined.logits(torch.zeros(batch_size, 3, *model.input_spec["input_size"]))  # compile / load a session
-        row = benchmark_model(engined, cells, warmup=1, repeats=args.repeats, reference=reference,
-                              build_seconds=time.perf_counter() - start)
-        row.pop("probabilities")
-        rows.append(row)
-        if spec.engine == "compile":
-            torch._dynamo.reset()
+    specs = [parse_engine_label(args.engines, int(batch)) for batch in args.batch_sizes.split(",")]
+    rows = benchmark_specs(model, specs, cells, warmup=1, repeats=args.repeats, cache_dir=args.cache_dir,
+                           calibration=calibration, reference=np.load(args.reference))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_text("".join(json.dumps({**r, "process_peak_rss_mb": round(peak_mb)}) + "\n" for r in rows), args.out_json)
 

@@ -6,7 +6,7 @@ import platform
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,16 +169,17 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *, warmup: int, repeats: int,
-                    cache_dir=None, calibration=None, on_row=None) -> list[dict]:
-    """One row per engine spec over the same cells, in one run; the first spec is the reference the others'
-    `agreement` is measured against (eager fp32 in every caller). `build_seconds` covers export, quantisation or
-    compilation and the first batch; the image pipeline is timed alone once. `on_row(row)` sees each row as done."""
+                    cache_dir=None, calibration=None, on_row=None, reference: np.ndarray | None = None) -> list[dict]:
+    """One row per engine spec over the same cells, in one run; `agreement` is measured against `reference` (eager
+    fp32 probabilities of `cells`) or, without it, against the first spec (eager fp32 in every caller).
+    `build_seconds` covers export, quantisation or compilation and the first batch; the image pipeline is timed
+    alone once. `on_row(row)` sees each row as done."""
     from smearnet.models.inference import with_engine
 
     preprocess_ms = 1000 * preprocess_seconds(model, cells) / len(cells) if len(cells) else 0.0
     warm_batch, _ = next(iter(make_loader(cells.iloc[:1], model.classes, model.input_spec, batch_size=1,
                                           shuffle=False)))
-    rows, reference = [], None
+    rows = []
     for spec in specs:
         start = time.perf_counter()
         engined = with_engine(model, spec, cache_dir=cache_dir, calibration=calibration)
@@ -249,8 +250,7 @@ def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
     accuracy meet `auto`'s limits (of those within `time_tolerance` of the fastest, the first candidate), with the
     reason; the reference itself when none does."""
     reference = rows[0]
-    labelled = {EngineSpec(engine=r["engine"], precision=r["precision"], channels_last=r["channels_last"],
-                           batch_size=r["batch_size"], tta=r.get("tta", False)): r for r in rows}
+    labelled = {row_spec(r): r for r in rows}
     candidates = [labelled[spec] for spec in auto.candidates if spec in labelled]
     kept = [r for r in candidates if auto.fidelity.keeps(r["agreement"], r["accuracy"], reference["accuracy"])]
     limits = auto.fidelity.describe(reference["accuracy"], reference["images"])
@@ -261,19 +261,25 @@ def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
     fastest = min(r["ms_per_image"] for r in kept)
     best = next(r for r in kept if r["ms_per_image"] <= fastest * (1 + auto.time_tolerance))  # candidates order
     others = ", ".join(f"{_label(r)} {r['ms_per_image']} ms" for r in kept if r is not best)
-    return best, (f"{_label(best)}: the fastest, within {auto.time_tolerance:.0%} ({best['ms_per_image']} ms/image, agreement {best['agreement']:.4f}, "
-                  f"accuracy {best['accuracy']:.4f}) of the engines that keep {limits}"
-                  + (f"; also kept: {others}" if others else "") + (f"; {refused}" if refused else ""))
+    return best, (f"{_label(best)}: the fastest, within {auto.time_tolerance:.0%} ({best['ms_per_image']} ms/image, "
+                  f"agreement {best['agreement']:.4f}, accuracy {best['accuracy']:.4f}) of the engines that keep "
+                  f"{limits}" + (f"; also kept: {others}" if others else "") + (f"; {refused}" if refused else ""))
+
+
+def row_spec(row: Mapping) -> EngineSpec:
+    """The engine a Table 1 row was measured with."""
+    return EngineSpec(engine=row["engine"], precision=row["precision"], channels_last=bool(row["channels_last"]),
+                      batch_size=int(row["batch_size"]), tta=bool(row.get("tta", False)))
 
 
 def _label(row: Mapping) -> str:
-    return f"{row['engine']}-{row['precision']}" + ("-cl" if row["channels_last"] else "") + f"@{row['batch_size']}"
+    spec = row_spec(row)
+    return f"{spec.label}@{spec.batch_size}"
 
 
 def chosen_inference(row: Mapping) -> dict[str, Any]:
     """The `inference` keys that name the engine of a Table 1 row (what selection.json records)."""
-    return {"engine": row["engine"], "precision": row["precision"], "channels_last": bool(row["channels_last"]),
-            "batch_size": int(row["batch_size"]), "tta": bool(row.get("tta", False))}
+    return asdict(row_spec(row))
 
 
 @dataclass(frozen=True)
