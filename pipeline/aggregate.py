@@ -12,7 +12,6 @@
    cells (`evaluation_cells.csv`) go to the smear stage, which fixes the threshold and measures the rule.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from smearnet.config import plain, stage_params
 from smearnet.evaluation.calibration import CALIBRATION_FILE, fit_temperature, save_calibration, scaled_probabilities
 from smearnet.errors import SmearnetError, run_cli
 from smearnet.evaluation.cells import class_indices
-from smearnet.models.inference import load_for_inference, resolve_inference, predictions_table
+from smearnet.models.inference import load_for_inference, selected_model, predictions_table
 from smearnet.io import read_table, write_json, write_text
 from smearnet.io import json_safe
 from smearnet.smear.mil import cell_outputs
@@ -47,10 +46,9 @@ def main() -> None:
                                              threshold_rule=str(cfg.smear.threshold_rule),
                                              fixed_threshold=float(cfg.smear.fixed_threshold))
         cell_setting = check_cell_threshold_setting(cfg.smear.cell_threshold)  # a bad value stops before any work
-        selection = json.loads(Path("reports/benchmark/selection.json").read_text())
-        selected = selection["selected"]
+        selected, inference = selected_model(plain(cfg.inference), Path("reports/benchmark/selection.json"))
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        model = load_for_inference(Path("models") / selected, resolve_inference(plain(cfg.inference), selection),
+        model = load_for_inference(Path("models") / selected, inference,
                                    split_manifest[split_manifest["split"] == "train"], seed=seed)
 
         smears, smears_from = evaluation_smears(split_manifest, cfg.smear.compose, positive_class=positive, seed=seed)

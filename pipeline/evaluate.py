@@ -1,12 +1,11 @@
 """DVC stage `evaluate`: cell-level metrics of the selected backbone on the test split."""
 
-import json
 from pathlib import Path
 
 from smearnet.config import plain, stage_params
 from smearnet.errors import run_cli
 from smearnet.evaluation.cells import evaluate_cells
-from smearnet.models.inference import load_for_inference, resolve_inference
+from smearnet.models.inference import load_for_inference, selected_model
 from smearnet.io import read_table, write_json, write_text
 from smearnet.pseudonyms import id_key
 from smearnet.tracking.runs import flatten_metrics, log_dataset, log_stage_outputs, stage_run
@@ -20,10 +19,9 @@ def main() -> None:
     params = stage_params("evaluate")
     id_key()  # a missing pseudonym key stops the stage before any work
     with stage_run(params.mlflow, "evaluate"):  # opened before the work: the run spans the stage
-        selection = json.loads(Path("reports/benchmark/selection.json").read_text())
-        selected = selection["selected"]
+        selected, inference = selected_model(plain(params.inference), Path("reports/benchmark/selection.json"))
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        model = load_for_inference(Path("models") / selected, resolve_inference(plain(params.inference), selection),
+        model = load_for_inference(Path("models") / selected, inference,
                                    split_manifest[split_manifest["split"] == "train"], seed=int(params.seed))
         test = split_manifest[split_manifest["split"] == "test"]
         positive, evaluation = str(params.data.positive_class), params.evaluation

@@ -9,7 +9,7 @@ from smearnet.io import json_safe, read_table, write_json, write_text
 from smearnet.registry.gate import GATE_METRICS, PromotionCriteria, decision_markdown
 from smearnet.serving.requests import ServingLimits
 from smearnet.registry.provenance import dvc_revision_tags
-from smearnet.models.inference import resolve_inference
+from smearnet.models.inference import selected_model
 from smearnet.registry.register import RegisterInputs, register_and_gate
 from smearnet.pseudonyms import id_key
 from smearnet.tracking.runs import extend_parent_run, setup_mlflow, stage_tags
@@ -20,8 +20,7 @@ RULE = Path("reports/smear")  # the rule the smear stage measured: packaged with
 
 def main() -> None:
     params = stage_params("register")
-    selection = json.loads(Path("reports/benchmark/selection.json").read_text())
-    selected = selection["selected"]
+    selected, inference = selected_model(plain(params.inference), Path("reports/benchmark/selection.json"))
     registry = params.registry
     model_name = registered_model_name(registry, params.data)
     id_key()  # a missing pseudonym key stops the stage before any work
@@ -37,7 +36,7 @@ def main() -> None:
         split_manifest=read_table(Path("data/split/manifest.csv")), compose=plain(params.smear.compose),
         blind_smear_ids=blind, batch_size=int(params.evaluation.batch_size),
         confidence=float(params.evaluation.confidence), n_resamples=int(params.smear.bootstrap_resamples),
-        seed=int(params.seed), extra_tags=tags, inference=resolve_inference(plain(params.inference), selection),
+        seed=int(params.seed), extra_tags=tags, inference=inference,
         serving_limits=ServingLimits.from_config(plain(params.serving))))
     extend_parent_run(tags["mlflow.parentRunId"])
     write_json(json_safe(decision), OUT / "decision.json")

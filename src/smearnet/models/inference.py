@@ -82,6 +82,13 @@ def resolve_inference(inference_cfg: Mapping, selection: Mapping) -> dict:
     return {**settings, **selection["inference"]}
 
 
+def selected_model(inference_cfg: Mapping, selection_file: Path) -> tuple[str, dict]:
+    """The backbone the benchmark stage selected (`selection_file`, its selection.json) and the `inference`
+    section to run it by (`resolve_inference`: with `engine: auto`, the engine picked for it)."""
+    selection = read_json(Path(selection_file))
+    return str(selection["selected"]), resolve_inference(inference_cfg, selection)
+
+
 def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
                        *, seed: int = 0) -> TrainedModel:
     """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training

@@ -68,6 +68,7 @@ def refuse_unfaithful_engine(model: TrainedModel, reference: TrainedModel, split
     table shows their agreement) and a configuration without `fidelity` pass unchecked. Returns the measured
     agreement and accuracies when checked."""
     from smearnet.evaluation.benchmark import Fidelity
+    from smearnet.evaluation.cells import class_indices
     from smearnet.models.engines import EngineSpec
     from smearnet.models.inference import predict_probabilities
 
@@ -80,7 +81,7 @@ def refuse_unfaithful_engine(model: TrainedModel, reference: TrainedModel, split
         raise SmearnetError(f"No validation cells to check the {spec.label} engine against eager fp32 on.",
                             "give split.val a share of the patients, or register with inference.engine=eager "
                             "and precision fp32.")
-    truth = val["label"].map({name: i for i, name in enumerate(model.classes)}).to_numpy()
+    truth = class_indices(val["label"], model.classes)
     served = predict_probabilities(model, val, batch_size=batch_size, progress=False).argmax(1)
     eager = predict_probabilities(reference, val, batch_size=batch_size, progress=False).argmax(1)
     measured = {"agreement": float((served == eager).mean()), "accuracy": float((served == truth).mean()),
