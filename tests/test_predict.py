@@ -256,16 +256,22 @@ def test_predict_refuses_a_packaged_engine_file_that_was_altered(tmp_path, smear
     assert "Refusing to load engine file" in capsys.readouterr().err
 
 
+def _workspace(root: Path, params_yaml: str, monkeypatch) -> Path:
+    """A pipeline workspace with a train-stage model, its measured rule and `params_yaml`; the working directory."""
+    model = random_model(root / "models" / "resnet18", seed=0)
+    write_rule(root / "reports" / "smear", 0.125)
+    (root / "params.yaml").write_text(params_yaml)
+    monkeypatch.chdir(root)
+    return model
+
+
 def test_a_workspace_params_yaml_is_read_once_and_names_the_engine(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from smearnet.serving import predict
 
-    model = random_model(tmp_path / "models" / "resnet18", seed=0)
-    write_rule(tmp_path / "reports" / "smear", 0.125)
-    (tmp_path / "params.yaml").write_text("mlflow: {tracking_uri: 'sqlite:///elsewhere.db'}\n"
-                                          "inference: {engine: eager, precision: bf16, batch_size: 4}\n")
-    monkeypatch.chdir(tmp_path)
+    model = _workspace(tmp_path, "mlflow: {tracking_uri: 'sqlite:///elsewhere.db'}\n"
+                                 "inference: {engine: eager, precision: bf16, batch_size: 4}\n", monkeypatch)
     loads = []
     monkeypatch.setattr(predict.OmegaConf, "load", lambda *a, **k: loads.append(a) or OmegaConf.create(
         (tmp_path / "params.yaml").read_text()))
@@ -276,11 +282,8 @@ def test_a_workspace_params_yaml_is_read_once_and_names_the_engine(tmp_path, mon
 
 
 def test_a_workspace_with_engine_auto_runs_its_models_by_the_engine_the_benchmark_picked(tmp_path, monkeypatch):
-    model = random_model(tmp_path / "models" / "resnet18", seed=0)
-    write_rule(tmp_path / "reports" / "smear", 0.125)
-    (tmp_path / "params.yaml").write_text("inference: {engine: auto, precision: fp32, batch_size: 4, "
-                                          "auto: {candidates: [eager-bf16], time_tolerance: 0.1}}\n")
-    monkeypatch.chdir(tmp_path)
+    model = _workspace(tmp_path, "inference: {engine: auto, precision: fp32, batch_size: 4, "
+                                 "auto: {candidates: [eager-bf16], time_tolerance: 0.1}}\n", monkeypatch)
     with pytest.raises(SmearnetError, match="names no engine"):  # no benchmark stage has run: nothing to guess
         load_model(str(model))
     (tmp_path / "reports" / "benchmark").mkdir(parents=True)
