@@ -48,8 +48,7 @@ def main() -> None:
         cell_setting = check_cell_threshold_setting(cfg.smear.cell_threshold)  # a bad value stops before any work
         selected, inference = selected_model(plain(cfg.inference), Path("reports/benchmark/selection.json"))
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        model = load_for_inference(Path("models") / selected, inference,
-                                   split_manifest[split_manifest["split"] == "train"], seed=seed)
+        model = load_for_inference(Path("models") / selected, split_manifest, inference, seed=seed)
 
         smears, smears_from = evaluation_smears(split_manifest, cfg.smear.compose, positive_class=positive, seed=seed)
         development_splits = ["val", "test"] if smears_from == "assessment cohort" else ["val"]

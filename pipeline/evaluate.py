@@ -21,8 +21,7 @@ def main() -> None:
     with stage_run(params.mlflow, "evaluate"):  # opened before the work: the run spans the stage
         selected, inference = selected_model(plain(params.inference), Path("reports/benchmark/selection.json"))
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        model = load_for_inference(Path("models") / selected, inference,
-                                   split_manifest[split_manifest["split"] == "train"], seed=int(params.seed))
+        model = load_for_inference(Path("models") / selected, split_manifest, inference, seed=int(params.seed))
         test = split_manifest[split_manifest["split"] == "test"]
         positive, evaluation = str(params.data.positive_class), params.evaluation
         metrics, table = evaluate_cells(model, test, positive, batch_size=int(evaluation.batch_size),

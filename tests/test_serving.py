@@ -390,3 +390,40 @@ def test_a_served_version_whose_engine_file_was_altered_does_not_load(tmp_path, 
     engine_file.write_bytes(engine_file.read_bytes()[:-1] + b"\0")
     with pytest.raises(SmearnetError, match="sha256 .* serving.json records, so it was altered"):
         mlflow.pyfunc.load_model(str(local))
+
+
+@pytest.mark.slow  # NNCF's accuracy control validates the int8 network on the validation cells
+def test_an_accuracy_controlled_openvino_version_is_served_from_the_file_named_by_its_loss(tmp_path):
+    """Register's path for OpenVINO int8: quantised under the loss `inference.fidelity` allows, on validation
+    cells; serving.json records that loss, so the served version finds (and checks) the very file it was packaged
+    with, and runs it as register measured it."""
+    import torch
+
+    from smearnet.models.engines import engine_spec
+    from smearnet.models.inference import (ACCURACY_CONTROL_KEY, load_trained, read_serving, serving_engine,
+                                           with_engine, accuracy_control)
+    from smearnet.registry.package import export_engine_files, package_model, serving_config
+    from smearnet.smear import load_rule
+    from workspace import random_model
+
+    model_dir = random_model(tmp_path / "resnet18", seed=0)
+    rule_dir = write_rule(tmp_path / "rule", 0.25)
+    cells = colour_cells(tmp_path / "cells", CLASSES * 6, [f"p{i}" for i in range(len(CLASSES) * 6)], size=40)
+    cells["split"] = (["train"] * 2 + ["val"]) * (len(cells) // 3)
+    inference = {"engine": "openvino", "precision": "int8", "batch_size": 4, "calibration_images": 8,
+                 "accuracy_control_images": 8, "cache_dir": str(tmp_path / "cache"),
+                 "fidelity": {"min_agreement": 0.995, "max_accuracy_drop": 0.003}}
+    model = load_trained(model_dir)
+    [export] = export_engine_files(model, inference, cells)
+    assert export.name.endswith("-int8-ac0.003.ovz")
+    serving = serving_config(model.meta, load_rule(rule_dir)[0], inference)
+    assert serving["inference"][ACCURACY_CONTROL_KEY] == pytest.approx(0.003)
+    assert ACCURACY_CONTROL_KEY not in serving_config(model.meta, load_rule(rule_dir)[0],
+                                                      {**inference, "precision": "bf16"})["inference"]
+    packaged = package_model(model_dir, serving, tmp_path / "package", engine_files=[export], rule_dir=rule_dir)
+    served = serving_engine(load_trained(packaged), read_serving(packaged), packaged)
+    measured = with_engine(model, engine_spec(inference), cache_dir=export.parent,
+                           accuracy_control=accuracy_control(model, inference))
+    images = torch.rand(6, 3, *model.input_spec["input_size"])
+    assert served.engine.spec.precision == "int8"
+    assert torch.equal(served.logits(images), measured.logits(images))

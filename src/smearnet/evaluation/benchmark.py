@@ -17,7 +17,7 @@ import torch
 
 from smearnet.data.loaders import make_loader
 from smearnet.errors import SmearnetError
-from smearnet.models.engines import EngineSpec
+from smearnet.models.engines import EngineSpec, Fidelity
 from smearnet.models.inference import TrainedModel, predict_probabilities
 
 
@@ -169,7 +169,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *, warmup: int, repeats: int,
-                    cache_dir=None, calibration=None, on_row=None, reference: np.ndarray | None = None) -> list[dict]:
+                    cache_dir=None, calibration=None, accuracy_control=None, on_row=None,
+                    reference: np.ndarray | None = None) -> list[dict]:
     """One row per engine spec over the same cells, in one run; `agreement` is measured against `reference` (eager
     fp32 probabilities of `cells`) or, without it, against the first spec (eager fp32 in every caller).
     `build_seconds` covers export, quantisation or compilation and the first batch; the image pipeline is timed
@@ -182,7 +183,8 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
     rows = []
     for spec in specs:
         start = time.perf_counter()
-        engined = with_engine(model, spec, cache_dir=cache_dir, calibration=calibration)
+        engined = with_engine(model, spec, cache_dir=cache_dir, calibration=calibration,
+                              accuracy_control=accuracy_control)
         engined.logits(warm_batch.expand(spec.batch_size, -1, -1, -1).contiguous())  # compile / load a session
         row = benchmark_model(engined, cells, warmup=warmup, repeats=repeats, reference=reference,
                               build_seconds=time.perf_counter() - start, preprocess_ms=preprocess_ms)
@@ -197,28 +199,6 @@ def benchmark_specs(model: TrainedModel, specs: Sequence, cells: pd.DataFrame, *
         if on_row is not None:
             on_row(row)
     return rows
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """`inference.fidelity`: how close to eager fp32 an engine must stay on validation cells to run a model (auto
-    picks only among engines that do; register refuses a configured engine that does not)."""
-
-    min_agreement: float = 0.995      # share of cells whose arg-max equals eager fp32's
-    max_accuracy_drop: float = 0.003  # accuracy below eager fp32's, at most
-
-    @classmethod
-    def from_mapping(cls, fidelity: Mapping[str, Any]) -> Fidelity:
-        return cls(min_agreement=float(fidelity["min_agreement"]),
-                   max_accuracy_drop=float(fidelity["max_accuracy_drop"]))
-
-    def keeps(self, agreement: float, accuracy: float, reference_accuracy: float) -> bool:
-        return agreement >= self.min_agreement and accuracy >= reference_accuracy - self.max_accuracy_drop - 1e-12
-
-    def describe(self, reference_accuracy: float, cells: int) -> str:
-        return (f"agreement with eager fp32 >= {self.min_agreement:.3f} and accuracy >= "
-                f"{reference_accuracy - self.max_accuracy_drop:.4f} (eager fp32 {reference_accuracy:.4f} less "
-                f"{self.max_accuracy_drop}) on {cells} validation cells")
 
 
 @dataclass(frozen=True)
@@ -297,6 +277,8 @@ class BenchmarkSettings:
     calibration_images: int = 128         # `inference.calibration_images`: int8 only
     seed: int = 0
     auto: AutoEngine | None = None        # `inference.engine: auto`: the engines to pick from and the limits
+    accuracy_control_images: int = 0      # `inference.accuracy_control_images`: OpenVINO int8's validation cells
+    fidelity: Fidelity = Fidelity()       # `inference.fidelity`: the loss OpenVINO int8 is quantised under
 
     @classmethod
     def from_params(cls, benchmark: Mapping[str, Any], inference: Mapping[str, Any], *, seed: int) -> BenchmarkSettings:
@@ -317,7 +299,9 @@ class BenchmarkSettings:
         return cls(inference=configured, engines=extra, warmup=int(benchmark["warmup"]),
                    repeats=int(benchmark["repeats"]), max_images=int(max_images) if max_images else None,
                    select_by=str(benchmark["select_by"]), cache_dir=Path(cache_dir) if cache_dir else None,
-                   calibration_images=int(inference.get("calibration_images", 128)), seed=int(seed), auto=auto)
+                   calibration_images=int(inference.get("calibration_images", 128)), seed=int(seed), auto=auto,
+                   accuracy_control_images=int(inference.get("accuracy_control_images") or 0),
+                   fidelity=Fidelity.from_mapping(inference["fidelity"]) if inference.get("fidelity") else Fidelity())
 
     @property
     def specs(self) -> list[EngineSpec]:
@@ -337,15 +321,22 @@ def benchmark_engines(model_dir, cells: pd.DataFrame, train: pd.DataFrame,
     calibrate on `train` cells.
 
     Returns (rows, the row of the engine the model runs by, why). Each row carries `agreement` with eager fp32.
-    The engine is the configured one, or with `auto` the one `pick_engine` chose among the candidates.
+    The engine is the configured one, or with `auto` the one `pick_engine` chose among the candidates. OpenVINO
+    int8 is quantised under accuracy control on `cells` when `accuracy_control_images` > 0.
     """
+    from smearnet.models.engines import AccuracyControl
     from smearnet.models.inference import calibration_batches, load_trained
 
     model = load_trained(model_dir)
     specs = settings.specs
     calibration = calibration_batches(model, train, images=settings.calibration_images, seed=settings.seed)
+    control = None
+    if settings.accuracy_control_images > 0:
+        control = AccuracyControl(settings.fidelity.max_agreement_drop,
+                                  calibration_batches(model, cells, images=settings.accuracy_control_images,
+                                                      seed=settings.seed))
     rows = benchmark_specs(model, specs, cells, warmup=settings.warmup, repeats=settings.repeats,
-                           cache_dir=settings.cache_dir, calibration=calibration)
+                           cache_dir=settings.cache_dir, calibration=calibration, accuracy_control=control)
     if settings.auto is not None:
         return (rows, *pick_engine(rows, settings.auto))
     return rows, rows[specs.index(settings.inference)], "configured (inference.engine)"

@@ -18,8 +18,12 @@ to float32 logits. Which one runs is configuration (`inference.engine`, `inferen
   batch size; ``bf16`` is the plugin's inference-precision hint (AMX / AVX-512 BF16 kernels), which fp32 pins to
   f32 (the plugin would otherwise pick bf16 by itself on such CPUs). ``int8`` is NNCF post-training quantisation of
   the IR calibrated on training cells; the operations it leaves in floating point run in f32, or in bf16 with
-  ``int8+bf16``. The IR (model.xml + model.bin) is cached as one uncompressed zip, so it is checked, hashed and
-  packaged like the other engine files and loaded from the verified bytes.
+  ``int8+bf16``. With `AccuracyControl` (the pipeline's default, `inference.accuracy_control_images`) it is NNCF's
+  quantisation with accuracy control: on validation cells (disjoint from the calibration cells) the layers whose
+  quantisation changes the most calls are put back in floating point, one at a time, until the int8 network agrees
+  with eager fp32 within the stated loss (`Fidelity.max_agreement_drop`). The IR (model.xml + model.bin) is cached
+  as one uncompressed zip, so it is checked, hashed and packaged like the other engine files and loaded from the
+  verified bytes.
 
 Exports and quantised programs are cached under ``cache_dir`` by a hash of the weights, so a model version is
 exported (and calibrated) once; `engine_artifact` names the file a registered version carries.
@@ -47,7 +51,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -78,6 +82,52 @@ class EngineSpec:
         return (f"{self.engine}-{self.precision}"
                 + ("-cl" if self.channels_last and self.engine not in ("onnxruntime", "openvino") else "")
                 + ("-tta" if self.tta else ""))
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """`inference.fidelity`: how close to eager fp32 an engine must stay on validation cells to run a model (auto
+    picks only among engines that do; register refuses a configured engine that does not; OpenVINO int8 with
+    accuracy control is quantised to keep it)."""
+
+    min_agreement: float = 0.995      # share of cells whose arg-max equals eager fp32's
+    max_accuracy_drop: float = 0.003  # accuracy below eager fp32's, at most
+
+    @classmethod
+    def from_mapping(cls, fidelity: Mapping) -> Fidelity:
+        return cls(min_agreement=float(fidelity["min_agreement"]),
+                   max_accuracy_drop=float(fidelity["max_accuracy_drop"]))
+
+    def keeps(self, agreement: float, accuracy: float, reference_accuracy: float) -> bool:
+        return agreement >= self.min_agreement and accuracy >= reference_accuracy - self.max_accuracy_drop - 1e-12
+
+    @property
+    def max_agreement_drop(self) -> float:
+        """The share of cells an engine may call differently from eager fp32 and still keep both limits: a cell
+        called differently moves accuracy by at most that cell, so agreement >= 1 - this keeps the accuracy limit
+        too."""
+        return min(1.0 - self.min_agreement, self.max_accuracy_drop)
+
+    def describe(self, reference_accuracy: float, cells: int) -> str:
+        return (f"agreement with eager fp32 >= {self.min_agreement:.3f} and accuracy >= "
+                f"{reference_accuracy - self.max_accuracy_drop:.4f} (eager fp32 {reference_accuracy:.4f} less "
+                f"{self.max_accuracy_drop}) on {cells} validation cells")
+
+
+@dataclass(frozen=True)
+class AccuracyControl:
+    """int8 quantised under a stated loss (OpenVINO: NNCF's `quantize_with_accuracy_control`): agreement with eager
+    fp32 on `cells` may fall at most `max_drop` below the floating-point network's; the layers that break it stay in
+    floating point. `cells` gives batches of validation cells (never the training cells int8 calibrates on); None
+    when the file must already exist (a packaged or cached engine)."""
+
+    max_drop: float
+    cells: Callable[[], Sequence[torch.Tensor]] | None = field(default=None, compare=False)
+
+    @property
+    def tag(self) -> str:
+        """What the engine file's name carries, so files quantised under another loss are never mixed up."""
+        return f"ac{self.max_drop:g}"
 
 
 AUTO = "auto"  # inference.engine: auto: the benchmark stage picks per model (smearnet.evaluation.benchmark)
@@ -160,10 +210,12 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
 
 def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None = None,
                  calibration: Callable[[], Sequence[torch.Tensor]] | None = None,
+                 accuracy_control: AccuracyControl | None = None,
                  packaged_files: Mapping[str, str] | None = None) -> Engine:
     """An engine running `net` (in eval mode) as `spec` says.
 
     `calibration` returns batches of preprocessed training cells; only int8 needs it (once per cached model).
+    `accuracy_control` quantises OpenVINO int8 under a stated loss on validation cells (other engines ignore it).
     `cache_dir` keeps ONNX exports and quantised programs between runs (a temporary folder when None).
     `packaged_files` (file name -> sha256, from a model version's serving.json) makes `cache_dir` the version's
     packaged engine folder: the engine file must be listed there and match its hash, and is never built.
@@ -172,9 +224,11 @@ def build_engine(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *,
     data = b""
     if runs_from_artifact(spec):
         if packaged_files is not None:
-            data = read_packaged_file(engine_file_path(net, input_spec, spec, cache_dir), packaged_files)
+            data = read_packaged_file(engine_file_path(net, input_spec, spec, cache_dir, accuracy_control),
+                                      packaged_files)
         else:
-            path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration)
+            path = engine_artifact(net, input_spec, spec, cache_dir=cache_dir, calibration=calibration,
+                                   accuracy_control=accuracy_control)
             data = path.read_bytes()
     if spec.engine == "openvino":
         return _openvino_engine(data, input_spec, spec)
@@ -217,28 +271,35 @@ def runs_from_artifact(spec: EngineSpec) -> bool:
     return spec.engine in ("onnxruntime", "openvino") or spec.precision.startswith("int8")
 
 
-def engine_file_path(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, cache_dir: Path) -> Path:
-    """Where the engine's file (see `engine_artifact`) lives in `cache_dir`: named by the weights, the input size
-    and the runtime versions, so a file is never used by a runtime it was not made for."""
+def engine_file_path(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, cache_dir: Path,
+                     accuracy_control: AccuracyControl | None = None) -> Path:
+    """Where the engine's file (see `engine_artifact`) lives in `cache_dir`: named by the weights, the input size,
+    the runtime versions (a file is never used by a runtime it was not made for) and, for OpenVINO int8, the loss
+    it was quantised under."""
     height, width = (int(v) for v in input_spec["input_size"])
     if spec.engine == "onnxruntime":
         return _onnx_path(net, (height, width), spec.precision, Path(cache_dir))
     if spec.engine == "openvino":
-        return _openvino_path(net, (height, width), spec.precision, Path(cache_dir))
+        weights = "int8" if spec.precision.startswith("int8") else "fp32"
+        if weights == "int8" and accuracy_control is not None:
+            weights = f"int8-{accuracy_control.tag}"
+        return _openvino_path(net, (height, width), weights, Path(cache_dir))
     layout = "cl" if spec.channels_last else "nchw"
     return Path(cache_dir) / (f"{weights_digest(net)}-{height}x{width}-b{spec.batch_size}-{layout}"
                               f"-torch{torch.__version__}-torchao{package_version('torchao')}-int8.pt2")
 
 
 def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec, *, cache_dir: Path | None,
-                    calibration: Callable[[], Sequence[torch.Tensor]] | None) -> Path | None:
+                    calibration: Callable[[], Sequence[torch.Tensor]] | None,
+                    accuracy_control: AccuracyControl | None = None) -> Path | None:
     """The file the engine runs from, made (exported, calibrated) only when not cached yet: the ONNX model for
-    ONNX Runtime, the quantised PyTorch program for compile int8, None for engines that run `net` as it is."""
+    ONNX Runtime, OpenVINO IR (int8: under `accuracy_control` when given), the quantised PyTorch program for compile
+    int8, None for engines that run `net` as it is."""
     if not runs_from_artifact(spec):
         return None
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="smearnet-engines-"))
     height, width = (int(v) for v in input_spec["input_size"])
-    path = engine_file_path(net, input_spec, spec, cache_dir)
+    path = engine_file_path(net, input_spec, spec, cache_dir, accuracy_control)
     if spec.engine == "onnxruntime":
         fp32_path = _onnx_path(net, (height, width), "fp32", cache_dir)
         _build_once(fp32_path, lambda partial: _export_onnx(net, (height, width), partial), _check_onnx)
@@ -250,7 +311,8 @@ def engine_artifact(net: torch.nn.Module, input_spec: Mapping, spec: EngineSpec,
         fp32_path = _openvino_path(net, (height, width), "fp32", cache_dir)
         _build_once(fp32_path, lambda partial: _convert_openvino(net, (height, width), partial), _check_zip)
         if spec.precision.startswith("int8"):
-            _build_once(path, lambda partial: _quantize_openvino(fp32_path, partial, _calibration_cells(calibration)),
+            _build_once(path, lambda partial: _quantize_openvino(fp32_path, partial, _calibration_cells(calibration),
+                                                                 _controlled_cells(net, accuracy_control)),
                         _check_zip)
         return path
     _build_once(path, lambda partial: _quantize_pt2e(net, (height, width), spec, partial,
@@ -328,6 +390,21 @@ def _calibration_cells(calibration: Callable[[], Sequence[torch.Tensor]] | None)
                             "pass the training split's cells (the benchmark and evaluate stages do), or use a "
                             "cached int8 export of this model.")
     return calibration()
+
+
+def _controlled_cells(net: torch.nn.Module, control: AccuracyControl | None) -> tuple[list, float] | None:
+    """The validation batches of `control` with eager fp32's call for each cell (what the quantised network must
+    keep), and the loss allowed; None without accuracy control."""
+    if control is None:
+        return None
+    if control.cells is None:
+        raise SmearnetError("int8 with accuracy control needs validation cells to measure the loss on, and none "
+                            "were given.", "pass the validation split's cells (the benchmark, evaluate and register "
+                            "stages do), or use a packaged or cached engine file.")
+    with torch.inference_mode():
+        items = [(b.contiguous().numpy().astype(np.float32), net.float().eval()(b).argmax(1).numpy())
+                 for b in control.cells()]
+    return items, control.max_drop
 
 
 def weights_digest(net: torch.nn.Module) -> str:
@@ -409,12 +486,11 @@ def _quantize_pt2e(net: torch.nn.Module, size: tuple[int, int], spec: EngineSpec
         torch.export.save(program, str(path))
 
 
-def _openvino_path(net: torch.nn.Module, size: tuple[int, int], precision: str, cache_dir: Path) -> Path:
-    """The IR file of `net`: fp32 and bf16 share the fp32 IR (bf16 is a runtime hint), int8 and int8+bf16 the
-    quantised one."""
+def _openvino_path(net: torch.nn.Module, size: tuple[int, int], weights: str, cache_dir: Path) -> Path:
+    """The IR file of `net` with `weights` (fp32, int8 or int8-ac<loss>): fp32 and bf16 engines share the fp32 IR
+    (bf16 is a runtime hint), int8 and int8+bf16 the quantised one."""
     import openvino  # heavy: only OpenVINO engines import it
 
-    weights = "int8" if precision.startswith("int8") else "fp32"
     runtime = openvino.get_version().split("-")[0]
     return cache_dir / f"{weights_digest(net)}-{size[0]}x{size[1]}-ov{runtime}-{weights}.ovz"
 
@@ -455,18 +531,35 @@ def _convert_openvino(net: torch.nn.Module, size: tuple[int, int], path: Path) -
     _write_ir(model, path)
 
 
-def _quantize_openvino(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Tensor]) -> None:
-    """NNCF post-training int8 of the fp32 IR (per-channel weights, activations observed on `batches`)."""
+def _quantize_openvino(fp32_path: Path, int8_path: Path, batches: Sequence[torch.Tensor],
+                       controlled: tuple[list, float] | None = None) -> None:
+    """NNCF post-training int8 of the fp32 IR (per-channel weights, activations observed on `batches`). With
+    `controlled` ((validation images, eager fp32 calls) batches, the allowed drop of agreement), NNCF's accuracy
+    control: layers are put back in floating point, the most harmful first, until agreement keeps that drop."""
     import nncf  # heavy: only int8 OpenVINO engines import it
 
     model = _read_ir(fp32_path.read_bytes())
     cells = [b.contiguous().numpy().astype(np.float32) for b in batches]
     try:
-        quantized = nncf.quantize(model, nncf.Dataset(cells), subset_size=len(cells))  # every batch given
+        if controlled is None:
+            quantized = nncf.quantize(model, nncf.Dataset(cells), subset_size=len(cells))  # every batch given
+        else:
+            items, max_drop = controlled
+            quantized = nncf.quantize_with_accuracy_control(
+                model, nncf.Dataset(cells), nncf.Dataset(items), _agreement_metric, max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(cells))
     except Exception as err:  # noqa: BLE001 - quantiser errors come in many types
         raise SmearnetError(f"Quantising the network with NNCF failed ({type(err).__name__}: {err}).",
                             "use inference.engine=openvino with precision bf16, or onnxruntime int8.") from None
     _write_ir(quantized, int8_path)
+
+
+def _agreement_metric(compiled, items) -> tuple[float, list[float]]:
+    """NNCF's validation function: the share of validation cells a compiled OpenVINO model calls as eager fp32 did,
+    and that share per item (a batch of cells: NNCF ranks layers by the items whose share they lower)."""
+    output = compiled.output(0)
+    same = [np.asarray(compiled(images)[output]).argmax(1) == calls for images, calls in items]
+    return float(np.concatenate(same).mean()), [float(batch.mean()) for batch in same]
 
 
 def _openvino_engine(data: bytes, input_spec: Mapping, spec: EngineSpec) -> Engine:

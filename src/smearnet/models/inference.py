@@ -16,7 +16,7 @@ from tqdm import tqdm
 from smearnet.data.loaders import make_loader
 from smearnet.errors import SmearnetError
 from smearnet.io import read_json
-from smearnet.models.engines import Engine, EngineSpec, build_engine, engine_spec
+from smearnet.models.engines import AccuracyControl, Engine, EngineSpec, Fidelity, build_engine, engine_spec
 from smearnet.models.factory import build_model, reparameterize_for_inference
 from smearnet.pseudonyms import pseudonym
 
@@ -49,23 +49,51 @@ class TrainedModel:
 
 
 def with_engine(model: TrainedModel, spec: EngineSpec, *, cache_dir: Path | None = None,
-                calibration=None, packaged_files: Mapping[str, str] | None = None) -> TrainedModel:
+                calibration=None, accuracy_control: AccuracyControl | None = None,
+                packaged_files: Mapping[str, str] | None = None) -> TrainedModel:
     """The same model run by the engine `spec` describes (see `smearnet.models.engines`)."""
     return replace(model, engine=build_engine(model.net, model.input_spec, spec, cache_dir=cache_dir,
-                                              calibration=calibration, packaged_files=packaged_files))
+                                              calibration=calibration, accuracy_control=accuracy_control,
+                                              packaged_files=packaged_files))
+
+
+#: serving.json's `inference` key for the loss OpenVINO int8 was quantised under (its engine file is named by it).
+ACCURACY_CONTROL_KEY = "accuracy_control_max_drop"
+
+
+def accuracy_control(model: TrainedModel | None, inference_cfg: Mapping | None,
+                     validation_cells: pd.DataFrame | None = None, *, seed: int = 0) -> AccuracyControl | None:
+    """OpenVINO int8's accuracy control from the `inference` section: the loss `fidelity` allows
+    (`Fidelity.max_agreement_drop`), measured on `accuracy_control_images` of `validation_cells` (None when only a
+    cached or packaged file may be used). A registered version's section records the loss itself
+    (`ACCURACY_CONTROL_KEY`). None when `accuracy_control_images` is 0 or there is no `fidelity`."""
+    settings = inference_cfg or {}
+    if settings.get(ACCURACY_CONTROL_KEY) is not None:
+        max_drop = float(settings[ACCURACY_CONTROL_KEY])
+    elif int(settings.get("accuracy_control_images") or 0) > 0 and settings.get("fidelity"):
+        max_drop = Fidelity.from_mapping(settings["fidelity"]).max_agreement_drop
+    else:
+        return None
+    cells = None
+    if validation_cells is not None:
+        cells = calibration_batches(model, validation_cells, images=int(settings["accuracy_control_images"]), seed=seed)
+    return AccuracyControl(max_drop=max_drop, cells=cells)
 
 
 def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
-                  *, seed: int = 0) -> dict:
-    """`cache_dir` and `calibration` for `with_engine`/`engine_artifact` from the `inference` config section: the
-    configured export cache and, given training cells, `calibration_images` of them for int8."""
+                  validation_cells: pd.DataFrame | None = None, *, seed: int = 0) -> dict:
+    """`cache_dir`, `calibration` and `accuracy_control` for `with_engine`/`engine_artifact` from the `inference`
+    config section: the configured export cache, `calibration_images` of the training cells (int8) and the
+    accuracy control measured on the validation cells (OpenVINO int8). Cells are decoded only if an engine file
+    has to be made."""
     settings = inference_cfg or {}
     cache = settings.get("cache_dir")
     calibration = None
     if calibration_cells is not None:
         calibration = calibration_batches(model, calibration_cells, images=int(settings.get("calibration_images", 128)),
                                           seed=seed)
-    return {"cache_dir": Path(cache) if cache else None, "calibration": calibration}
+    return {"cache_dir": Path(cache) if cache else None, "calibration": calibration,
+            "accuracy_control": accuracy_control(model, settings, validation_cells, seed=seed)}
 
 
 def resolve_inference(inference_cfg: Mapping, selection: Mapping) -> dict:
@@ -89,13 +117,15 @@ def selected_model(inference_cfg: Mapping, selection_file: Path) -> tuple[str, d
     return str(selection["selected"]), resolve_inference(inference_cfg, selection)
 
 
-def load_for_inference(model_dir: Path, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
-                       *, seed: int = 0) -> TrainedModel:
-    """`load_trained` run by the configured `inference` engine; int8 calibrates on `calibration_cells` (training
-    split) unless its export is cached."""
+def load_for_inference(model_dir: Path, split_manifest: pd.DataFrame | None, inference_cfg: Mapping | None, *,
+                       seed: int = 0) -> TrainedModel:
+    """`load_trained` run by the configured `inference` engine; unless its file is cached, int8 calibrates on the
+    training cells of `split_manifest` and OpenVINO int8 controls its loss on the validation cells."""
     model = load_trained(model_dir)
-    return with_engine(model, engine_spec(inference_cfg), **engine_inputs(model, inference_cfg, calibration_cells,
-                                                                          seed=seed))
+    split = split_manifest["split"] if split_manifest is not None else None
+    cells = {part: split_manifest[split == part] if split is not None else None for part in ("train", "val")}
+    return with_engine(model, engine_spec(inference_cfg),
+                       **engine_inputs(model, inference_cfg, cells["train"], cells["val"], seed=seed))
 
 
 def read_serving(model_dir: Path) -> dict:
@@ -111,11 +141,13 @@ def serving_engine(model: TrainedModel, serving: Mapping, model_dir: Path) -> Tr
     workspace model (no packaged engines) runs from the configured engine cache."""
     settings = serving.get("inference") or {}
     packaged = Path(model_dir) / ENGINES_DIR
+    control = accuracy_control(model, settings)
     if packaged.is_dir() or ENGINE_FILES_KEY in serving:
-        return with_engine(model, engine_spec(settings), cache_dir=packaged,
+        return with_engine(model, engine_spec(settings), cache_dir=packaged, accuracy_control=control,
                            packaged_files=dict(serving.get(ENGINE_FILES_KEY) or {}))
     cache = settings.get("cache_dir")
-    return with_engine(model, engine_spec(settings), cache_dir=Path(cache) if cache else None)
+    return with_engine(model, engine_spec(settings), cache_dir=Path(cache) if cache else None,
+                       accuracy_control=control)
 
 
 def calibration_batches(model: TrainedModel, manifest: pd.DataFrame, *, images: int = 128, batch_size: int = 16,

@@ -31,7 +31,8 @@ from smearnet.io import file_sha256, write_json, write_text
 from smearnet.pseudonyms import key_fingerprint
 from smearnet.serving.requests import ServingLimits
 from smearnet.models.engines import engine_artifact, engine_spec
-from smearnet.models.inference import (ENGINE_FILES_KEY, ENGINES_DIR, SERVING_FILE, TrainedModel, engine_inputs)
+from smearnet.models.inference import (ACCURACY_CONTROL_KEY, ENGINE_FILES_KEY, ENGINES_DIR, SERVING_FILE, TrainedModel,
+                                      accuracy_control, engine_inputs)
 from smearnet.smear import MIL_DIR, RULE_FILE, SmearRule
 
 SERVING_CODE = Path(__file__).parents[1] / "serving" / "pyfunc.py"  # the models-from-code pyfunc
@@ -75,8 +76,19 @@ def serving_config(model_meta: Mapping[str, Any], rule: SmearRule, inference: Ma
     return {"positive_class": rule.positive_class, "smear_threshold": float(rule.threshold),
             "smear_score": rule.score, "smear_rule": rule.to_dict(), "classes": classes,
             "input_size": [int(v) for v in spec["input_size"]], "mean": [float(v) for v in spec["mean"]],
-            "std": [float(v) for v in spec["std"]], "inference": asdict(engine_spec(inference)),
+            "std": [float(v) for v in spec["std"]], "inference": served_inference(inference),
             "limits": asdict(limits or ServingLimits())}
+
+
+def served_inference(inference: Mapping[str, Any] | None) -> dict[str, Any]:
+    """serving.json's `inference`: the engine, and for OpenVINO int8 under accuracy control the loss its file was
+    quantised under (the file is named by it)."""
+    spec = engine_spec(inference)
+    served: dict[str, Any] = asdict(spec)
+    control = accuracy_control(None, inference)
+    if control is not None and spec.engine == "openvino" and spec.precision.startswith("int8"):
+        served[ACCURACY_CONTROL_KEY] = control.max_drop
+    return served
 
 
 #: serving.json's record of the pseudonym key (its fingerprint, never the key) the version was made under.
@@ -105,14 +117,17 @@ def model_fingerprint(model_dir: Path, serving: Mapping[str, Any] | None = None)
     return digest.hexdigest()[:24]
 
 
-def export_engine_files(model: TrainedModel, inference: Mapping[str, Any] | None, calibration_cells: pd.DataFrame,
+def export_engine_files(model: TrainedModel, inference: Mapping[str, Any] | None, split_manifest: pd.DataFrame,
                         *, seed: int = 0) -> list[Path]:
-    """The file its inference engine runs from (ONNX model, or int8 PyTorch program), exported and int8-calibrated
-    on `calibration_cells` (training cells) into the engine cache if not there yet; none for engines that run the
-    weights as they are."""
-    engine = engine_inputs(model, inference, calibration_cells, seed=seed)  # cells decoded only if calibrating
+    """The file its inference engine runs from (ONNX model, OpenVINO IR, int8 PyTorch program), made into the engine
+    cache if not there yet (int8 calibrated on the training cells of `split_manifest`, OpenVINO int8 under accuracy
+    control on its validation cells); none for engines that run the weights as they are."""
+    split = split_manifest["split"]
+    engine = engine_inputs(model, inference, split_manifest[split == "train"], split_manifest[split == "val"],
+                           seed=seed)  # cells decoded only if calibrating
     path = engine_artifact(model.net, model.input_spec, engine_spec(inference),
-                           cache_dir=engine["cache_dir"] or Path(".cache/engines"), calibration=engine["calibration"])
+                           cache_dir=engine["cache_dir"] or Path(".cache/engines"), calibration=engine["calibration"],
+                           accuracy_control=engine["accuracy_control"])
     return [path] if path is not None else []
 
 

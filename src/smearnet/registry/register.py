@@ -25,7 +25,8 @@ from smearnet.io import json_safe, read_json
 from smearnet.pseudonyms import KEY_ENV, KEY_FILE, key_fingerprint
 from smearnet.serving.requests import ServingLimits
 from smearnet.models.engines import engine_spec
-from smearnet.models.inference import TrainedModel, load_trained, read_serving, serving_engine, with_engine
+from smearnet.models.inference import (TrainedModel, accuracy_control, load_trained, read_serving, serving_engine,
+                                      with_engine)
 from smearnet.registry.frozen import FrozenSet, evaluate_frozen, explained_smears_html, frozen_set, training_patients
 from smearnet.registry.gate import (GATE_METRICS, PromotionCriteria, decision_from_record, decision_markdown,
                                     decision_record, gate_tags, promotion_decision)
@@ -67,9 +68,8 @@ def refuse_unfaithful_engine(model: TrainedModel, reference: TrainedModel, split
     engine that changes the calls is never shipped. Other engines (fp32, bf16: no calibration, and the benchmark
     table shows their agreement) and a configuration without `fidelity` pass unchecked. Returns the measured
     agreement and accuracies when checked."""
-    from smearnet.evaluation.benchmark import Fidelity
     from smearnet.evaluation.cells import class_indices
-    from smearnet.models.engines import EngineSpec
+    from smearnet.models.engines import EngineSpec, Fidelity
     from smearnet.models.inference import predict_probabilities
 
     spec = model.engine.spec if model.engine is not None else EngineSpec()
@@ -108,11 +108,11 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
     rule, aggregator = load_rule(inputs.rule_dir)
     serving = version_serving(model.meta, rule, inputs.rule_dir, inputs.inference, inputs.serving_limits)
     fingerprint = model_fingerprint(inputs.model_dir, serving)
-    train = inputs.split_manifest[inputs.split_manifest["split"] == "train"]
-    exports = export_engine_files(model, inputs.inference, train, seed=inputs.seed)
+    exports = export_engine_files(model, inputs.inference, inputs.split_manifest, seed=inputs.seed)
     # Judged on the engine it is served with: the very file packaged with it (int8 is calibrated once, above).
     reference = model
-    model = with_engine(model, engine_spec(inputs.inference), cache_dir=exports[0].parent if exports else None)
+    model = with_engine(model, engine_spec(inputs.inference), cache_dir=exports[0].parent if exports else None,
+                        accuracy_control=accuracy_control(model, inputs.inference))
     refuse_unfaithful_engine(model, reference, inputs.split_manifest, inputs.inference, batch_size=inputs.batch_size)
     frozen = frozen_set(inputs.split_manifest, inputs.compose, positive_class=rule.positive_class, seed=inputs.seed,
                         blind_smear_ids=inputs.blind_smear_ids)
