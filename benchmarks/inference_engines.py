@@ -1,20 +1,26 @@
 """Inference engines side by side: eager fp32 (the reference) against bf16, torch.compile (fp32, bf16, PT2E int8),
-ONNX Runtime fp32/int8 and OpenVINO (fp32, bf16, NNCF int8), for one trained model over a fixed number of cells.
+ONNX Runtime fp32/int8 and OpenVINO (fp32, bf16, NNCF int8 under accuracy control), for one or more trained models
+over a fixed number of cells, in one run.
 
-    .venv/bin/python benchmarks/inference_engines.py --model-dir models/xception71 --manifest data/split/manifest.csv \
-        [--cells 200] [--input-size 299] [--center-crop 1.0] [--engines eager-fp32,eager-bf16-cl,...]
-        [--batch-sizes 1,8,16] [--threads 1,2]
+    .venv/bin/python benchmarks/inference_engines.py --model models/xception71 [--model models/xception71@299 ...]
+        [--manifest data/split/manifest.csv] [--cells 200] [--probe-cells 48] [--engines eager-fp32,...]
+        [--batch-sizes 1,8,16] [--threads 1,2] [--accuracy-control-images 200]
+
+`--model DIR[@SIZE]`: a train-stage (or registered) model folder, optionally run at SIZE px instead of the size it
+was trained at (e.g. an xception71 trained at 96 px timed at the paper's 299 px: its accuracy there says little,
+and its agreement with eager fp32 counts near-ties; its time is what that input costs).
 
 Cells are the manifest's test split, topped up from its validation split to ``--cells``; nothing here is chosen
 on them (the pipeline's `inference.engine: auto` chooses on validation cells). Each engine runs in a process of
-its own for each thread count (a 7-engine run in one process peaked at 17.7 GB), at every batch size, and the best
-batch size is reported. int8 is calibrated on ``--calibration-images`` training cells. ``--input-size`` /
-``--center-crop`` run the model at another input than it was trained at (e.g. a network trained at 128 px timed at
-the paper's 299 px; its accuracy then says little, the agreement with eager fp32 still does). Each row: build time
-(export, quantisation, compilation), ms/image over the cells (decode + resize included, median of ``--repeats``),
-the image pipeline alone, the process's peak RSS, accuracy and agreement with eager fp32 (computed once, in the
-parent, with all threads). Name the CPU with every figure: the first line prints it. Writes
-``reports/benchmarks/inference_engines.{csv,md}``.
+its own for each thread count (a 7-engine run in one process peaked at 17.7 GB). Batch sizes are compared on the
+first ``--probe-cells`` of the cells (0: on all of them) and the fastest is timed on all. int8 is calibrated on
+``--calibration-images`` training cells; OpenVINO int8 is quantised under accuracy control (agreement with eager
+fp32 may fall by at most ``--max-agreement-drop``, 0.003 = `inference.fidelity`'s) on ``--accuracy-control-images``
+validation cells, disjoint from both the calibration cells and the test cells it is measured on, at the size the
+model was trained at (plain NNCF int8 at another size). Each row: build time (export, quantisation, compilation),
+ms/image over the cells (decode + resize included, median of ``--repeats``), the image pipeline alone, the
+process's peak RSS, accuracy and agreement with eager fp32 (computed once, in the parent, with all threads). Name
+the CPU with every figure: the first line prints it. Writes ``reports/benchmarks/inference_engines.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ import pandas as pd
 import torch
 
 from smearnet.evaluation.benchmark import benchmark_specs, device_name, markdown_table
-from smearnet.models.engines import EngineSpec, build_engine, parse_engine_label
+from smearnet.models.engines import EngineSpec, Fidelity, build_engine, parse_engine_label
 from smearnet.models.inference import calibration_batches, load_trained, predict_probabilities
 from smearnet.io import read_table, write_text
 
 DEFAULT_ENGINES = ("eager-fp32,eager-bf16-cl,compile-bf16-cl,onnxruntime-fp32,onnxruntime-int8,compile-int8-cl,"
                    "compile-int8+bf16-cl,openvino-fp32,openvino-bf16,openvino-int8,openvino-int8+bf16")
-COLUMNS = ["engine", "threads", "batch_size", "images", "build_seconds", "ms_per_image", "images_per_second",
+COLUMNS = ["model", "engine", "threads", "batch_size", "images", "build_seconds", "ms_per_image", "images_per_second",
            "speedup", "preprocess_ms_per_image", "process_peak_rss_mb", "accuracy", "agreement",
            "max_probability_difference", "batches_tried"]
 
@@ -149,56 +155,135 @@ def print_limit(model, images: torch.Tensor) -> None:
               f"alone need {dense / rate:.1f} ms/image")
 
 
-def load_model(args) -> tuple:
-    """The trained model (at `--input-size`/`--center-crop` when given), the benchmark cells and the training cells."""
-    model = load_trained(args.model_dir)
-    if args.input_size or args.center_crop:
+def parse_model(entry: str) -> tuple[Path, int | None]:
+    """`DIR[@SIZE]` as (folder, size or None)."""
+    folder, _, size = entry.partition("@")
+    return Path(folder), int(size) if size else None
+
+
+def load_model(entry: str, manifest_path: Path, count: int, center_crop: float | None = None) -> tuple:
+    """The trained model of `entry` (at its @SIZE and `center_crop` when given), the benchmark cells, the training
+    cells and the validation cells (accuracy control)."""
+    folder, size = parse_model(entry)
+    model = load_trained(folder)
+    if size or center_crop:
         spec = dict(model.input_spec)
-        if args.input_size:
-            spec["input_size"] = (args.input_size, args.input_size)
-        if args.center_crop:
-            spec["center_crop"] = args.center_crop
+        if size:
+            spec["input_size"] = (size, size)
+        if center_crop:
+            spec["center_crop"] = center_crop
         model = replace(model, input_spec=spec)
-    manifest = read_table(args.manifest)
-    return model, benchmark_cells(manifest, args.cells), manifest[manifest["split"] == "train"]
+    manifest = read_table(manifest_path)
+    return (model, benchmark_cells(manifest, count), manifest[manifest["split"] == "train"],
+            manifest[manifest["split"] == "val"])
+
+
+def trained_size(entry: str) -> bool:
+    """Whether `entry` runs its model at the size it was trained at."""
+    folder, size = parse_model(entry)
+    return size is None or [size, size] == [int(v) for v in load_trained(folder).input_spec["input_size"]]
 
 
 def worker(args) -> None:
-    """One engine at one thread count, in this process alone: a row per batch size, written as JSON lines."""
+    """One engine at one thread count, in this process alone: the batch sizes compared on the probe cells, the
+    fastest timed on all cells; rows written as JSON lines (the probe rows marked)."""
     import json
     import resource
 
     import numpy as np
 
+    from smearnet.models.engines import AccuracyControl
+
     torch.set_num_threads(args.threads)
-    model, cells, train = load_model(args)
+    model, cells, train, val = load_model(args.model[0], args.manifest, args.cells, args.center_crop)
     calibration = calibration_batches(model, train, images=args.calibration_images)
+    control = None
+    if args.accuracy_control_images > 0 and trained_size(args.model[0]):
+        control = AccuracyControl(args.max_agreement_drop,
+                                  calibration_batches(model, val, images=args.accuracy_control_images))
+    reference = np.load(args.reference)
     specs = [parse_engine_label(args.engines, int(batch)) for batch in args.batch_sizes.split(",")]
-    rows = benchmark_specs(model, specs, cells, warmup=1, repeats=args.repeats, cache_dir=args.cache_dir,
-                           calibration=calibration, reference=np.load(args.reference))
+    options = dict(warmup=1, repeats=args.repeats, cache_dir=args.cache_dir, calibration=calibration,
+                   accuracy_control=control)
+    probe = min(args.probe_cells or len(cells), len(cells))
+    rows = []
+    if len(specs) > 1 and probe < len(cells):
+        rows = [{**row, "probe": True} for row in
+                benchmark_specs(model, specs, cells.iloc[:probe], reference=reference[:probe], **options)]
+        specs = [specs[min(range(len(rows)), key=lambda i: rows[i]["ms_per_image"])]]
+    rows += benchmark_specs(model, specs, cells, reference=reference, **options)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_text("".join(json.dumps({**r, "process_peak_rss_mb": round(peak_mb)}) + "\n" for r in rows), args.out_json)
 
 
-def main() -> None:
+def _px(input_spec) -> str:
+    return "x".join(str(int(v)) for v in input_spec["input_size"]) + " px"
+
+
+def benchmark_entry(entry: str, args, tmp: Path) -> tuple[list[dict], str]:
+    """Every engine x thread count for one `--model` entry, each in its own process; the rows and a title."""
     import json
     import subprocess
     import sys
-    import tempfile
 
     import numpy as np
 
+    model, cells, train, _ = load_model(entry, args.manifest, args.cells, args.center_crop)
+    name = f"{model.name} ({model.meta['model_cfg']['arch']}) at {_px(model.input_spec)}"
+    trained_at = "" if trained_size(entry) else f", trained at {_px(load_trained(parse_model(entry)[0]).input_spec)}"
+    title = f"{name}{trained_at}, {len(cells)} cells, {device_name()}"
+    print(f"\n== {title}; each engine x threads in its own process, batch {args.batch_sizes} compared on "
+          f"{args.probe_cells or len(cells)} cells, the fastest timed on all", flush=True)
+    with torch.inference_mode():  # the eager fp32 reference every engine's agreement is measured against
+        reference = predict_probabilities(model, cells, batch_size=16, progress=False)
+    if not args.no_limit:
+        print_limit(model, torch.cat(calibration_batches(model, train, images=16)())[:16])
+    np.save(tmp / "reference.npy", reference)
+    common = [sys.executable, __file__, "--worker", "--model", entry, "--manifest", str(args.manifest),
+              "--cells", str(args.cells), "--probe-cells", str(args.probe_cells), "--batch-sizes", args.batch_sizes,
+              "--repeats", str(args.repeats), "--calibration-images", str(args.calibration_images),
+              "--accuracy-control-images", str(args.accuracy_control_images),
+              "--max-agreement-drop", str(args.max_agreement_drop), "--cache-dir", str(args.cache_dir),
+              "--reference", str(tmp / "reference.npy"),
+              *(["--center-crop", str(args.center_crop)] if args.center_crop else [])]
+    rows = []
+    for label in args.engines.split(","):
+        for threads in args.threads.split(","):
+            out = tmp / f"{label}-{threads}.jsonl"
+            done = subprocess.run([*common, "--engines", label, "--threads", threads, "--out-json", str(out)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{label} with {threads} threads failed:\n{done.stderr[-2000:]}", flush=True)
+                continue
+            tried = [json.loads(line) for line in out.read_text().splitlines()]
+            timed = tried[-1]  # the fastest batch size over all cells
+            rows.append({**timed, "model": name, "engine": label.split("@")[0], "threads": int(threads),
+                         "build_seconds": max(r["build_seconds"] for r in tried),  # the first build
+                         "batches_tried": " / ".join(f"{r['batch_size']}: {r['ms_per_image']}" for r in tried
+                                                     if r.get("probe")) or str(timed["batch_size"])})
+            print(" | ".join(f"{c}={rows[-1].get(c)}" for c in COLUMNS if c != "speedup"), flush=True)
+    for row in rows:
+        reference_row = next((r for r in rows if r["engine"] == "eager-fp32" and r["threads"] == row["threads"]), row)
+        row["speedup"] = round(reference_row["ms_per_image"] / row["ms_per_image"], 2)
+    return rows, title
+
+
+def main() -> None:
+    import tempfile
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--model", action="append", required=True, help="DIR[@SIZE]; repeat for several models")
     parser.add_argument("--manifest", type=Path, default=Path("data/split/manifest.csv"))
     parser.add_argument("--cells", type=int, default=200)
-    parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--probe-cells", type=int, default=48, help="batch sizes compared on these (0: all cells)")
     parser.add_argument("--center-crop", type=float, default=None)
     parser.add_argument("--engines", default=DEFAULT_ENGINES)
     parser.add_argument("--batch-sizes", default="1,8,16", help="each engine's best of these is reported")
     parser.add_argument("--threads", default="1,2", help="intra-op thread counts, each timed separately")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--accuracy-control-images", type=int, default=200, help="0: plain NNCF int8")
+    parser.add_argument("--max-agreement-drop", type=float, default=Fidelity().max_agreement_drop)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/engines"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
     parser.add_argument("--no-limit", action="store_true", help="skip the per-layer time split and matmul peak")
@@ -210,46 +295,21 @@ def main() -> None:
         args.threads = int(args.threads)
         return worker(args)
 
-    model, cells, train = load_model(args)
-    labels = args.engines.split(",")
-    [parse_engine_label(label, 1) for label in labels]  # a bad label stops here, before any timing
-    print(f"{model.name} ({model.meta['model_cfg']['arch']}) at {model.input_spec['input_size']}, {len(cells)} cells, "
-          f"{device_name()}; each engine x threads in its own process, best of batch {args.batch_sizes}", flush=True)
-    with torch.inference_mode():  # the eager fp32 reference every engine's agreement is measured against
-        reference = predict_probabilities(model, cells, batch_size=16, progress=False)
-    if not args.no_limit:
-        print_limit(model, torch.cat(calibration_batches(model, train, images=16)())[:16])
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="smearnet-engines-") as tmp:
-        np.save(Path(tmp) / "reference.npy", reference)
-        common = [sys.executable, __file__, "--worker", "--model-dir", str(args.model_dir), "--manifest",
-                  str(args.manifest), "--cells", str(args.cells), "--batch-sizes", args.batch_sizes,
-                  "--repeats", str(args.repeats), "--calibration-images", str(args.calibration_images),
-                  "--cache-dir", str(args.cache_dir), "--reference", str(Path(tmp) / "reference.npy"),
-                  *(["--input-size", str(args.input_size)] if args.input_size else []),
-                  *(["--center-crop", str(args.center_crop)] if args.center_crop else [])]
-        for label in labels:
-            for threads in args.threads.split(","):
-                out = Path(tmp) / f"{label}-{threads}.jsonl"
-                done = subprocess.run([*common, "--engines", label, "--threads", threads, "--out-json", str(out)],
-                                      capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"{label} with {threads} threads failed:\n{done.stderr[-2000:]}", flush=True)
-                    continue
-                tried = [json.loads(line) for line in out.read_text().splitlines()]
-                best = min(tried, key=lambda r: r["ms_per_image"])
-                rows.append({**best, "engine": label.split("@")[0], "threads": int(threads),
-                             "build_seconds": max(r["build_seconds"] for r in tried),  # the first batch size built
-                             "batches_tried": " / ".join(f"{r['batch_size']}: {r['ms_per_image']}" for r in tried)})
-                print(" | ".join(f"{c}={rows[-1].get(c)}" for c in COLUMNS if c != "speedup"), flush=True)
-    for row in rows:
-        reference_row = next((r for r in rows if r["engine"] == "eager-fp32" and r["threads"] == row["threads"]), row)
-        row["speedup"] = round(reference_row["ms_per_image"] / row["ms_per_image"], 2)
-    table = markdown_table(rows, COLUMNS)
-    print("\n" + table)
+    [parse_engine_label(label, 1) for label in args.engines.split(",")]  # a bad label stops here, before any timing
+    started = time.perf_counter()
+    rows, sections = [], []
+    for entry in args.model:
+        with tempfile.TemporaryDirectory(prefix="smearnet-engines-") as tmp:
+            model_rows, title = benchmark_entry(entry, args, Path(tmp))
+        table = markdown_table(model_rows, COLUMNS)
+        print("\n" + table, flush=True)
+        rows += model_rows
+        sections.append(f"## {title}\n\n{table}")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{len(rows)} rows in {minutes:.1f} min")
     write_text(pd.DataFrame(rows).to_csv(index=False), args.out / "inference_engines.csv")
-    write_text(f"# Inference engines: {model.name} at {model.input_spec['input_size']}, {len(cells)} cells, "
-               f"{device_name()}\n\n" + table, args.out / "inference_engines.md")
+    write_text(f"# Inference engines ({device_name()}, {minutes:.1f} min)\n\n" + "\n".join(sections),
+               args.out / "inference_engines.md")
 
 
 if __name__ == "__main__":

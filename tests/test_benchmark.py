@@ -179,8 +179,9 @@ def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny
 
 @pytest.mark.slow
 def test_the_engine_benchmark_script_times_each_engine_and_thread_count_in_its_own_process(tmp_path):
-    """benchmarks/inference_engines.py: one worker process per engine x threads, the best batch size kept, the
-    agreement measured against the parent's eager fp32 reference."""
+    """benchmarks/inference_engines.py: several models (one at another input size) in one run, one worker process
+    per engine x threads, batch sizes compared on the probe cells and the fastest timed on all cells, agreement
+    measured against the parent's eager fp32 reference."""
     import subprocess
     import sys
     from pathlib import Path
@@ -194,15 +195,16 @@ def test_the_engine_benchmark_script_times_each_engine_and_thread_count_in_its_o
     cells["split"] = ["test"] * 9 + ["val"] * 3
     cells.to_csv(tmp_path / "manifest.csv", index=False)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_engines.py"
-    done = subprocess.run([sys.executable, str(script), "--model-dir", str(model_dir), "--manifest",
-                           str(tmp_path / "manifest.csv"), "--cells", "6", "--engines", "eager-fp32,eager-bf16-cl",
-                           "--threads", "1,2", "--batch-sizes", "1,4", "--no-limit", "--cache-dir",
-                           str(tmp_path / "cache"), "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--model", f"{model_dir}@48",
+                           "--manifest", str(tmp_path / "manifest.csv"), "--cells", "6", "--probe-cells", "3",
+                           "--engines", "eager-fp32,eager-bf16-cl", "--threads", "1,2", "--batch-sizes", "1,4",
+                           "--no-limit", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(tmp_path / "out" / "inference_engines.csv")
     assert table[["engine", "threads"]].values.tolist() == [["eager-fp32", 1], ["eager-fp32", 2],
-                                                            ["eager-bf16-cl", 1], ["eager-bf16-cl", 2]]
-    assert (table["images"] == 6).all() and set(table["batch_size"]) <= {1, 4}
+                                                            ["eager-bf16-cl", 1], ["eager-bf16-cl", 2]] * 2
+    assert table["model"].str.contains("48x48 px").tolist() == [False] * 4 + [True] * 4
+    assert (table["images"] == 6).all() and set(table["batch_size"]) <= {1, 4}  # the fastest timed on all cells
     assert (table.loc[table["engine"] == "eager-fp32", "agreement"] == 1.0).all()
     assert table["batches_tried"].str.contains("1: ").all() and table["batches_tried"].str.contains("4: ").all()
