@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 
 from smearnet.config import stage_params
-from smearnet.evaluation.benchmark import (BenchmarkSettings, benchmark_engines, chosen_inference, markdown_table,
+from smearnet.evaluation.benchmark import (BenchmarkSettings, benchmark_engines, chosen_inference, device_name,
+                                          markdown_table,
                                           select_model, selection_cells)
 from smearnet.errors import run_cli
 from smearnet.io import read_table, write_json, write_text
@@ -47,7 +48,7 @@ def main() -> None:
         # `inference` is the engine evaluate, aggregate and register run the model by (and predict and serving,
         # through the registered serving.json): with inference.engine=auto, the one picked here.
         write_json({"selected": selected, "reason": reason, "rule": settings.select_by, "inference": engine,
-                    "engine_reason": engine_reasons[selected]}, out / "selection.json")
+                    "engine_reason": engine_reasons[selected], "timed_on": device_name()}, out / "selection.json")
         write_json({"selected": selected, "split": "val", "cells": len(val),
                     "models": {r["model"]: {k: r[k] for k in ("accuracy", "agreement", "ms_per_image",
                                                                "peak_memory_mb", "total_seconds")}

@@ -93,7 +93,7 @@ def project(tmp_path):
 def test_a_stage_reads_its_declared_params_by_key_or_attribute(project):
     params = stage_params("evaluate", params_file=project / "params.yaml")
     assert params.data.positive_class == params["data"]["positive_class"] == "covid_rl"
-    assert params.evaluation.confidence == 0.95 and params.inference.engine == "eager"
+    assert params.evaluation.confidence == 0.95 and params.inference.engine == "auto"
     assert dict(params.data) == {"positive_class": "covid_rl"}  # a partly declared section shows only its keys
     assert params.to_dict() == {"evaluation": {"confidence": 0.95}, "inference": dict(params.inference),
                                 "data": {"positive_class": "covid_rl"}}

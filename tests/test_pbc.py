@@ -66,14 +66,15 @@ def test_the_pbc_recipe_trains_on_real_cells_and_serves_the_same_preprocessing(p
     from smearnet.models.training import train_backbone
 
     cfg = compose_config(["experiment=pbc", f"data.root={pbc_sample}", "train.cycles=2", "train.batch_size=8",
-                          "model.resnet18.input_size=[48,48]", "registry.model_name=test-pbc-recipe"])
+                          "model.resnet18.input_size=[48,48]", "registry.model_name=test-pbc-recipe",
+                          "inference.engine=eager"])  # pinned: no benchmark stage ran to pick one
     manifest = manifest_from_folder(pbc_sample)
     metrics = train_backbone(TrainSettings.from_params(cfg, "resnet18"), manifest, manifest.iloc[::4], tmp_path / "model", tmp_path / "ckpt",
                              progress=False)
     assert metrics["epochs"] == 2 and metrics["global_steps"] == 2 * 4 and metrics["best_val_loss"] > 0
     spec = json.loads((tmp_path / "model" / "model.json").read_text())["input_spec"]
     assert spec["center_crop"] == 0.75 and spec["input_size"] == [48, 48]
-    model = load_for_inference(tmp_path / "model", cfg.inference)
+    model = load_for_inference(tmp_path / "model", None, cfg.inference)
     assert model.engine.spec.label == "eager-bf16-cl"
     probabilities = predict_probabilities(model, manifest, progress=False)
     assert probabilities.shape == (32, 8) and abs(probabilities.sum(axis=1) - 1).max() < 1e-4

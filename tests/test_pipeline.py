@@ -15,9 +15,12 @@ import pytest
 
 from conftest import REPO_ROOT, class_folders
 
-TINY = ["data.synthetic.scale=0.02", "augment.per_class=24", "model.resnet18.input_size=[32,32]",
-        "train.cycles=1", "train.batch_size=16", "benchmark.repeats=1", "benchmark.warmup=0",
-        "smear.bootstrap_resamples=200", "evaluation.bootstrap_resamples=200", "registry.model_name=pipeline-test"]
+# The default inference engine (auto: the benchmark stage builds and times five candidates); the end-to-end test
+# runs it, the other pipeline tests pin eager bf16 (TINY) so they build nothing they do not check.
+TINY_AUTO = ["data.synthetic.scale=0.02", "augment.per_class=24", "model.resnet18.input_size=[32,32]",
+             "train.cycles=1", "train.batch_size=16", "benchmark.repeats=1", "benchmark.warmup=0",
+             "smear.bootstrap_resamples=200", "evaluation.bootstrap_resamples=200", "registry.model_name=pipeline-test"]
+TINY = [*TINY_AUTO, "inference.engine=eager"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -183,10 +186,12 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     import mlflow
 
     from smearnet.io import read_table
+    from smearnet.models.engines import EngineSpec
+    from smearnet.registry.store import local_model_dir
     from workspace import patient_ids, scan_mlflow_for
 
     experiment = f"e2e-{tmp_path.name}"
-    project = make_project(tmp_path, [*TINY, f"mlflow.experiment={experiment}"])
+    project = make_project(tmp_path, [*TINY_AUTO, f"mlflow.experiment={experiment}"])
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q"], project, pipeline_env)
     run(["git", "add", "-A"], project, pipeline_env)
@@ -199,7 +204,10 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     trained = json.loads((project / "metrics/train/resnet18.json").read_text())
     assert math.isfinite(trained["best_val_loss"]) and trained["global_steps"] > 0
     cell = json.loads((project / "metrics/cell.json").read_text())
-    assert cell["n_cells"] > 0 and cell["engine"] == "eager-bf16-cl" and "positive" in cell
+    selection = json.loads((project / "reports/benchmark/selection.json").read_text())
+    picked = EngineSpec(**selection["inference"])  # inference.engine: auto, resolved by the benchmark stage
+    assert cell["n_cells"] > 0 and cell["engine"] == picked.label and "positive" in cell  # evaluated as picked
+    assert selection["engine_reason"] and selection["timed_on"]
     aggregate = json.loads((project / "metrics/aggregate.json").read_text())
     assert aggregate["smears_from"] == "assessment cohort" and aggregate["development_splits"] == ["val", "test"]
     assert aggregate["chosen_score"] in aggregate["development_composed"]["auc"]
@@ -231,12 +239,16 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, pipeline_env):
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'evaluate'")
     assert len(runs) >= 1
     assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='pipeline-test'")] == ["1"]
+    version = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/pipeline-test/1",
+                                                       dst_path=str(tmp_path / "version")))
+    served = json.loads((local_model_dir(version) / "serving.json").read_text())["inference"]
+    assert EngineSpec(**{k: served[k] for k in selection["inference"]}) == picked  # registered as evaluated
 
     # The rule that was measured is the rule that ships: the score auto picked, then the paper's share.
     scores = {assert_round_trip(project, pipeline_env, "pipeline-test")}
     from smearnet.cli import compose_params
 
-    compose_params([*TINY, f"mlflow.experiment={experiment}", "smear.score=share_predicted_positive"],
+    compose_params([*TINY_AUTO, f"mlflow.experiment={experiment}", "smear.score=share_predicted_positive"],
                    project / "params.yaml")
     rerun = run([*dvc, "repro"], project, pipeline_env).stdout
     assert "Stage 'train@resnet18' didn't change" in rerun and "Running stage 'aggregate'" in rerun

@@ -73,7 +73,8 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
     split = colour_split(root / "cells")
     write_manifest(split, root / "data/split/manifest.csv")
     random_model(root / "models/resnet18", seed)
-    write_json({"selected": "resnet18", "reason": "only model", "rule": "accuracy_then_time"},
+    write_json({"selected": "resnet18", "reason": "only model", "rule": "accuracy_then_time",  # as engine auto picks
+                "inference": {"engine": "eager", "precision": "bf16", "channels_last": True}},
                root / "reports/benchmark/selection.json")
     blind = sorted({pseudonym(s) for s in split.loc[split["split"] == "assessment", "smear_id"]})[::2]
     write_rule(root / "reports/smear", threshold)

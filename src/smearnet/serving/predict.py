@@ -27,7 +27,6 @@ from tqdm import tqdm
 from smearnet.data.decode import IMAGE_SUFFIXES, load_rgb
 from smearnet.errors import SmearnetError
 from smearnet.io import json_safe, read_json
-from smearnet.models.engines import AUTO
 from smearnet.models.inference import (SERVING_FILE, TrainedModel, load_trained, read_serving, resolve_inference,
                                        serving_engine)
 from smearnet.serving.batches import classify_in_batches
@@ -50,6 +49,12 @@ class Workspace:
     tracking_uri: str = DEFAULT_TRACKING_URI  # mlflow.tracking_uri: where models:/ URIs resolve
     inference: dict[str, Any] | None = None  # the `inference` section: how a train-stage folder is run
     rule_dir: Path = WORKSPACE_RULE  # the smear rule the smear stage measured
+    selection: dict[str, Any] | None = None  # reports/benchmark/selection.json: the engine `auto` picked
+
+    def model_inference(self) -> dict[str, Any] | None:
+        """How a train-stage folder of this workspace is run: `inference`, with `engine: auto` resolved to the
+        engine the benchmark stage picked (as evaluate used it); a clear error when it has not run."""
+        return resolve_inference(self.inference, self.selection or {}) if self.inference else None
 
 
 def read_workspace(params: Path = WORKSPACE_PARAMS) -> Workspace:
@@ -57,12 +62,9 @@ def read_workspace(params: Path = WORKSPACE_PARAMS) -> Workspace:
     if not Path(params).is_file():
         return Workspace()
     cfg = OmegaConf.to_container(OmegaConf.load(params), resolve=True)
-    inference = cfg.get("inference")
-    if inference and inference.get("engine") == AUTO:  # the engine the benchmark stage picked, as evaluate used
-        selection = Path(params).parent / WORKSPACE_SELECTION
-        inference = resolve_inference(inference, read_json(selection) if selection.is_file() else {})
+    selection = Path(params).parent / WORKSPACE_SELECTION
     return Workspace(tracking_uri=str((cfg.get("mlflow") or {}).get("tracking_uri") or DEFAULT_TRACKING_URI),
-                     inference=inference)
+                     inference=cfg.get("inference"), selection=read_json(selection) if selection.is_file() else None)
 
 
 @dataclass
@@ -113,7 +115,7 @@ def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str |
             rule, aggregator = served_rule(model_dir, serving)
             rule_source = "registered with the model"
         else:  # a workspace's models/<name>: the workspace's engine and measured rule
-            serving["inference"] = workspace.inference
+            serving["inference"] = workspace.model_inference()
             rule, aggregator = _workspace_rule(workspace.rule_dir)
             rule_source = str(workspace.rule_dir / RULE_FILE)
         model = serving_engine(load_trained(model_dir), serving, model_dir)
