@@ -277,8 +277,7 @@ class BenchmarkSettings:
     calibration_images: int = 128         # `inference.calibration_images`: int8 only
     seed: int = 0
     auto: AutoEngine | None = None        # `inference.engine: auto`: the engines to pick from and the limits
-    accuracy_control_images: int = 0      # `inference.accuracy_control_images`: OpenVINO int8's validation cells
-    fidelity: Fidelity = Fidelity()       # `inference.fidelity`: the loss OpenVINO int8 is quantised under
+    inference_cfg: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the section, for `accuracy_control`
 
     @classmethod
     def from_params(cls, benchmark: Mapping[str, Any], inference: Mapping[str, Any], *, seed: int) -> BenchmarkSettings:
@@ -300,8 +299,7 @@ class BenchmarkSettings:
                    repeats=int(benchmark["repeats"]), max_images=int(max_images) if max_images else None,
                    select_by=str(benchmark["select_by"]), cache_dir=Path(cache_dir) if cache_dir else None,
                    calibration_images=int(inference.get("calibration_images", 128)), seed=int(seed), auto=auto,
-                   accuracy_control_images=int(inference.get("accuracy_control_images") or 0),
-                   fidelity=Fidelity.from_mapping(inference["fidelity"]) if inference.get("fidelity") else Fidelity())
+                   inference_cfg=dict(inference))
 
     @property
     def specs(self) -> list[EngineSpec]:
@@ -322,19 +320,14 @@ def benchmark_engines(model_dir, cells: pd.DataFrame, train: pd.DataFrame,
 
     Returns (rows, the row of the engine the model runs by, why). Each row carries `agreement` with eager fp32.
     The engine is the configured one, or with `auto` the one `pick_engine` chose among the candidates. OpenVINO
-    int8 is quantised under accuracy control on `cells` when `accuracy_control_images` > 0.
+    int8 is quantised under accuracy control on `cells` (`accuracy_control`).
     """
-    from smearnet.models.engines import AccuracyControl
-    from smearnet.models.inference import calibration_batches, load_trained
+    from smearnet.models.inference import accuracy_control, calibration_batches, load_trained
 
     model = load_trained(model_dir)
     specs = settings.specs
     calibration = calibration_batches(model, train, images=settings.calibration_images, seed=settings.seed)
-    control = None
-    if settings.accuracy_control_images > 0:
-        control = AccuracyControl(settings.fidelity.max_agreement_drop,
-                                  calibration_batches(model, cells, images=settings.accuracy_control_images,
-                                                      seed=settings.seed))
+    control = accuracy_control(model, settings.inference_cfg, cells, seed=settings.seed)
     rows = benchmark_specs(model, specs, cells, warmup=settings.warmup, repeats=settings.repeats,
                            cache_dir=settings.cache_dir, calibration=calibration, accuracy_control=control)
     if settings.auto is not None:

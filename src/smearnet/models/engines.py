@@ -401,9 +401,9 @@ def _controlled_cells(net: torch.nn.Module, control: AccuracyControl | None) -> 
         raise SmearnetError("int8 with accuracy control needs validation cells to measure the loss on, and none "
                             "were given.", "pass the validation split's cells (the benchmark, evaluate and register "
                             "stages do), or use a packaged or cached engine file.")
+    reference = net.float().eval()
     with torch.inference_mode():
-        items = [(b.contiguous().numpy().astype(np.float32), net.float().eval()(b).argmax(1).numpy())
-                 for b in control.cells()]
+        items = [(b.contiguous().numpy().astype(np.float32), reference(b).argmax(1).numpy()) for b in control.cells()]
     return items, control.max_drop
 
 

@@ -80,20 +80,22 @@ def accuracy_control(model: TrainedModel | None, inference_cfg: Mapping | None,
     return AccuracyControl(max_drop=max_drop, cells=cells)
 
 
-def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, calibration_cells: pd.DataFrame | None = None,
-                  validation_cells: pd.DataFrame | None = None, *, seed: int = 0) -> dict:
+def engine_inputs(model: TrainedModel, inference_cfg: Mapping | None, split_manifest: pd.DataFrame | None = None,
+                  *, seed: int = 0) -> dict:
     """`cache_dir`, `calibration` and `accuracy_control` for `with_engine`/`engine_artifact` from the `inference`
-    config section: the configured export cache, `calibration_images` of the training cells (int8) and the
-    accuracy control measured on the validation cells (OpenVINO int8). Cells are decoded only if an engine file
-    has to be made."""
+    config section: the configured export cache, `calibration_images` of the training cells of `split_manifest`
+    (int8) and the accuracy control measured on its validation cells (OpenVINO int8). Cells are decoded only if an
+    engine file has to be made; without `split_manifest`, only a cached file can be used."""
     settings = inference_cfg or {}
     cache = settings.get("cache_dir")
-    calibration = None
-    if calibration_cells is not None:
-        calibration = calibration_batches(model, calibration_cells, images=int(settings.get("calibration_images", 128)),
-                                          seed=seed)
+    calibration, validation = None, None
+    if split_manifest is not None:
+        split = split_manifest["split"]
+        calibration = calibration_batches(model, split_manifest[split == "train"],
+                                          images=int(settings.get("calibration_images", 128)), seed=seed)
+        validation = split_manifest[split == "val"]
     return {"cache_dir": Path(cache) if cache else None, "calibration": calibration,
-            "accuracy_control": accuracy_control(model, settings, validation_cells, seed=seed)}
+            "accuracy_control": accuracy_control(model, settings, validation, seed=seed)}
 
 
 def resolve_inference(inference_cfg: Mapping, selection: Mapping) -> dict:
@@ -122,10 +124,8 @@ def load_for_inference(model_dir: Path, split_manifest: pd.DataFrame | None, inf
     """`load_trained` run by the configured `inference` engine; unless its file is cached, int8 calibrates on the
     training cells of `split_manifest` and OpenVINO int8 controls its loss on the validation cells."""
     model = load_trained(model_dir)
-    split = split_manifest["split"] if split_manifest is not None else None
-    cells = {part: split_manifest[split == part] if split is not None else None for part in ("train", "val")}
-    return with_engine(model, engine_spec(inference_cfg),
-                       **engine_inputs(model, inference_cfg, cells["train"], cells["val"], seed=seed))
+    return with_engine(model, engine_spec(inference_cfg), **engine_inputs(model, inference_cfg, split_manifest,
+                                                                          seed=seed))
 
 
 def read_serving(model_dir: Path) -> dict:

@@ -122,9 +122,7 @@ def export_engine_files(model: TrainedModel, inference: Mapping[str, Any] | None
     """The file its inference engine runs from (ONNX model, OpenVINO IR, int8 PyTorch program), made into the engine
     cache if not there yet (int8 calibrated on the training cells of `split_manifest`, OpenVINO int8 under accuracy
     control on its validation cells); none for engines that run the weights as they are."""
-    split = split_manifest["split"]
-    engine = engine_inputs(model, inference, split_manifest[split == "train"], split_manifest[split == "val"],
-                           seed=seed)  # cells decoded only if calibrating
+    engine = engine_inputs(model, inference, split_manifest, seed=seed)  # cells decoded only if calibrating
     path = engine_artifact(model.net, model.input_spec, engine_spec(inference),
                            cache_dir=engine["cache_dir"] or Path(".cache/engines"), calibration=engine["calibration"],
                            accuracy_control=engine["accuracy_control"])
