@@ -162,10 +162,11 @@ def parse_model(entry: str) -> tuple[Path, int | None]:
 
 
 def load_model(entry: str, manifest_path: Path, count: int, center_crop: float | None = None) -> tuple:
-    """The trained model of `entry` (at its @SIZE and `center_crop` when given), the benchmark cells, the training
-    cells and the validation cells (accuracy control)."""
+    """The trained model of `entry` (at its @SIZE and `center_crop` when given), the input size it was trained at,
+    the benchmark cells, the training cells and the validation cells (accuracy control)."""
     folder, size = parse_model(entry)
     model = load_trained(folder)
+    trained_at = tuple(int(v) for v in model.input_spec["input_size"])
     if size or center_crop:
         spec = dict(model.input_spec)
         if size:
@@ -174,14 +175,13 @@ def load_model(entry: str, manifest_path: Path, count: int, center_crop: float |
             spec["center_crop"] = center_crop
         model = replace(model, input_spec=spec)
     manifest = read_table(manifest_path)
-    return (model, benchmark_cells(manifest, count), manifest[manifest["split"] == "train"],
+    return (model, trained_at, benchmark_cells(manifest, count), manifest[manifest["split"] == "train"],
             manifest[manifest["split"] == "val"])
 
 
-def trained_size(entry: str) -> bool:
-    """Whether `entry` runs its model at the size it was trained at."""
-    folder, size = parse_model(entry)
-    return size is None or [size, size] == [int(v) for v in load_trained(folder).input_spec["input_size"]]
+def at_trained_size(model, trained_at: tuple[int, int]) -> bool:
+    """Whether `model` runs at the size it was trained at."""
+    return tuple(int(v) for v in model.input_spec["input_size"]) == trained_at
 
 
 def worker(args) -> None:
@@ -195,10 +195,10 @@ def worker(args) -> None:
     from smearnet.models.engines import AccuracyControl
 
     torch.set_num_threads(args.threads)
-    model, cells, train, val = load_model(args.model[0], args.manifest, args.cells, args.center_crop)
+    model, trained_at, cells, train, val = load_model(args.model[0], args.manifest, args.cells, args.center_crop)
     calibration = calibration_batches(model, train, images=args.calibration_images)
     control = None
-    if args.accuracy_control_images > 0 and trained_size(args.model[0]):
+    if args.accuracy_control_images > 0 and at_trained_size(model, trained_at):
         control = AccuracyControl(args.max_agreement_drop,
                                   calibration_batches(model, val, images=args.accuracy_control_images))
     reference = np.load(args.reference)
@@ -228,10 +228,10 @@ def benchmark_entry(entry: str, args, tmp: Path) -> tuple[list[dict], str]:
 
     import numpy as np
 
-    model, cells, train, _ = load_model(entry, args.manifest, args.cells, args.center_crop)
+    model, trained_at, cells, train, _ = load_model(entry, args.manifest, args.cells, args.center_crop)
     name = f"{model.name} ({model.meta['model_cfg']['arch']}) at {_px(model.input_spec)}"
-    trained_at = "" if trained_size(entry) else f", trained at {_px(load_trained(parse_model(entry)[0]).input_spec)}"
-    title = f"{name}{trained_at}, {len(cells)} cells, {device_name()}"
+    trained = "" if at_trained_size(model, trained_at) else f", trained at {_px({'input_size': trained_at})}"
+    title = f"{name}{trained}, {len(cells)} cells, {device_name()}"
     print(f"\n== {title}; each engine x threads in its own process, batch {args.batch_sizes} compared on "
           f"{args.probe_cells or len(cells)} cells, the fastest timed on all", flush=True)
     with torch.inference_mode():  # the eager fp32 reference every engine's agreement is measured against
