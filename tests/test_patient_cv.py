@@ -1,0 +1,56 @@
+"""benchmarks/patient_cv.py: recipes compared by cross-validation over whole development patients."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "patient_cv.py"
+
+
+@pytest.fixture(scope="module")
+def patient_cv():
+    spec = importlib.util.spec_from_file_location("patient_cv", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(n_patients: int = 15) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for patient in range(n_patients):
+        label = ("normal", "covid_rl", "classic_rl")[patient % 3]
+        rows += [{"patient_id": f"P{patient:02d}", "label": label}] * int(rng.integers(3, 30))
+    return pd.DataFrame(rows)
+
+
+def test_folds_hold_whole_patients_and_every_class(patient_cv):
+    cells = _cells()
+    fold_of = patient_cv.patient_folds(cells, 5, seed=42)
+    assert cells.assign(fold=fold_of).groupby("patient_id")["fold"].nunique().max() == 1
+    assert sorted(set(fold_of)) == [0, 1, 2, 3, 4]
+    for fold in range(5):  # 5 patients a class: each fold holds one of each
+        assert set(cells.loc[fold_of == fold, "label"]) == {"normal", "covid_rl", "classic_rl"}
+    assert (patient_cv.patient_folds(cells, 5, seed=42) == fold_of).all()
+
+
+def test_paired_difference_is_b_minus_a_with_a_patient_interval(patient_cv):
+    patients = np.repeat(np.arange(10), 4)
+    a = np.zeros(40)
+    b = (patients < 5).astype(float)  # b gets half the patients right, a none
+    text = patient_cv.paired_difference(a, b, patients)
+    value, interval = text.split(" ", 1)
+    low, high = (float(x) for x in interval.strip("()").split(" to "))
+    assert float(value) == pytest.approx(0.5)
+    assert low < 0.5 < high and low >= 0.0 and high <= 1.0
+    assert patient_cv.paired_difference(a, a, patients) == "+0.000 (+0.000 to +0.000)"
+
+
+def test_an_arm_needs_a_name_and_overrides(patient_cv):
+    assert patient_cv.parse_arm("stain=train.stain_augment.enabled=true,train.cycles=3") == (
+        "stain", ["train.stain_augment.enabled=true", "train.cycles=3"])
+    with pytest.raises(SystemExit, match="NAME=OVERRIDE"):
+        patient_cv.parse_arm("stain")
