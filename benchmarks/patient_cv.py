@@ -31,6 +31,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from smearnet.config import compose_config
 from smearnet.data.upsample import materialise, plan_upsampling
 from smearnet.evaluation.benchmark import device_name, markdown_table
+from smearnet.evaluation.cells import patient_accuracy_interval
 from smearnet.evaluation.metrics import bootstrap_interval
 from smearnet.io import read_table, write_text
 from smearnet.models.inference import load_trained, predict_probabilities
@@ -68,9 +69,9 @@ def summary_row(arm: str, cells: pd.DataFrame, called: np.ndarray, classes: list
     truth = cells["label"].to_numpy()
     correct = (called == truth).astype(float)
     patients = cells["patient_id"].to_numpy()
-    low, high = bootstrap_interval(np.mean, (correct,), clusters=patients)
+    accuracy = patient_accuracy_interval(truth, called, patients, confidence=0.95, n_resamples=2000)
     by_patient = pd.Series(correct).groupby(patients).mean()
-    row = {"arm": arm, "accuracy": f"{correct.mean():.3f} ({low:.3f}-{high:.3f})",
+    row = {"arm": arm, "accuracy": f"{accuracy['value']:.3f} ({accuracy['low']:.3f}-{accuracy['high']:.3f})",
            "macro-F1": f"{f1_score(truth, called, labels=classes, average='macro', zero_division=0):.3f}"}
     for name in classes:
         mask = truth == name
