@@ -104,6 +104,8 @@ def main() -> None:
     cells = split[split["split"].isin(DEVELOPMENT)].reset_index(drop=True)
     fold_of = patient_folds(cells, args.folds, args.seed)
     work = args.out / "work"
+    settings = {arm: TrainSettings.from_params(compose_config([*base, *overrides]), args.backbone)
+                for arm, overrides in arms}
     called = {arm: np.empty(len(cells), dtype=object) for arm, _ in arms}
     seconds = dict.fromkeys(called, 0.0)
     for fold in range(args.folds):
@@ -112,11 +114,10 @@ def main() -> None:
         plan = plan_upsampling(train, classes, int(cfg["augment"]["per_class"]), seed=args.seed)
         copies = materialise(plan, work / f"copies-{fold}", cfg["augment"], progress=False)
         fold_train = pd.concat([train.assign(augmented_from=""), copies], ignore_index=True)
-        for arm, overrides in arms:
-            settings = TrainSettings.from_params(compose_config([*base, *overrides]), args.backbone)
+        for arm, _ in arms:
             run_dir = work / f"{arm}-fold{fold}"
             started = time.perf_counter()
-            train_backbone(settings, fold_train, val, run_dir / "model", run_dir / "ckpt", progress=False,
+            train_backbone(settings[arm], fold_train, val, run_dir / "model", run_dir / "ckpt", progress=False,
                            stage="patient-cv", sources={"train": f"development patients, fold {fold} out",
                                                         "val": f"development patients, fold {(fold + 1) % args.folds}"})
             seconds[arm] += time.perf_counter() - started
