@@ -1,7 +1,7 @@
 """Recipe variants compared by patient-grouped cross-validation over the development patients (never test cells).
 
     .venv/bin/python benchmarks/patient_cv.py [--manifest data/split/manifest.csv] [--experiment demo]
-        [--folds 5] [--arm 'stain=train.stain_augment.enabled=true' ...] [--set OVERRIDE ...] [--seed 42]
+        [--folds 5] [--arm 'no_stain=train.stain_augment.enabled=false' ...] [--set OVERRIDE ...] [--seed 42]
         [--out reports/patient_cv]
 
 The split stage's train and validation patients (the development patients the pipeline may choose on) are dealt
@@ -45,7 +45,7 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition("=")
     if not name or not overrides:
         raise SystemExit(f"--arm {text!r}: expected NAME=OVERRIDE[,OVERRIDE...], e.g. "
-                         "stain=train.stain_augment.enabled=true")
+                         "no_stain=train.stain_augment.enabled=false")
     return name, overrides.split(",")
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=Path("reports/patient_cv"))
     args = parser.parse_args()
-    arms = [("recipe", []), *(args.arm or [("stain", ["train.stain_augment.enabled=true"])])]
+    arms = [("recipe", []), *(args.arm or [("no_stain", ["train.stain_augment.enabled=false"])])]
     base = [f"experiment={args.experiment}", "mlflow.experiment=patient-cv", f"seed={args.seed}", *args.set]
     cfg = compose_config(base)
     classes = list(cfg["data"]["classes"])

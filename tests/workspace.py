@@ -14,6 +14,7 @@ CLASSES = ["red", "green", "blue"]
 POSITIVE = "blue"
 OVERRIDES = ["model=resnet18", "model.resnet18.input_size=[32,32]", f"data.classes=[{','.join(CLASSES)}]",
              f"data.positive_class={POSITIVE}", "train.batch_size=8", "train.cycles=3",
+             "train.stain_augment.enabled=false",  # colour is these cells' class: no colour jitter
              "smear.bootstrap_resamples=100", "evaluation.bootstrap_resamples=100"]
 
 
