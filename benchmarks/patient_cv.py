@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from smearnet.config import compose_config
 from smearnet.data.upsample import materialise, plan_upsampling
 from smearnet.evaluation.benchmark import device_name, markdown_table
-from smearnet.evaluation.cells import patient_accuracy_interval
-from smearnet.evaluation.metrics import bootstrap_interval
+from smearnet.evaluation.cells import class_indices, patient_accuracy_interval, patient_interval
+from smearnet.evaluation.metrics import bootstrap_interval, macro_f1_score
 from smearnet.io import read_table, write_text
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.models.settings import TrainSettings
@@ -70,9 +70,11 @@ def summary_row(arm: str, cells: pd.DataFrame, called: np.ndarray, classes: list
     correct = (called == truth).astype(float)
     patients = cells["patient_id"].to_numpy()
     accuracy = patient_accuracy_interval(truth, called, patients, confidence=0.95, n_resamples=2000)
+    macro_f1 = patient_interval(partial(macro_f1_score, num_classes=len(classes)), class_indices(truth, classes),
+                                class_indices(called, classes), patients, confidence=0.95, n_resamples=2000)
     by_patient = pd.Series(correct).groupby(patients).mean()
-    row = {"arm": arm, "accuracy": f"{accuracy['value']:.3f} ({accuracy['low']:.3f}-{accuracy['high']:.3f})",
-           "macro-F1": f"{f1_score(truth, called, labels=classes, average='macro', zero_division=0):.3f}"}
+    row = {"arm": arm, **{name: f"{value['value']:.3f} ({value['low']:.3f}-{value['high']:.3f})"
+                          for name, value in (("accuracy", accuracy), ("macro-F1", macro_f1))}}
     for name in classes:
         mask = truth == name
         row[f"recall {name}"] = f"{correct[mask].mean():.3f}" if mask.any() else "n/a"

@@ -124,6 +124,31 @@ def test_a_cluster_bootstrap_resamples_whole_patients_and_is_as_wide_as_their_nu
     assert summary["value"] == 0.6 and summary["patients"] == 5 and (summary["low"], summary["high"]) == (low, high)
 
 
+def test_macro_f1_by_patient_resamples_whole_patients():
+    """5 patients of 60 cells, two of them all wrong: the cell evaluation's macro-F1 interval over patients is the
+    statistic of whole-patient resamples, far wider than the one over cells, around the same macro-F1."""
+    import pandas as pd
+
+    from smearnet.evaluation.cells import cell_evaluation, patient_interval
+
+    classes = ["a", "b", "c"]
+    patients = np.repeat(np.arange(5), 60)
+    y_true = np.tile(np.arange(3), 100)
+    y_pred = np.where(patients < 3, y_true, (y_true + 1) % 3)
+    cells = pd.DataFrame({"label": [classes[i] for i in y_true], "patient_id": [f"P{p}" for p in patients]})
+    metrics = cell_evaluation(cells, np.eye(3)[y_pred], classes, "c", confidence=0.95, n_resamples=300)
+    by_patient = metrics["macro_f1_by_patient"]
+    assert by_patient["value"] == metrics["macro_f1"]["value"] == pytest.approx(0.6)
+    assert by_patient["patients"] == 5 and by_patient["method"] == "percentile bootstrap over patients"
+    assert by_patient["low"] <= 0.2 + 1e-6 and by_patient["high"] >= 1.0 - 1e-6  # resamples of 0 to 5 right patients
+    over_cells = metrics["macro_f1"]["high"] - metrics["macro_f1"]["low"]
+    assert by_patient["high"] - by_patient["low"] > 3 * over_cells
+    # accuracy_by_patient is the same interval machinery with accuracy as the statistic
+    accuracy = patient_interval(lambda t, p: float(np.mean(t == p)), y_true, y_pred, cells["patient_id"].to_numpy(),
+                                confidence=0.95, n_resamples=300)
+    assert metrics["accuracy_by_patient"] == accuracy
+
+
 CLASSES = ["lymphocyte", "covid_rl", "neutrophil", "monocyte"]  # monocyte absent
 
 

@@ -53,6 +53,9 @@ def test_report_says_how_often_composed_smears_reuse_their_cells():
 def test_report_gives_the_patient_resampled_interval_when_cells_cluster_in_few_patients():
     clustered = {**CELL, "accuracy_by_patient": {"value": 0.9, "low": 0.6, "high": 1.0, "patients": 5}}
     text = build_report("| r |\n", {"selected": "r"}, clustered, SMEAR)
-    assert "come from 5 patients" in text and "0.600-1.000" in text
+    assert "come from 5 patients" in text and "0.600-1.000" in text and "macro-F1 interval" not in text
+    both = {**clustered, "macro_f1_by_patient": {"value": 0.8, "low": 0.41, "high": 0.97, "patients": 5}}
+    assert "accuracy interval is 0.600-1.000 and the macro-F1 interval 0.410-0.970." in build_report(
+        "| r |\n", {"selected": "r"}, both, SMEAR)
     one_each = {**CELL, "accuracy_by_patient": {"value": 0.9, "low": 0.84, "high": 0.95, "patients": 100}}
     assert "patients" not in build_report("| r |\n", {"selected": "r"}, one_each, SMEAR).split("## 3.")[0]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pandas as pd
 
 from smearnet.io import write_text
 from smearnet.models.inference import TrainedModel, predict_probabilities, predictions_table
-from smearnet.evaluation.metrics import bootstrap_interval, cell_metrics, per_site
+from smearnet.evaluation.metrics import bootstrap_interval, cell_metrics, macro_f1_score, per_site
 from smearnet.evaluation.report import interval_text
 from smearnet.evaluation.plots import confusion_matrix_png
 
@@ -39,28 +40,42 @@ def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str
 
 def cell_evaluation(cells: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str], positive_class: str, *,
                     confidence: float, n_resamples: int) -> dict[str, Any]:
-    """`cell_metrics` of every cell (`cells` row-aligned with `probabilities`) and, when the cells' `site` column
-    names two or more sites, `per_site` (`site_cell_metrics`); with one site (or no `site` column) nothing is added."""
+    """`cell_metrics` of every cell (`cells` row-aligned with `probabilities`); when the cells carry `patient_id`,
+    `accuracy_by_patient` and `macro_f1_by_patient` (`patient_interval`: their intervals resample whole patients);
+    and when the cells' `site` column names two or more sites, `per_site` (`site_cell_metrics`)."""
     y_true = class_indices(cells["label"], classes)
     metrics = cell_metrics(y_true, probabilities, list(classes), positive_class, confidence, n_resamples=n_resamples)
     if "patient_id" in cells.columns:
-        metrics["accuracy_by_patient"] = patient_accuracy_interval(
-            y_true, np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy(), confidence=confidence,
+        y_pred, patients = np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy()
+        metrics["accuracy_by_patient"] = patient_accuracy_interval(y_true, y_pred, patients, confidence=confidence,
+                                                                   n_resamples=n_resamples)
+        metrics["macro_f1_by_patient"] = patient_interval(
+            partial(macro_f1_score, num_classes=len(classes)), y_true, y_pred, patients, confidence=confidence,
             n_resamples=n_resamples)
     sites = site_cell_metrics(cells, y_true, probabilities, classes, positive_class, confidence=confidence,
                               n_resamples=n_resamples)
     return {**metrics, "per_site": sites} if sites else metrics
 
 
+def patient_interval(statistic: Callable[[np.ndarray, np.ndarray], float], y_true: np.ndarray, y_pred: np.ndarray,
+                     patients: np.ndarray, *, confidence: float, n_resamples: int) -> dict[str, Any]:
+    """`statistic(y_true, y_pred)` with a percentile bootstrap interval that resamples whole patients: a patient's
+    cells are not independent, so with few patients an interval over cells is too narrow."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    low, high = bootstrap_interval(statistic, (y_true, y_pred), clusters=patients, n_resamples=n_resamples,
+                                   confidence=confidence)
+    return {"value": float(statistic(y_true, y_pred)) if len(y_true) else float("nan"), "low": low, "high": high,
+            "patients": int(len(np.unique(patients))), "method": "percentile bootstrap over patients"}
+
+
 def patient_accuracy_interval(y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarray, *, confidence: float,
                               n_resamples: int) -> dict[str, Any]:
-    """Accuracy with a percentile bootstrap interval that resamples whole patients: a patient's cells are not
-    independent, so with few patients the Wilson interval over cells is too narrow."""
-    correct = (np.asarray(y_true) == np.asarray(y_pred)).astype(float)
-    low, high = bootstrap_interval(np.mean, (correct,), clusters=patients, n_resamples=n_resamples,
-                                   confidence=confidence)
-    return {"value": float(correct.mean()) if len(correct) else float("nan"), "low": low, "high": high,
-            "patients": int(len(np.unique(patients))), "method": "percentile bootstrap over patients"}
+    """Accuracy with `patient_interval`'s interval over whole patients."""
+    return patient_interval(_accuracy, y_true, y_pred, patients, confidence=confidence, n_resamples=n_resamples)
+
+
+def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(y_true == y_pred))
 
 
 def site_cell_metrics(cells: pd.DataFrame, y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],

@@ -168,7 +168,7 @@ def _rounded(value: float) -> float:
     return round(float(value), TORCHMETRICS_DECIMALS)
 
 
-def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+def macro_f1_score(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Macro F1 over the classes that occur in truth or prediction (torchmetrics semantics)."""
     score = multiclass_f1_score(
         torch.from_numpy(y_pred),
@@ -260,9 +260,9 @@ def cell_metrics(
     n_correct = int(np.trace(counts))
     accuracy = _rounded(multiclass_accuracy(preds, target, num_classes=num_classes, average="micro"))
     accuracy_low, accuracy_high = wilson_interval(n_correct, n_cells, confidence)
-    macro_f1 = _macro_f1(y_true, y_pred, num_classes)
+    macro_f1 = macro_f1_score(y_true, y_pred, num_classes)
     macro_low, macro_high = bootstrap_interval(
-        lambda truth, predicted: _macro_f1(truth, predicted, num_classes),
+        lambda truth, predicted: macro_f1_score(truth, predicted, num_classes),
         (y_true, y_pred),
         n_resamples=n_resamples,
         confidence=confidence,

@@ -28,14 +28,20 @@ def interval_text(metric: Mapping | None) -> str:
 
 
 def _by_patient(cell: Mapping) -> str:
-    """The accuracy interval that resamples patients, when the cells come from fewer patients than cells."""
+    """The accuracy (and macro-F1) intervals that resample patients, when the cells come from fewer patients than
+    cells."""
     by_patient = cell.get("accuracy_by_patient")
     if not by_patient or by_patient.get("patients", 0) >= cell.get("n_cells", 0):
         return ""
-    low, high = by_patient.get("low"), by_patient.get("high")
+    macro_f1 = cell.get("macro_f1_by_patient")
     return (f" The cells come from {by_patient['patients']} patients, and a patient's cells are not independent: "
-            f"resampling whole patients, the accuracy interval is "
-            + ("n/a" if low is None or low != low else f"{low:.3f}-{high:.3f}") + ".")
+            f"resampling whole patients, the accuracy interval is {_range(by_patient)}"
+            + (f" and the macro-F1 interval {_range(macro_f1)}" if macro_f1 else "") + ".")
+
+
+def _range(interval: Mapping) -> str:
+    low, high = interval.get("low"), interval.get("high")
+    return "n/a" if low is None or low != low else f"{low:.3f}-{high:.3f}"
 
 
 def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear: Mapping) -> str:
