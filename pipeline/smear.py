@@ -50,6 +50,8 @@ def main() -> None:
                    Path("metrics/smear.json"))
         print(f"smear: {rule.describe()}; AUC {result['auc']['value']:.3f} over {result['n_smears']} smears "
               f"(threshold: {rule.threshold_from})"
+              + (f"; the number of cells alone: AUC {result['cell_count_auc']['value']:.3f}"
+                 if "cell_count_auc" in result else "")
               + (f"; per site in metrics/smear.json ({len(result['per_site'])} sites)" if "per_site" in result else "")
               + (f"; {result['per_site_note']}" if "per_site_note" in result else ""))
 

@@ -59,3 +59,11 @@ def test_report_gives_the_patient_resampled_interval_when_cells_cluster_in_few_p
         "| r |\n", {"selected": "r"}, both, SMEAR)
     one_each = {**CELL, "accuracy_by_patient": {"value": 0.9, "low": 0.84, "high": 0.95, "patients": 100}}
     assert "patients" not in build_report("| r |\n", {"selected": "r"}, one_each, SMEAR).split("## 3.")[0]
+
+
+def test_report_sets_the_number_of_cells_alone_beside_the_smear_auc():
+    counted = {**SMEAR, "cell_count_auc": {"value": 0.896, "low": 0.78, "high": 0.97, "n_positive": 58,
+                                           "n_negative": 34}}
+    assert "| AUC of the number of cells alone (baseline) | 0.896 (0.780-0.970) | n/a |" in build_report(
+        "| r |\n", {"selected": "r"}, CELL, counted)
+    assert "number of cells alone" not in build_report("| r |\n", {"selected": "r"}, CELL, SMEAR)

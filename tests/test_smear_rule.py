@@ -145,3 +145,23 @@ def test_a_site_without_negative_smears_says_so_and_mixed_site_smears_are_not_sp
     result = measure_rule(proposed, composed, CLASSES, selection="held_out", n_resamples=50).result
     assert "per_site" not in result
     assert "16 of 16 evaluation smears mix cells of several sites" in result["per_site_note"]
+
+
+def test_the_number_of_cells_alone_is_reported_beside_the_rules_auc():
+    """Positive smears with more cells than negative ones: the count alone separates them (AUC 1), and a noisy-OR of
+    cells that carry no signal at all still reaches that AUC, which is what the baseline is there to show."""
+    rows = []
+    for index in range(12):
+        positive = index % 2 == 0
+        for j in range(10 if positive else 4):
+            rows.append({"smear_id": f"s{index:02d}", "label": "covid_rl" if positive and j == 0 else "normal",
+                         "prob_normal": 0.89, "prob_classic_rl": 0.01, "prob_covid_rl": 0.1})
+    proposed = SmearRule(score="score_noisy_or", positive_class="covid_rl", threshold=0.5,
+                         threshold_from="development")
+    result = measure_rule(proposed, pd.DataFrame(rows), CLASSES, selection="development", n_resamples=50).result
+    assert result["cell_count_auc"]["value"] == 1.0 == result["auc"]["value"]
+    assert (result["cell_count_auc"]["n_positive"], result["cell_count_auc"]["n_negative"]) == (6, 6)
+    same_size = measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="development",
+                             n_resamples=50).result
+    assert same_size["cell_count_auc"]["value"] == 0.5  # every smear 5 cells: the count tells nothing
+    assert same_size["auc"]["value"] == 1.0

@@ -87,6 +87,8 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "| metric | smearnet (95% CI) | paper (92 smears) |",
         "|---|---|---|",
         f"| AUC | {interval_text(smear.get('auc'))} | {PAPER['smear_auc']} |",
+        *([f"| AUC of the number of cells alone (baseline) | {interval_text(smear['cell_count_auc'])} | n/a |"]
+          if smear.get("cell_count_auc") else []),
     ]
     for name in ("sensitivity", "specificity", "precision", "accuracy"):
         lines.append(f"| {name} | {interval_text(summary.get(name))} | {PAPER[name]} |")

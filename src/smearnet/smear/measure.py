@@ -59,7 +59,8 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     softmax) and, for composed smears, ``part`` (0 may choose a threshold, 1 is judged blind) and ``cell_index``
     (the same cell in several smears); with a ``site`` column, the result gains ``per_site`` (or
     ``per_site_note``) as ``site_smear_metrics`` says. With a cell threshold in the rule, it gains ``positive_cells``
-    (``positive_cell_metrics``); with composed smears, ``composed_cell_reuse`` (``composed_cell_reuse``).
+    (``positive_cell_metrics``); with composed smears, ``composed_cell_reuse`` (``composed_cell_reuse``); and
+    ``cell_count_auc``, the number of cells alone as a baseline (``cell_count_baseline``).
     """
     if selection not in SELECTIONS:
         raise SmearnetError(f"Unknown smear.threshold_selection {selection!r}.", f"use one of {', '.join(SELECTIONS)}.")
@@ -96,6 +97,7 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     result.update(site_smear_metrics(calls, cells, confidence=confidence, n_resamples=n_resamples, seed=seed))
     result.update(positive_cell_metrics(rule, cells, classes, confidence=confidence))
     result.update(composed_cell_reuse(cells, calls))
+    result.update(cell_count_baseline(table, proposed.score, **common))
     return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind])
 
 
@@ -143,6 +145,22 @@ def site_smear_metrics(calls: pd.DataFrame, cells: pd.DataFrame, *, confidence: 
         return entry
 
     return {"per_site": per_site(site_of.to_numpy(), measure)}
+
+
+def cell_count_baseline(table: pd.DataFrame, score: str, *, confidence: float = 0.95, n_resamples: int = 2000,
+                        seed: int = 0) -> dict[str, Any]:
+    """``{"cell_count_auc": ...}``: the AUC, with its interval, of each smear's number of cells alone over the smears
+    ``score`` is judged on (those it scores). Where positive smears hold more cells than negative ones (the paper's
+    Table 5), a score that grows with the cells it sums (noisy-OR, expected positive count) gains from the count
+    alone; the rule's AUC above this baseline is what its cell calls add. ``{}`` without ``n_cells`` or without
+    smears of both classes."""
+    if "n_cells" not in table.columns:
+        return {}
+    scored = table[np.isfinite(table[score].to_numpy(dtype=np.float64))]
+    auc = score_aucs(scored, ["n_cells"], confidence=confidence, n_resamples=n_resamples, seed=seed)["n_cells"]
+    if not np.isfinite(auc["value"]):
+        return {}
+    return {"cell_count_auc": {key: auc[key] for key in ("value", "low", "high", "n_positive", "n_negative")}}
 
 
 def composed_cell_reuse(cells: pd.DataFrame, calls: pd.DataFrame) -> dict[str, Any]:
