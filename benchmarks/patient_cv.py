@@ -33,6 +33,7 @@ from smearnet.data.upsample import materialise, plan_upsampling
 from smearnet.evaluation.benchmark import device_name, markdown_table
 from smearnet.evaluation.cells import class_indices, patient_accuracy_interval, patient_interval
 from smearnet.evaluation.metrics import bootstrap_interval, macro_f1_score
+from smearnet.evaluation.report import interval_text
 from smearnet.io import read_table, write_text
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.models.settings import TrainSettings
@@ -73,8 +74,7 @@ def summary_row(arm: str, cells: pd.DataFrame, called: np.ndarray, classes: list
     macro_f1 = patient_interval(partial(macro_f1_score, num_classes=len(classes)), class_indices(truth, classes),
                                 class_indices(called, classes), patients, confidence=0.95, n_resamples=2000)
     by_patient = pd.Series(correct).groupby(patients).mean()
-    row = {"arm": arm, **{name: f"{value['value']:.3f} ({value['low']:.3f}-{value['high']:.3f})"
-                          for name, value in (("accuracy", accuracy), ("macro-F1", macro_f1))}}
+    row = {"arm": arm, "accuracy": interval_text(accuracy), "macro-F1": interval_text(macro_f1)}
     for name in classes:
         mask = truth == name
         row[f"recall {name}"] = f"{correct[mask].mean():.3f}" if mask.any() else "n/a"
