@@ -52,7 +52,8 @@ COMMON = [f"data.classes=[{','.join(CLASSES)}]", f"train.cycles={CYCLES}", "trai
           # The paper's recipe, whatever the demo experiment uses: no random augmentation (each DDP rank would
           # draw its own), Adam + triangular cycles, plain cross-entropy (chance is ln 3).
           "train.dihedral_augment=false", "train.stain_augment.enabled=false", "train.optimizer=adam",
-          "train.schedule=triangular", "train.label_smoothing=0.0", "train.weight_decay=0.0", "train.lr_min=0.001", "train.lr_max=0.01"]
+          "train.schedule=triangular", "train.label_smoothing=0.0", "train.weight_decay=0.0", "train.lr_min=0.001",
+          "train.lr_max=0.01"]
 RESNET = ["model=resnet18", "model.resnet18.input_size=[32,32]"]
 LIGHTCNN = ["model=lightcnn", "model.lightcnn.input_size=[32,40]", "model.lightcnn.drop_rate=0.0"]
 ONE_PROCESS = [f"train.batch_size={GLOBAL_BATCH}", "trainer.devices=1", "trainer.strategy=auto"]
