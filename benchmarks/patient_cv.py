@@ -32,8 +32,8 @@ from smearnet.config import compose_config
 from smearnet.data.upsample import materialise, plan_upsampling
 from smearnet.evaluation.benchmark import device_name, markdown_table
 from smearnet.evaluation.cells import class_indices, patient_accuracy_interval, patient_interval
-from smearnet.evaluation.metrics import bootstrap_interval, macro_f1_score
-from smearnet.evaluation.report import interval_text
+from smearnet.evaluation.metrics import macro_f1_score, paired_difference
+from smearnet.evaluation.report import difference_text, interval_text
 from smearnet.io import read_table, write_text
 from smearnet.models.inference import load_trained, predict_probabilities
 from smearnet.models.settings import TrainSettings
@@ -57,13 +57,6 @@ def patient_folds(cells: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     for fold, (_, held_out) in enumerate(dealer.split(cells, cells["label"], cells["patient_id"])):
         fold_of[held_out] = fold
     return fold_of
-
-
-def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, patients: np.ndarray) -> str:
-    """Accuracy of b minus a on the same cells, with a bootstrap interval that resamples whole patients."""
-    low, high = bootstrap_interval(lambda a, b: float(np.mean(b) - np.mean(a)), (correct_a, correct_b),
-                                   clusters=patients)
-    return f"{np.mean(correct_b) - np.mean(correct_a):+.3f} ({low:+.3f} to {high:+.3f})"
 
 
 def summary_row(arm: str, cells: pd.DataFrame, called: np.ndarray, classes: list[str], seconds: float) -> dict:
@@ -134,8 +127,8 @@ def main() -> None:
     rows = [summary_row(arm, cells, called[arm], classes, seconds[arm]) for arm, _ in arms]
     reference = (called["recipe"] == truth).astype(float)
     for row, (arm, _) in zip(rows, arms):
-        row["vs recipe"] = "" if arm == "recipe" else paired_difference(reference, (called[arm] == truth).astype(float),
-                                                                         patients)
+        row["vs recipe"] = "" if arm == "recipe" else difference_text(
+            paired_difference(reference, (called[arm] == truth).astype(float), clusters=patients))
     overrides = "; ".join(f"{arm}: {' '.join(o) or '(as configured)'}" for arm, o in arms)
     lines = [f"Patient-grouped {args.folds}-fold cross-validation of experiment={args.experiment} ({device_name()}; "
              f"{time.strftime('%Y-%m-%d')}): {len(cells)} development cells of {cells['patient_id'].nunique()} "

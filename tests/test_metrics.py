@@ -16,6 +16,7 @@ from smearnet.evaluation.metrics import (
     binary_summary,
     bootstrap_interval,
     cell_metrics,
+    paired_difference,
     per_site,
     wilson_interval,
 )
@@ -122,6 +123,29 @@ def test_a_cluster_bootstrap_resamples_whole_patients_and_is_as_wide_as_their_nu
     y_true = np.zeros(500, dtype=int)
     summary = patient_accuracy_interval(y_true, 1 - correct.astype(int), patients, confidence=0.95, n_resamples=400)
     assert summary["value"] == 0.6 and summary["patients"] == 5 and (summary["low"], summary["high"]) == (low, high)
+
+
+def test_a_paired_difference_is_b_minus_a_on_the_same_draws():
+    """Two arms that err on the same 300 of 1,000 cells, b right on 20 more: each arm's own interval is about
+    +-3 points wide and they overlap, but the paired difference's interval excludes zero. With clusters, whole
+    patients are resampled, so the interval widens; equal arms give exactly zero."""
+    rng = np.random.default_rng(0)
+    a = np.ones(1000)
+    a[rng.choice(1000, 300, replace=False)] = 0
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:20]] = 1
+    difference = paired_difference(a, b, n_resamples=1000)
+    assert difference["value"] == pytest.approx(0.02)
+    assert 0.0 < difference["low"] < 0.02 < difference["high"] < 0.04
+    a_low, a_high = wilson_interval(700, 1000)
+    b_low, b_high = wilson_interval(720, 1000)
+    assert a_high > b_low  # the separate intervals overlap
+    patients = np.repeat(np.arange(10), 100)
+    by_patient = paired_difference(a, b, clusters=patients, n_resamples=1000)
+    assert by_patient["value"] == difference["value"]
+    assert by_patient["high"] - by_patient["low"] > difference["high"] - difference["low"]
+    assert paired_difference(a, a, clusters=patients, n_resamples=200) == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert paired_difference(b, a, n_resamples=1000)["value"] == pytest.approx(-0.02)
 
 
 def test_macro_f1_by_patient_resamples_whole_patients():

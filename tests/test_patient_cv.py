@@ -37,18 +37,6 @@ def test_folds_hold_whole_patients_and_every_class(patient_cv):
     assert (patient_cv.patient_folds(cells, 5, seed=42) == fold_of).all()
 
 
-def test_paired_difference_is_b_minus_a_with_a_patient_interval(patient_cv):
-    patients = np.repeat(np.arange(10), 4)
-    a = np.zeros(40)
-    b = (patients < 5).astype(float)  # b gets half the patients right, a none
-    text = patient_cv.paired_difference(a, b, patients)
-    value, interval = text.split(" ", 1)
-    low, high = (float(x) for x in interval.strip("()").split(" to "))
-    assert float(value) == pytest.approx(0.5)
-    assert low < 0.5 < high and low >= 0.0 and high <= 1.0
-    assert patient_cv.paired_difference(a, a, patients) == "+0.000 (+0.000 to +0.000)"
-
-
 def test_an_arm_needs_a_name_and_overrides(patient_cv):
     assert patient_cv.parse_arm("stain=train.stain_augment.enabled=true,train.cycles=3") == (
         "stain", ["train.stain_augment.enabled=true", "train.cycles=3"])

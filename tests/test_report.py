@@ -1,4 +1,4 @@
-from smearnet.evaluation.report import build_report
+from smearnet.evaluation.report import build_report, difference_text
 
 CELL = {"n_cells": 100, "accuracy": {"value": 0.9, "low": 0.82, "high": 0.95},
         "macro_f1": {"value": 0.85, "low": 0.8, "high": 0.9},
@@ -67,3 +67,8 @@ def test_report_sets_the_number_of_cells_alone_beside_the_smear_auc():
     assert "| AUC of the number of cells alone (baseline) | 0.896 (0.780-0.970) | n/a |" in build_report(
         "| r |\n", {"selected": "r"}, CELL, counted)
     assert "number of cells alone" not in build_report("| r |\n", {"selected": "r"}, CELL, SMEAR)
+
+
+def test_a_difference_is_written_signed_with_its_interval():
+    assert difference_text({"value": 0.068, "low": -0.008, "high": 0.2061}) == "+0.068 (-0.008 to +0.206)"
+    assert difference_text({"value": 0.0, "low": 0.0, "high": 0.0}) == "+0.000 (+0.000 to +0.000)"

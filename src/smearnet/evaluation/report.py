@@ -27,6 +27,11 @@ def interval_text(metric: Mapping | None) -> str:
     return f"{value:.3f} ({low:.3f}-{high:.3f})"
 
 
+def difference_text(difference: Mapping) -> str:
+    """A signed difference with its interval (`metrics.paired_difference`), as "+0.068 (-0.008 to +0.206)"."""
+    return f"{difference['value']:+.3f} ({difference['low']:+.3f} to {difference['high']:+.3f})"
+
+
 def _by_patient(cell: Mapping) -> str:
     """The accuracy (and macro-F1) intervals that resample patients, when the cells come from fewer patients than
     cells."""
