@@ -151,6 +151,25 @@ def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_say
                                  "auto": {"candidates": [], "time_tolerance": 0.1}})
 
 
+def test_test_time_augmentation_is_kept_by_auto_and_by_the_reference_it_is_judged_against():
+    """`inference.tta: true` is part of what the model computes: every auto candidate, extra engine and the eager
+    fp32 reference run it (agreement then measures the engine alone), and the engine auto records carries it."""
+    from smearnet.evaluation.benchmark import BenchmarkSettings, chosen_inference
+    from smearnet.models.inference import resolve_inference
+
+    inference = {**INFERENCE, "engine": "auto", "tta": True,
+                 "auto": {"candidates": ["eager-bf16-cl", "openvino-int8"], "time_tolerance": 0.1},
+                 "fidelity": {"min_agreement": 0.995, "max_accuracy_drop": 0.003}}
+    settings = BenchmarkSettings.from_params({**BENCHMARK, "engines": [{"engine": "onnxruntime", "precision": "fp32"}]},
+                                             inference, seed=0)
+    assert [spec.label for spec in settings.specs] == ["eager-fp32-tta", "onnxruntime-fp32-tta", "eager-bf16-cl-tta",
+                                                       "openvino-int8-tta"]
+    chosen = chosen_inference(_row("openvino", "int8", 1.0, 1.0, 0.95) | {"tta": True})
+    assert resolve_inference(inference, {"selected": "m", "inference": chosen})["tta"] is True
+    plain = BenchmarkSettings.from_params(BENCHMARK, {**inference, "tta": False}, seed=0)
+    assert not any(spec.tta for spec in plain.specs)
+
+
 def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny_model, tmp_path):
     from smearnet.evaluation.benchmark import BenchmarkSettings, benchmark_engines, chosen_inference
     from smearnet.models.engines import engine_spec

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from smearnet.errors import SmearnetError
 from smearnet.registry.frozen import frozen_set, training_patients
@@ -344,12 +345,13 @@ def test_gate_refuses_a_champion_made_under_another_pseudonym_key():
 
 def test_a_quantised_engine_that_changes_the_calls_is_refused_at_registration(tmp_path):
     """inference.fidelity on the validation cells: an int8 engine whose calls stray from eager fp32 is refused with
-    the measured figures; one that keeps them passes; fp32 and bf16 engines are not checked."""
+    the measured figures; one that keeps them passes, also with test-time augmentation (judged against eager fp32
+    with the same augmentation, not against single views); fp32 and bf16 engines are not checked."""
     from dataclasses import replace
 
     from conftest import colour_cells
-    from smearnet.models.engines import Engine, EngineSpec
-    from smearnet.models.inference import load_trained
+    from smearnet.models.engines import Engine, EngineSpec, build_engine
+    from smearnet.models.inference import load_trained, predict_probabilities
     from smearnet.registry.register import refuse_unfaithful_engine
     from workspace import CLASSES
 
@@ -360,15 +362,33 @@ def test_a_quantised_engine_that_changes_the_calls_is_refused_at_registration(tm
                                                                         "max_accuracy_drop": 0.003}}
     int8 = EngineSpec(engine="compile", precision="int8", batch_size=8)
     faithful = replace(reference, engine=Engine(int8, lambda images: reference.net(images)))
-    measured = refuse_unfaithful_engine(faithful, reference, val, inference, batch_size=8)
+    measured = refuse_unfaithful_engine(faithful, val, inference, batch_size=8)
     assert measured["agreement"] == 1.0 and measured["accuracy"] == measured["reference_accuracy"]
+    # A network whose calls depend on the cell's orientation, so averaging the 8 views changes them: an int8
+    # engine that computes exactly eager fp32's 8-view mean is faithful, though it disagrees with single views.
+    oriented = replace(reference, net=_OrientedNet().eval())
+    tta = build_engine(oriented.net, oriented.input_spec, EngineSpec(batch_size=8, tta=True))
+    augmented = replace(oriented, engine=Engine(replace(int8, tta=True), tta))
+    single = predict_probabilities(oriented, val, batch_size=8, progress=False).argmax(1)
+    assert (predict_probabilities(augmented, val, batch_size=8, progress=False).argmax(1) != single).any()
+    assert refuse_unfaithful_engine(augmented, val, inference, batch_size=8)["agreement"] == 1.0
     # An engine whose calls differ from eager fp32's on every cell (the largest logit becomes the smallest).
     broken = replace(reference, engine=Engine(int8, lambda images: -reference.net(images)))
     with pytest.raises(SmearnetError, match=r"Refusing to register with the compile-int8 engine: on the 12 "
                                             r"validation cells it agrees with eager fp32 on 0\.00%"):
-        refuse_unfaithful_engine(broken, reference, val, inference, batch_size=8)
-    assert refuse_unfaithful_engine(reference, reference, val, inference, batch_size=8) is None  # eager fp32
+        refuse_unfaithful_engine(broken, val, inference, batch_size=8)
+    assert refuse_unfaithful_engine(reference, val, inference, batch_size=8) is None  # eager fp32
     bf16 = replace(reference, engine=Engine(EngineSpec(precision="bf16"), lambda images: -reference.net(images)))
-    assert refuse_unfaithful_engine(bf16, reference, val, inference, batch_size=8) is None  # only int8 is checked
+    assert refuse_unfaithful_engine(bf16, val, inference, batch_size=8) is None  # only int8 is checked
     with pytest.raises(SmearnetError, match="No validation cells"):
-        refuse_unfaithful_engine(broken, reference, val.assign(split="test"), inference, batch_size=8)
+        refuse_unfaithful_engine(broken, val.assign(split="test"), inference, batch_size=8)
+
+
+class _OrientedNet(torch.nn.Module):
+    """Three logits from where the cell is brighter: left vs right, top vs bottom, and a constant between them."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        half = images.shape[-1] // 2
+        left_right = images[..., :half].mean((1, 2, 3)) - images[..., half:].mean((1, 2, 3))
+        top_bottom = images[..., :half, :].mean((1, 2, 3)) - images[..., half:, :].mean((1, 2, 3))
+        return torch.stack([100 * left_right, 100 * top_bottom, torch.full_like(left_right, 1e-3)], dim=1)

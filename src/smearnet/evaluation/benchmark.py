@@ -6,7 +6,7 @@ import platform
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,15 @@ class AutoEngine:
 
     @classmethod
     def from_mapping(cls, inference: Mapping[str, Any]) -> AutoEngine:
-        """From the `inference` section: `auto.candidates`, `auto.time_tolerance`, `fidelity`."""
+        """From the `inference` section: `auto.candidates`, `auto.time_tolerance`, `fidelity`. Every candidate
+        runs with `inference.tta` as configured: test-time augmentation is part of what the model computes, not of
+        the engine, so auto never drops it."""
         from smearnet.models.engines import parse_engine_label
 
         auto = inference["auto"]
-        candidates = tuple(parse_engine_label(label, int(inference["batch_size"])) for label in auto["candidates"])
+        tta = bool(inference.get("tta", False))
+        candidates = tuple(replace(spec, tta=spec.tta or tta) for spec in
+                           (parse_engine_label(label, int(inference["batch_size"])) for label in auto["candidates"]))
         if not candidates:
             raise SmearnetError("inference.engine is auto but inference.auto.candidates is empty.",
                                 "list the engines to try, e.g. [eager-bf16-cl, openvino-bf16, compile-int8-cl].")
@@ -281,8 +285,8 @@ class BenchmarkSettings:
 
     @classmethod
     def from_params(cls, benchmark: Mapping[str, Any], inference: Mapping[str, Any], *, seed: int) -> BenchmarkSettings:
-        """From the `benchmark` and `inference` sections; an extra engine without a batch size takes the configured
-        engine's."""
+        """From the `benchmark` and `inference` sections; an extra engine without a batch size or `tta` takes the
+        configured engine's."""
         from smearnet.models.engines import AUTO, engine_spec
 
         auto = None
@@ -291,7 +295,8 @@ class BenchmarkSettings:
             configured = auto.candidates[0]
         else:
             configured = engine_spec(inference)
-        extra = tuple(engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size))
+        extra = tuple(engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size),
+                                  tta=(entry or {}).get("tta", configured.tta))
                       for entry in (benchmark.get("engines") or []))
         max_images = benchmark.get("max_images")
         cache_dir = inference.get("cache_dir")
@@ -303,9 +308,10 @@ class BenchmarkSettings:
 
     @property
     def specs(self) -> list[EngineSpec]:
-        """The engines timed, in order: eager fp32 (the reference), the extra engines, the configured one (with
-        `auto`: every candidate)."""
-        specs = [EngineSpec(batch_size=self.inference.batch_size)]
+        """The engines timed, in order: eager fp32 (the reference, with the configured engine's test-time
+        augmentation, so agreement measures the engine alone), the extra engines, the configured one (with `auto`:
+        every candidate)."""
+        specs = [EngineSpec(batch_size=self.inference.batch_size, tta=self.inference.tta)]
         for spec in (*self.engines, *(self.auto.candidates if self.auto else (self.inference,))):
             if spec not in specs:
                 specs.append(spec)

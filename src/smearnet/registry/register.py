@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from smearnet.errors import SmearnetError
 from smearnet.io import json_safe, read_json
 from smearnet.pseudonyms import KEY_ENV, KEY_FILE, key_fingerprint
 from smearnet.serving.requests import ServingLimits
-from smearnet.models.engines import engine_spec
+from smearnet.models.engines import EngineSpec, engine_spec
 from smearnet.models.inference import (TrainedModel, accuracy_control, load_trained, read_serving, serving_engine,
                                       with_engine)
 from smearnet.registry.frozen import FrozenSet, evaluate_frozen, explained_smears_html, frozen_set, training_patients
@@ -61,20 +61,21 @@ class RegisterInputs:
     serving_limits: ServingLimits | None = None  # the `serving` config section; None = the defaults
 
 
-def refuse_unfaithful_engine(model: TrainedModel, reference: TrainedModel, split_manifest: pd.DataFrame,
-                             inference: Mapping[str, Any] | None, *, batch_size: int) -> dict[str, float] | None:
-    """Refuse (SmearnetError) to register a model whose int8 engine strays from eager fp32 beyond
-    `inference.fidelity` on the validation cells (disjoint from the training cells int8 calibrates on): a quantised
-    engine that changes the calls is never shipped. Other engines (fp32, bf16: no calibration, and the benchmark
-    table shows their agreement) and a configuration without `fidelity` pass unchecked. Returns the measured
-    agreement and accuracies when checked."""
+def refuse_unfaithful_engine(model: TrainedModel, split_manifest: pd.DataFrame, inference: Mapping[str, Any] | None,
+                             *, batch_size: int) -> dict[str, float] | None:
+    """Refuse (SmearnetError) to register a model whose int8 engine strays from eager fp32 (with the same test-time
+    augmentation: the engine is judged, not the augmentation) beyond `inference.fidelity` on the validation cells
+    (disjoint from the training cells int8 calibrates on): a quantised engine that changes the calls is never
+    shipped. Other engines (fp32, bf16: no calibration, and the benchmark table shows their agreement) and a
+    configuration without `fidelity` pass unchecked. Returns the measured agreement and accuracies when checked."""
     from smearnet.evaluation.cells import class_indices
-    from smearnet.models.engines import EngineSpec, Fidelity
+    from smearnet.models.engines import Fidelity
     from smearnet.models.inference import predict_probabilities
 
     spec = model.engine.spec if model.engine is not None else EngineSpec()
     if not inference or not inference.get("fidelity") or not spec.precision.startswith("int8"):
         return None
+    reference = with_engine(replace(model, engine=None), EngineSpec(batch_size=batch_size, tta=spec.tta))
     fidelity = Fidelity.from_mapping(inference["fidelity"])
     val = split_manifest[split_manifest["split"] == "val"]
     if val.empty:
@@ -110,10 +111,9 @@ def register_and_gate(inputs: RegisterInputs) -> dict[str, Any]:
     fingerprint = model_fingerprint(inputs.model_dir, serving)
     exports = export_engine_files(model, inputs.inference, inputs.split_manifest, seed=inputs.seed)
     # Judged on the engine it is served with: the very file packaged with it (int8 is calibrated once, above).
-    reference = model
     model = with_engine(model, engine_spec(inputs.inference), cache_dir=exports[0].parent if exports else None,
                         accuracy_control=accuracy_control(model, inputs.inference))
-    refuse_unfaithful_engine(model, reference, inputs.split_manifest, inputs.inference, batch_size=inputs.batch_size)
+    refuse_unfaithful_engine(model, inputs.split_manifest, inputs.inference, batch_size=inputs.batch_size)
     frozen = frozen_set(inputs.split_manifest, inputs.compose, positive_class=rule.positive_class, seed=inputs.seed,
                         blind_smear_ids=inputs.blind_smear_ids)
     close_abandoned_runs(client, inputs.experiment, inputs.model_name, fingerprint)
