@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -274,6 +275,8 @@ def test_experiment_finetune_starts_from_pretrained_weights_that_dvc_keeps(tmp_p
     model = json.loads((project / "models/resnet18/model.json").read_text())
     assert model["model_cfg"]["cell_weights"] == "models/pretrained/resnet18/weights.safetensors"
     assert json.loads((project / "metrics/smear.json").read_text())["n_smears"] >= 6
+    with open(project / "reports/benchmark/table1.csv", newline="") as table:  # the recipe's 8-view TTA ran
+        assert {row["tta"] for row in csv.DictReader(table)} == {"True"}
 
     from smearnet.cli import compose_params
 
