@@ -12,6 +12,7 @@
    cells (`evaluation_cells.csv`) go to the smear stage, which fixes the threshold and measures the rule.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from smearnet.io import read_table, write_json, write_text
 from smearnet.io import json_safe
 from smearnet.smear.mil import cell_outputs
 from smearnet.evaluation.plots import roc_png
-from smearnet.smear import (AggregateParams, CellSet, SmearRule, check_cell_threshold_setting, evaluation_smears,
+from smearnet.smear import (AggregateParams, CellSet, SmearRule, check_cell_threshold_setting,
+                            design_fitted_to_smears, evaluation_smears,
                             resolve_cell_threshold, run_aggregation, save_rule, smear_keys)
 from smearnet.smear.report import roc_curves, scores_markdown
 from smearnet.pseudonyms import pseudonym
@@ -48,6 +50,11 @@ def main() -> None:
         cell_setting = check_cell_threshold_setting(cfg.smear.cell_threshold)  # a bad value stops before any work
         selected, inference = selected_model(plain(cfg.inference), Path("reports/benchmark/selection.json"))
         split_manifest = read_table(Path("data/split/manifest.csv"))
+        if int(cfg.smear.compose.fit_to_development):  # compose development smears like the cohort's own
+            design, design_from = design_fitted_to_smears(split_manifest[split_manifest["split"] != "assessment"],
+                                                          positive, params.design,
+                                                          min_mixed_smears=int(cfg.smear.compose.fit_to_development))
+            params = replace(params, design=design, design_from=design_from)
         model = load_for_inference(Path("models") / selected, split_manifest, inference, seed=seed)
 
         smears, smears_from = evaluation_smears(split_manifest, cfg.smear.compose, positive_class=positive, seed=seed)
@@ -115,7 +122,9 @@ def main() -> None:
         print(f"aggregate: T={calibration.temperature:.3f}, proposed {rule.score} (development threshold "
               f"{result.threshold:.4g}"
               + (f", cell threshold {rule.cell_threshold:.4g}" if rule.cell_threshold is not None else "")
-              + f"), development from {'+'.join(development_splits)}, evaluation: {smears_from}")
+              + f"), development from {'+'.join(development_splits)}, composed with {params.design.target_cells[0]}-"
+              f"{params.design.target_cells[1]} positive cells among {params.design.cells_per_smear[0]}-"
+              f"{params.design.cells_per_smear[1]} (from {params.design_from}), evaluation: {smears_from}")
 
         mlflow.log_params({"chosen_score": result.choice.chosen, "fold_unit": result.development.fold_unit,
                            **{f"aggregate.{k}": str(v) for k, v in cfg.aggregate.items()}})

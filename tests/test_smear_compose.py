@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from smearnet.errors import SmearnetError
-from smearnet.smear import SmearDesign, compose_smears, evaluation_smears
+from smearnet.smear import SmearDesign, compose_smears, design_fitted_to_smears, evaluation_smears
 
 DESIGN = SmearDesign(cells_per_smear=(20, 40), target_cells=(1, 3), lookalike_smears=0.3, lookalike_cells=(1, 4))
 
@@ -66,3 +66,36 @@ def test_evaluation_smears_prefer_the_assessment_cohort_then_composition_then_th
     with_assessment = pd.concat([frame, frame.head(5).assign(split="assessment")])
     assessed, source = evaluation_smears(with_assessment, settings, positive_class="erythroblast", seed=0)
     assert source == "assessment cohort" and len(assessed) == 5
+
+
+def _smears(counts):
+    """Real smears: (size, positive cells) per smear, labels only."""
+    rows = []
+    for number, (size, positive) in enumerate(counts):
+        rows += [{"smear_id": f"S{number}", "label": "variant"}] * positive
+        rows += [{"smear_id": f"S{number}", "label": "normal"}] * (size - positive)
+    return pd.DataFrame(rows)
+
+
+def test_development_smears_are_composed_like_a_cohorts_own_mixed_smears():
+    """Ten positive smears of 30-48 cells holding 2-11 positive cells among normal ones, ten negative ones: the
+    design takes their 10th-90th percentile sizes and positive counts; look-alike settings stay configured."""
+    counts = [(30 + 2 * i, 2 + i) for i in range(10)] + [(30 + 2 * i, 0) for i in range(10)]
+    design, source = design_fitted_to_smears(_smears(counts), "variant", DESIGN, min_mixed_smears=5)
+    assert design.cells_per_smear == (31, 47) and design.target_cells == (2, 11)
+    assert (design.lookalike_smears, design.lookalike_cells) == (DESIGN.lookalike_smears, DESIGN.lookalike_cells)
+    assert "20 smears (10 positive, 10 of them mixed)" in source
+
+
+def test_the_configured_design_stays_where_smears_are_one_class_or_one_cell_or_too_few_are_mixed():
+    one_class = _smears([(40, 40)] * 6 + [(40, 0)] * 6)  # the synthetic development cohort: a patient, a class
+    one_cell = _smears([(1, 1)] * 30 + [(1, 0)] * 30)  # PBC: every cell its own smear
+    few = _smears([(30, 3)] * 4 + [(30, 0)] * 10)
+    for cohort in (one_class, one_cell, few):
+        design, source = design_fitted_to_smears(cohort, "variant", DESIGN, min_mixed_smears=5)
+        assert design == DESIGN and source.startswith("smear.compose (")
+    assert "4 development smears hold positive and negative cells" in design_fitted_to_smears(
+        few, "variant", DESIGN, min_mixed_smears=5)[1]
+    assert design_fitted_to_smears(few, "variant", DESIGN, min_mixed_smears=4)[0].target_cells == (3, 3)
+    with pytest.raises(SmearnetError, match="min_mixed_smears"):
+        design_fitted_to_smears(few, "variant", DESIGN, min_mixed_smears=0)

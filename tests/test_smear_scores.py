@@ -248,6 +248,9 @@ def test_run_aggregation_metrics_and_report_name_every_score():
     assert metrics["chosen_score"] in SCORES and metrics["fold_unit"] == "patient" and metrics["folds"] == 2
     assert set(metrics["development_composed"]["auc"]) == set(SCORES) == set(metrics["assessment"]["auc"])
     assert metrics["development_composed"]["n_smears"] == 2 * 2 * 20
+    assert metrics["development_composed"]["design"] == {"cells_per_smear": [20, 40], "target_cells": [1, 3],
+                                                          "lookalike_smears": 0.3, "lookalike_cells": [1, 4],
+                                                          "from": "smear.compose"}
     blind = metrics["assessment"]["blind"]
     assert sum(blind["confusion"].values()) == metrics["assessment"]["n_smears"] == 7
     assert not any("roc" in entry for entry in metrics["assessment"]["auc"].values())

@@ -13,7 +13,8 @@
 from smearnet.smear.cell_threshold import (CELL_THRESHOLD_SETTINGS, CellThreshold, check_cell_threshold_setting,
                                            f1_cell_threshold, positive_call_summary, resolve_cell_threshold)
 from smearnet.smear.compose import (BACKGROUND, LOOKALIKE, TARGET, SmearDesign, SmearMix, compose_bags,
-                                    compose_smears, design_from_config, evaluation_smears, patient_parts,
+                                    compose_smears, design_fitted_to_smears, design_from_config,
+                                    evaluation_smears, patient_parts,
                                     plan_smear_mixes, smear_keys)
 from smearnet.smear.measure import (SELECTIONS, RuleMeasurement, measure_rule, positive_cell_metrics,
                                     site_smear_metrics, smear_sites)
@@ -38,7 +39,7 @@ __all__ = [
     "AggregateParams", "AggregationResult", "AssessmentResult", "CellSet", "DevelopmentResult", "ScoreChoice",
     "SimulatedSmears", "SmearDesign", "SmearMix", "SmearRule", "assess", "auc_interval", "choose_score",
     "classify", "compose_bags", "compose_smears", "evaluation_smears", "measure_rule", "RuleMeasurement",
-    "SELECTIONS", "design_from_config", "development_evaluation",
+    "SELECTIONS", "design_fitted_to_smears", "design_from_config", "development_evaluation",
     "development_folds", "expected_positive", "implied_cell_auc", "load_rule", "mean_probability",
     "natural_bags", "noisy_or", "patient_parts", "plan_smear_mixes", "roc_curves", "roc_points", "run_aggregation", "scores_markdown",
     "save_rule", "score_aucs", "score_smears", "select_threshold", "share_of_calls",

@@ -186,6 +186,36 @@ def compose_smears(cells: pd.DataFrame, design: SmearDesign, *, positive_class: 
     return pd.concat(pieces, ignore_index=True)
 
 
+def design_fitted_to_smears(cells: pd.DataFrame, positive_class: str, design: SmearDesign, *,
+                            min_mixed_smears: int) -> tuple[SmearDesign, str]:
+    """``design`` with its smear sizes and positive-cell counts read off real smears, where the data has them.
+
+    When at least ``min_mixed_smears`` (>= 1) positive smears of ``cells`` (rows with ``smear_id`` and ``label``; only
+    labels are read) also hold negative cells, as a hospital's smears do, ``cells_per_smear`` becomes the 10th-90th
+    percentile range of all smears' sizes and ``target_cells`` that of the positive smears' positive-cell counts
+    (at least 1), so that smears composed to choose a score look like the smears it will be judged on. Look-alike
+    settings stay as configured. Otherwise (every smear one class, as in the synthetic development cohort, or one
+    cell a smear, as in PBC) ``design`` is returned unchanged. Returns the design and where it comes from.
+    """
+    sizes = cells.groupby("smear_id").size()
+    positives = (cells["label"] == positive_class).groupby(cells["smear_id"]).sum()
+    positive_smears = positives[positives > 0]
+    mixed = positive_smears[positive_smears < sizes[positive_smears.index]]
+    if min_mixed_smears < 1:
+        raise SmearnetError(f"min_mixed_smears must be >= 1; got {min_mixed_smears}.",
+                            "set smear.compose.fit_to_development to e.g. 5, or 0 to keep the configured design.")
+    if len(mixed) < min_mixed_smears:
+        return design, (f"smear.compose ({len(mixed)} development smears hold positive and negative cells; "
+                        f"{min_mixed_smears} needed to read the design off them)")
+    size_low, size_high = np.quantile(sizes.to_numpy(), [0.1, 0.9])
+    target_low, target_high = np.quantile(positive_smears.to_numpy(), [0.1, 0.9])
+    fitted = SmearDesign(cells_per_smear=(max(int(np.floor(size_low)), 1), max(int(np.ceil(size_high)), 1)),
+                         target_cells=(max(int(np.floor(target_low)), 1), max(int(np.ceil(target_high)), 1)),
+                         lookalike_smears=design.lookalike_smears, lookalike_cells=design.lookalike_cells)
+    return fitted, (f"the development cohort's {len(sizes)} smears ({len(positive_smears)} positive, {len(mixed)} of "
+                    "them mixed): 10th-90th percentiles of smear size and of positive cells per positive smear")
+
+
 def design_from_config(compose: Any) -> tuple[SmearDesign, int, tuple[str, ...]]:
     """The composition model of the ``smear.compose`` config section: design, smears per class, look-alikes."""
     design = SmearDesign(cells_per_smear=compose["cells_per_smear"], target_cells=compose["target_cells"],

@@ -48,6 +48,7 @@ class AggregateParams:
     """The ``aggregate`` section of the configuration."""
 
     design: SmearDesign = field(default_factory=SmearDesign)
+    design_from: str = "smear.compose"  # where `design` comes from (`compose.design_fitted_to_smears`)
     smears_per_class: int = 100
     lookalike_classes: tuple[str, ...] = ("classic_rl",)
     mil: MILConfig = field(default_factory=MILConfig)
@@ -370,7 +371,12 @@ class AggregationResult:
             "folds": self.development.n_folds,
             "confidence": self.params.confidence,
             "development_composed": {"n_smears": len(self.development.composed),
-                                     "auc": auc_only(self.choice.aucs)},
+                                     "auc": auc_only(self.choice.aucs),
+                                     "design": {"cells_per_smear": list(self.params.design.cells_per_smear),
+                                                "target_cells": list(self.params.design.target_cells),
+                                                "lookalike_smears": self.params.design.lookalike_smears,
+                                                "lookalike_cells": list(self.params.design.lookalike_cells),
+                                                "from": self.params.design_from}},
             "development_natural": {"n_smears": len(self.development.natural),
                                     "auc": auc_only(self.natural_aucs)},
         }
