@@ -1,4 +1,5 @@
-"""benchmarks/transfer.py: held-out splits by content digest, and each start judged against scratch on the same cells."""
+"""benchmarks/transfer.py: held-out splits by content digest; each start judged against scratch on the same
+cells."""
 
 import importlib.util
 from pathlib import Path
