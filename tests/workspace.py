@@ -15,7 +15,8 @@ POSITIVE = "blue"
 OVERRIDES = ["model=resnet18", "model.resnet18.input_size=[32,32]", f"data.classes=[{','.join(CLASSES)}]",
              f"data.positive_class={POSITIVE}", "train.batch_size=8", "train.cycles=3",
              "train.stain_augment.enabled=false",  # colour is these cells' class: no colour jitter
-             "smear.bootstrap_resamples=100", "evaluation.bootstrap_resamples=100"]
+             "smear.bootstrap_resamples=100", "evaluation.bootstrap_resamples=100",
+             "inference.engine=auto", "benchmark.engines=[]"]  # the demo pins OpenVINO int8; these run as picked
 
 
 def tiny_config(*extra: str):
