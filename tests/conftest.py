@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,14 @@ os.environ.setdefault("SMEARNET_ID_SALT", "smearnet-tests-key")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PBC_DIR = Path(os.environ.get("SMEARNET_PBC_DIR", REPO_ROOT.parent / "shared" / "data" / "pbc"))
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` imported as a module (its functions tested without running `main`)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

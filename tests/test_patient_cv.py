@@ -1,21 +1,15 @@
 """benchmarks/patient_cv.py: recipes compared by cross-validation over whole development patients."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "patient_cv.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def patient_cv():
-    spec = importlib.util.spec_from_file_location("patient_cv", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("patient_cv")
 
 
 def _cells(n_patients: int = 15) -> pd.DataFrame:

@@ -1,22 +1,16 @@
 """benchmarks/transfer.py: held-out splits by content digest; each start judged against scratch on the same
 cells."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def transfer():
-    spec = importlib.util.spec_from_file_location("transfer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("transfer")
 
 
 def test_held_out_splits_are_disjoint_and_sized_per_class(transfer):
