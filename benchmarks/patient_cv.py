@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from smearnet.config import compose_config
 from smearnet.data.upsample import materialise, plan_upsampling
 from smearnet.evaluation.benchmark import device_name, markdown_table
-from smearnet.evaluation.cells import class_indices, patient_accuracy_interval, patient_interval
-from smearnet.evaluation.metrics import macro_f1_score, paired_difference
+from smearnet.evaluation.cells import class_indices, patient_intervals
+from smearnet.evaluation.metrics import paired_difference
 from smearnet.evaluation.report import difference_text, interval_text
 from smearnet.io import read_table, write_text
 from smearnet.models.inference import load_trained, predict_probabilities
@@ -63,11 +62,11 @@ def summary_row(arm: str, cells: pd.DataFrame, called: np.ndarray, classes: list
     truth = cells["label"].to_numpy()
     correct = (called == truth).astype(float)
     patients = cells["patient_id"].to_numpy()
-    accuracy = patient_accuracy_interval(truth, called, patients, confidence=0.95, n_resamples=2000)
-    macro_f1 = patient_interval(partial(macro_f1_score, num_classes=len(classes)), class_indices(truth, classes),
-                                class_indices(called, classes), patients, confidence=0.95, n_resamples=2000)
+    intervals = patient_intervals(class_indices(truth, classes), class_indices(called, classes), patients,
+                                  len(classes), confidence=0.95, n_resamples=2000)
     by_patient = pd.Series(correct).groupby(patients).mean()
-    row = {"arm": arm, "accuracy": interval_text(accuracy), "macro-F1": interval_text(macro_f1)}
+    row = {"arm": arm, "accuracy": interval_text(intervals["accuracy_by_patient"]),
+           "macro-F1": interval_text(intervals["macro_f1_by_patient"])}
     for name in classes:
         mask = truth == name
         row[f"recall {name}"] = f"{correct[mask].mean():.3f}" if mask.any() else "n/a"

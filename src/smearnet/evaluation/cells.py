@@ -46,12 +46,8 @@ def cell_evaluation(cells: pd.DataFrame, probabilities: np.ndarray, classes: Seq
     y_true = class_indices(cells["label"], classes)
     metrics = cell_metrics(y_true, probabilities, list(classes), positive_class, confidence, n_resamples=n_resamples)
     if "patient_id" in cells.columns:
-        y_pred, patients = np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy()
-        metrics["accuracy_by_patient"] = patient_accuracy_interval(y_true, y_pred, patients, confidence=confidence,
-                                                                   n_resamples=n_resamples)
-        metrics["macro_f1_by_patient"] = patient_interval(
-            partial(macro_f1_score, num_classes=len(classes)), y_true, y_pred, patients, confidence=confidence,
-            n_resamples=n_resamples)
+        metrics.update(patient_intervals(y_true, np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy(),
+                                         len(classes), confidence=confidence, n_resamples=n_resamples))
     sites = site_cell_metrics(cells, y_true, probabilities, classes, positive_class, confidence=confidence,
                               n_resamples=n_resamples)
     return {**metrics, "per_site": sites} if sites else metrics
@@ -72,6 +68,16 @@ def patient_accuracy_interval(y_true: np.ndarray, y_pred: np.ndarray, patients: 
                               n_resamples: int) -> dict[str, Any]:
     """Accuracy with `patient_interval`'s interval over whole patients."""
     return patient_interval(_accuracy, y_true, y_pred, patients, confidence=confidence, n_resamples=n_resamples)
+
+
+def patient_intervals(y_true: np.ndarray, y_pred: np.ndarray, patients: np.ndarray, num_classes: int, *,
+                      confidence: float, n_resamples: int) -> dict[str, dict[str, Any]]:
+    """`accuracy_by_patient` and `macro_f1_by_patient` of class indices: each with `patient_interval`'s interval
+    over whole patients."""
+    return {"accuracy_by_patient": patient_accuracy_interval(y_true, y_pred, patients, confidence=confidence,
+                                                             n_resamples=n_resamples),
+            "macro_f1_by_patient": patient_interval(partial(macro_f1_score, num_classes=num_classes), y_true, y_pred,
+                                                    patients, confidence=confidence, n_resamples=n_resamples)}
 
 
 def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
