@@ -50,10 +50,10 @@ def main() -> None:
         cell_setting = check_cell_threshold_setting(cfg.smear.cell_threshold)  # a bad value stops before any work
         selected, inference = selected_model(plain(cfg.inference), Path("reports/benchmark/selection.json"))
         split_manifest = read_table(Path("data/split/manifest.csv"))
-        if int(cfg.smear.compose.fit_to_development):  # compose development smears like the cohort's own
+        min_mixed_smears = int(cfg.smear.compose.fit_to_development)
+        if min_mixed_smears:  # compose development smears like the cohort's own
             design, design_from = design_fitted_to_smears(split_manifest[split_manifest["split"] != "assessment"],
-                                                          positive, params.design,
-                                                          min_mixed_smears=int(cfg.smear.compose.fit_to_development))
+                                                          positive, params.design, min_mixed_smears=min_mixed_smears)
             params = replace(params, design=design, design_from=design_from)
         model = load_for_inference(Path("models") / selected, split_manifest, inference, seed=seed)
 

@@ -197,13 +197,13 @@ def design_fitted_to_smears(cells: pd.DataFrame, positive_class: str, design: Sm
     settings stay as configured. Otherwise (every smear one class, as in the synthetic development cohort, or one
     cell a smear, as in PBC) ``design`` is returned unchanged. Returns the design and where it comes from.
     """
+    if min_mixed_smears < 1:
+        raise SmearnetError(f"min_mixed_smears must be >= 1; got {min_mixed_smears}.",
+                            "set smear.compose.fit_to_development to e.g. 5, or 0 to keep the configured design.")
     sizes = cells.groupby("smear_id").size()
     positives = (cells["label"] == positive_class).groupby(cells["smear_id"]).sum()
     positive_smears = positives[positives > 0]
     mixed = positive_smears[positive_smears < sizes[positive_smears.index]]
-    if min_mixed_smears < 1:
-        raise SmearnetError(f"min_mixed_smears must be >= 1; got {min_mixed_smears}.",
-                            "set smear.compose.fit_to_development to e.g. 5, or 0 to keep the configured design.")
     if len(mixed) < min_mixed_smears:
         return design, (f"smear.compose ({len(mixed)} development smears hold positive and negative cells; "
                         f"{min_mixed_smears} needed to read the design off them)")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from smearnet.errors import SmearnetError
+from smearnet.io import json_safe
 from smearnet.evaluation.metrics import binary_counts, binary_summary
 from smearnet.smear.mil import MILAggregator, MILConfig, train_mil
 from smearnet.smear.compose import SmearDesign, compose_bags, design_from_config, plan_smear_mixes
@@ -372,10 +373,7 @@ class AggregationResult:
             "confidence": self.params.confidence,
             "development_composed": {"n_smears": len(self.development.composed),
                                      "auc": auc_only(self.choice.aucs),
-                                     "design": {"cells_per_smear": list(self.params.design.cells_per_smear),
-                                                "target_cells": list(self.params.design.target_cells),
-                                                "lookalike_smears": self.params.design.lookalike_smears,
-                                                "lookalike_cells": list(self.params.design.lookalike_cells),
+                                     "design": {**json_safe(asdict(self.params.design)),
                                                 "from": self.params.design_from}},
             "development_natural": {"n_smears": len(self.development.natural),
                                     "auc": auc_only(self.natural_aucs)},
