@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -30,16 +31,62 @@ def benchmark_script(name: str) -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def _mlflow_store(tmp_path_factory) -> str:
-    # Creating a sqlite store runs MLflow's migrations (~10 s): one store for the session.
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An empty, migrated sqlite store: creating one runs MLflow's migrations (~2 s), copying it takes ~0.05 s."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(_mlflow_template):
+    """`mlflow_store(folder)`: a private sqlite store in `folder` (a copy of the migrated template); its URI.
+
+    Each test's store and artifacts live in that test's own folder and nowhere else, so pytest can delete a
+    passing test's folder as soon as it ends (`tmp_path_retention_policy = "failed"`): a full run then needs
+    the disk of its largest test, not the sum of all of them."""
+
+    def make(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def module_folder(request, tmp_path_factory):
+    """`module_folder(name)`: a folder for a module's shared fixtures, deleted when the module ends unless one of
+    its tests failed (kept then, like a failed test's own folder)."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def mlflow_uri(_mlflow_store, monkeypatch) -> str:
-    """The session's sqlite tracking store (never the repo's mlflow.db); use unique model names per test."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_store)
-    return _mlflow_store
+def mlflow_uri(mlflow_store, tmp_path, monkeypatch) -> str:
+    """This test's private sqlite tracking store (never the repo's mlflow.db).
+
+    The test runs in its own folder, because MLflow puts a new experiment's artifacts under the working
+    directory's ./mlruns; the global tracking URI is this store's during the test and unset after it."""
+    import mlflow
+
+    uri = mlflow_store(tmp_path / "mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
 
 
 def colour_cells(folder: Path, labels: list[str], patients: list[str], *, size: int = 72, seed: int = 0,

@@ -60,7 +60,7 @@ def first_difference(a: Path, b: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+def two_runs(module_folder) -> tuple[Path, Path]:
     """The tiny pipeline run from scratch in two fresh projects (different paths, separate MLflow stores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
@@ -68,7 +68,7 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     projects = []
     for name in ("first", "second-at-another-path"):
-        project = make_project(tmp_path_factory.mktemp(name), OVERRIDES)
+        project = make_project(module_folder(name), OVERRIDES)
         run(["git", "init", "-q"], project, env)
         run(["git", "add", "-A"], project, env)
         run(["git", "commit", "-qm", "tiny"], project, env)

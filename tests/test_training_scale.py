@@ -174,6 +174,7 @@ class Project:
     root: Path
     backbone: str
     experiment: str
+    tracking_uri: str
     probe: bool = False  # run PROBE_SCRIPT instead of the bare stage script
 
     @property
@@ -205,14 +206,15 @@ class Project:
     def train_runs(self) -> list:
         import mlflow
 
-        return mlflow.search_runs(experiment_names=[self.experiment], filter_string="tags.stage = 'train'",
-                                  output_format="list")
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        return client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
+def manifests(module_folder) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training manifest, split manifest with the validation cells) of learnable colour cells."""
-    folder = tmp_path_factory.mktemp("cells")
+    folder = module_folder("cells")
     train = colour_cells(folder / "train", CLASSES * (TRAIN_IMAGES // 3), [f"t{i}" for i in range(TRAIN_IMAGES)],
                          size=32, seed=1)
     val = colour_cells(folder / "val", CLASSES * (VAL_IMAGES // 3), [f"v{i}" for i in range(VAL_IMAGES)],
@@ -222,27 +224,33 @@ def manifests(tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def train_env(_mlflow_store) -> dict:
-    """The environment of the training scripts: offline hub, the session's private MLflow store, one thread per
+def scale_store(module_folder, mlflow_store) -> str:
+    """The MLflow store of this module's training scripts (the resume test finds an earlier run in it)."""
+    return mlflow_store(module_folder("mlflow"))
+
+
+@pytest.fixture(scope="module")
+def train_env(scale_store) -> dict:
+    """The environment of the training scripts: offline hub, the module's private MLflow store, one thread per
     process (as Lightning gives each DDP process on 2 cores; also spares OpenMP stalls on a shared machine)."""
-    return dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=_mlflow_store, PYTHONHASHSEED="0",
+    return dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=scale_store, PYTHONHASHSEED="0",
                 OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
-def make_project(tmp_path_factory, manifests):
+def make_project(module_folder, manifests, scale_store):
     from smearnet.cli import compose_params
     from smearnet.io import write_manifest
 
     def make(name: str, backbone: str, overrides: list[str], *, probe: bool = False) -> Project:
-        root = tmp_path_factory.mktemp(name)
+        root = module_folder(name)
         experiment = f"scale-{root.name}"
         compose_params([*COMMON, *overrides, f"mlflow.experiment={experiment}", f"registry.model_name={experiment}"],
                        root / "params.yaml")
         train, split = manifests
         write_manifest(train, root / "data" / "upsampled" / "manifest.csv")
         write_manifest(split, root / "data" / "split" / "manifest.csv")
-        return Project(root, backbone, experiment, probe)
+        return Project(root, backbone, experiment, scale_store, probe)
 
     return make
 
@@ -266,7 +274,7 @@ def assert_one_finished_run(project: Project, *, world_size: int) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_matches_one_process(make_project, train_env, resnet_one_process, mlflow_uri):
+def test_ddp_on_two_cpu_processes_matches_one_process(make_project, train_env, resnet_one_process):
     project = make_project("ddp", "resnet18", [*RESNET, *TWO_PROCESSES], probe=True)
     ddp = project.train(train_env)
     one = resnet_one_process.metrics()
@@ -305,7 +313,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(make_project, train_env, r
 
 
 @pytest.mark.slow
-def test_ddp_without_batchnorm_equals_one_process(make_project, train_env, mlflow_uri):
+def test_ddp_without_batchnorm_equals_one_process(make_project, train_env):
     one_project = make_project("lightcnn-one", "lightcnn", [*LIGHTCNN, *ONE_PROCESS])
     one = one_project.train(train_env)
     project = make_project("lightcnn-ddp", "lightcnn", [*LIGHTCNN, *TWO_PROCESSES])
@@ -324,8 +332,7 @@ def test_ddp_without_batchnorm_equals_one_process(make_project, train_env, mlflo
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_last_checkpoint_and_its_mlflow_run(make_project, train_env, resnet_one_process,
-                                                                  mlflow_uri):
+def test_killed_run_resumes_from_last_checkpoint_and_its_mlflow_run(make_project, train_env, resnet_one_process):
     import mlflow
 
     project = make_project("resume", "resnet18", [*RESNET, *ONE_PROCESS])
