@@ -338,7 +338,8 @@ def test_killed_run_resumes_from_last_checkpoint_and_its_mlflow_run(make_project
     project = make_project("resume", "resnet18", [*RESNET, *ONE_PROCESS])
     # A previous attempt with other settings, killed before its first checkpoint: its run must not stay RUNNING.
     client = mlflow.MlflowClient(tracking_uri=project.tracking_uri)
-    stale = client.create_run(client.create_experiment(project.experiment), tags={"stage": "train"})
+    experiment = client.create_experiment(project.experiment, artifact_location=(project.root / "mlruns").as_uri())
+    stale = client.create_run(experiment, tags={"stage": "train"})
     project.checkpoints.mkdir(parents=True)
     (project.checkpoints / "fingerprint.txt").write_text("other-settings\n")
     (project.checkpoints / "mlflow_run_id.txt").write_text(stale.info.run_id + "\n")
