@@ -192,8 +192,8 @@ def design_fitted_to_smears(cells: pd.DataFrame, positive_class: str, design: Sm
 
     When at least ``min_mixed_smears`` (>= 1) positive smears of ``cells`` (rows with ``smear_id`` and ``label``; only
     labels are read) also hold negative cells, as a hospital's smears do, ``cells_per_smear`` becomes the 10th-90th
-    percentile range of all smears' sizes and ``target_cells`` that of the positive smears' positive-cell counts
-    (at least 1), so that smears composed to choose a score look like the smears it will be judged on. Look-alike
+    percentile range of all smears' sizes and ``target_cells`` that of the positive smears' positive-cell counts,
+    so that smears composed to choose a score look like the smears it will be judged on. Look-alike
     settings stay as configured. Otherwise (every smear one class, as in the synthetic development cohort, or one
     cell a smear, as in PBC) ``design`` is returned unchanged. Returns the design and where it comes from.
     """
@@ -207,10 +207,11 @@ def design_fitted_to_smears(cells: pd.DataFrame, positive_class: str, design: Sm
     if len(mixed) < min_mixed_smears:
         return design, (f"smear.compose ({len(mixed)} development smears hold positive and negative cells; "
                         f"{min_mixed_smears} needed to read the design off them)")
-    size_low, size_high = np.quantile(sizes.to_numpy(), [0.1, 0.9])
-    target_low, target_high = np.quantile(positive_smears.to_numpy(), [0.1, 0.9])
-    fitted = SmearDesign(cells_per_smear=(max(int(np.floor(size_low)), 1), max(int(np.ceil(size_high)), 1)),
-                         target_cells=(max(int(np.floor(target_low)), 1), max(int(np.ceil(target_high)), 1)),
+    def spread(counts: pd.Series) -> tuple[int, int]:  # counts >= 1, so the rounded-out range starts at 1 or more
+        low, high = np.quantile(counts.to_numpy(), [0.1, 0.9])
+        return int(np.floor(low)), int(np.ceil(high))
+
+    fitted = SmearDesign(cells_per_smear=spread(sizes), target_cells=spread(positive_smears),
                          lookalike_smears=design.lookalike_smears, lookalike_cells=design.lookalike_cells)
     return fitted, (f"the development cohort's {len(sizes)} smears ({len(positive_smears)} positive, {len(mixed)} of "
                     "them mixed): 10th-90th percentiles of smear size and of positive cells per positive smear")
