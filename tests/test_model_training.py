@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from smearnet.models.training import CellClassifier, build_trainer
+from smearnet.models.training import CellClassifier, EpochLines, build_trainer, epoch_line
 
 CLASSES = ["red", "green", "blue"]
 # A small constant rate: from random init, 1e-3 (the paper's lr_min) throws EfficientNet-B8 off a fixed batch.
@@ -96,3 +96,33 @@ def test_bf16_mixed_precision_trains_on_cpu() -> None:
     assert conv_output_dtypes and set(conv_output_dtypes) == {torch.bfloat16}  # autocast ran the convolutions
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_a_log_gets_one_line_per_epoch_with_the_time_left(capsys) -> None:
+    """Where stdout is not a terminal (a CI job, `dvc exp run > log`) the live bar, which a log shows only at the end,
+    gives way to a line per epoch (here stdout is captured, so not a terminal)."""
+    images, targets = colour_batch(per_class=2, height=32, width=32)
+    model_cfg = {"name": "resnet18", "arch": "resnet18", "input_size": [32, 32], "pretrained": False}
+    L.seed_everything(0)
+    trainer = build_trainer(trainer_cfg(), {**TRAIN_CFG, "cycles": 3}, None, progress_label="pretrain@resnet18")
+    assert trainer.progress_bar_callback is None
+    data = DataLoader(TensorDataset(images, targets), batch_size=len(targets))
+    trainer.fit(CellClassifier(model_cfg, TRAIN_CFG, CLASSES), data, data)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pretrain@resnet18 epoch")]
+    assert [line.split(":")[0] for line in lines] == [f"pretrain@resnet18 epoch {n}/3" for n in (1, 2, 3)]
+    assert all("train loss" in line and "val accuracy" in line for line in lines)
+    assert lines[-1].endswith("about 0.0 min left")
+
+
+def test_no_progress_means_no_epoch_lines(capsys) -> None:
+    trainer = build_trainer(trainer_cfg(), TRAIN_CFG, None, enable_progress_bar=False)
+    assert trainer.progress_bar_callback is None
+    assert not any(isinstance(c, EpochLines) for c in trainer.callbacks)
+
+
+def test_epoch_line_projects_the_mean_epoch_time_over_the_epochs_left() -> None:
+    metrics = {"train/loss_epoch": torch.tensor(0.8123), "val/loss": torch.tensor(0.64), "val/accuracy": 0.9131}
+    line = epoch_line("train@resnet18", 3, 30, metrics, [50.0, 40.0, 30.0])
+    assert line == ("train@resnet18 epoch 3/30: train loss 0.812, val loss 0.640, val accuracy 0.913; 30 s, "
+                    "about 18.0 min left")  # 27 epochs left at a mean 40 s
+    assert epoch_line("x", 1, 2, {}, [60.0]).endswith(": no metrics yet; 60 s, about 1.0 min left")
