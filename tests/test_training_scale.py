@@ -365,6 +365,9 @@ def test_killed_run_resumes_from_last_checkpoint_and_its_mlflow_run(make_project
     uninterrupted = resnet_one_process.metrics()
     assert resumed["best_val_loss"] == pytest.approx(uninterrupted["best_val_loss"], rel=1e-4)
     assert resumed["val_accuracy"] == pytest.approx(uninterrupted["val_accuracy"], abs=1e-6)
+    # The training time and images counted travel in the checkpoint: the resumed run reports every attempt's
+    # training up to the checkpoint it resumed from, so as many images as a run that never stopped.
+    assert resumed["train_images"] == uninterrupted["train_images"] == CYCLES * TRAIN_IMAGES
     resumed_weights = load_trained(project.root / "models" / "resnet18").net.state_dict()
     for name, weight in load_trained(resnet_one_process.root / "models" / "resnet18").net.state_dict().items():
         torch.testing.assert_close(resumed_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -299,7 +299,11 @@ def epoch_line(label: str, epoch: int, epochs: int, metrics: Mapping, epoch_seco
 
 
 class Stopwatch(L.Callback):
-    """Wall time of the training loop (validation and checkpointing excluded) and images trained, for images/s."""
+    """Wall time of the training loop (validation and checkpointing excluded) and images trained, for images/s.
+
+    Both travel in the checkpoint: a run resumed from `last.ckpt` reports the training its weights took over every
+    attempt up to that checkpoint, not only the last attempt's.
+    """
 
     def __init__(self):
         self.seconds = 0.0
@@ -329,6 +333,12 @@ class Stopwatch(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._pause()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds, "images": self.images}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seconds, self.images = float(state_dict["seconds"]), int(state_dict["images"])
 
 
 def _plain(value):
@@ -434,6 +444,7 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
         "epochs": int(trainer.current_epoch),
         "global_steps": int(trainer.global_step),
         "train_seconds": round(stopwatch.seconds, 2),
+        "train_images": stopwatch.images,
         "train_images_per_second": round(stopwatch.images / stopwatch.seconds, 2) if stopwatch.seconds else 0.0,
         "resumed": bool(resume_from),
     }
