@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import class_folders
 from smearnet.config import compose_config, model_config
 from smearnet.errors import SmearnetError
-from smearnet.models.contrastive import TwoViews, knn_accuracy, nt_xent, random_resized_crop
+from smearnet.models.contrastive import TwoViews, global_pairs, knn_accuracy, nt_xent, random_resized_crop
 from smearnet.models.factory import build_model
 from smearnet.models.pretraining import PretrainSettings, pretrain_backbone
 from smearnet.models.settings import TrainSettings
@@ -30,6 +30,52 @@ def test_nt_xent_is_log_of_the_candidates_when_nothing_is_told_apart_and_small_w
     assert float(nt_xent(first, second, 0.2)) == pytest.approx(float(nt_xent(second, first, 0.2)), rel=1e-5)
     with pytest.raises(ValueError, match="N >= 2"):
         nt_xent(torch.ones(1, 8), torch.ones(1, 8), 0.2)
+
+
+GLOBAL_PAIRS, FEATURES = 12, 8
+
+
+def _pairs_and_projection() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(GLOBAL_PAIRS, FEATURES, generator=generator) for _ in range(2))
+    torch.manual_seed(1)
+    return first, second, torch.nn.Linear(FEATURES, 4)
+
+
+def _contrast_on_one_of_two_processes(rank: int, folder: str, gather: bool) -> None:
+    """One DDP process: its half of the pairs, the loss, gradients averaged over the processes as DDP does."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    first, second, projection = _pairs_and_projection()
+    mine = slice(rank * GLOBAL_PAIRS // 2, (rank + 1) * GLOBAL_PAIRS // 2)
+    a, b = projection(first[mine]), projection(second[mine])
+    loss = nt_xent(*(global_pairs(a, b) if gather else (a, b)), 0.2)
+    loss.backward()
+    for parameter in projection.parameters():
+        dist.all_reduce(parameter.grad)
+        parameter.grad /= 2
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in projection.parameters()]}, f"{folder}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_contrasts_each_view_against_the_global_batch_as_one_process_would(tmp_path):
+    first, second, projection = _pairs_and_projection()
+    assert global_pairs(first, second) == (first, second)  # no process group: the pairs as they are
+    loss = nt_xent(projection(first), projection(second), 0.2)
+    loss.backward()
+    single = [p.grad for p in projection.parameters()]
+    for gather, folder in ((True, tmp_path / "gathered"), (False, tmp_path / "local")):
+        folder.mkdir()
+        torch.multiprocessing.spawn(_contrast_on_one_of_two_processes, args=(str(folder), gather), nprocs=2)
+        ranks = [torch.load(folder / f"{rank}.pt") for rank in (0, 1)]
+        matches = [torch.allclose(rank["loss"], loss, rtol=1e-5)
+                   and all(torch.allclose(g, s, rtol=1e-4, atol=1e-6) for g, s in zip(rank["grads"], single))
+                   for rank in ranks]
+        # Gathered: both processes hold the one-process loss and, after DDP's average, its gradient. Each process
+        # contrasting its own half (what this replaced) is another loss with fewer negatives.
+        assert matches == ([True, True] if gather else [False, False]), folder.name
 
 
 def test_random_crops_keep_the_shape_and_a_full_crop_keeps_the_image():
@@ -119,3 +165,31 @@ def test_contrastive_pretraining_writes_weights_without_the_projection_and_a_car
     model = build_model({**model_config(cfg, "resnet18"), "cell_weights": str(out / "weights.safetensors")}, 5)
     torch.testing.assert_close(model.conv1.weight.detach(), weights["conv1.weight"])
     assert model.fc.weight.shape[0] == 5
+
+
+@pytest.mark.slow
+def test_contrastive_pretraining_runs_on_two_ddp_processes(tmp_path, mlflow_uri):
+    """The pretrain stage script under `trainer.strategy=ddp` on 2 CPU processes (gloo): the projections are gathered
+    across processes every step (equal shards), and rank 0 alone writes the weights and the card."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from smearnet.cli import compose_params
+
+    root = class_folders(tmp_path / "cells", 8)
+    compose_params(["model=resnet18", "model.resnet18.input_size=[32,32]", "pretrain.enabled=true",
+                    f"pretrain.root={root}", "pretrain.val_fraction=0.25", "pretrain.train.batch_size=4",
+                    "pretrain.train.cycles=2", "pretrain.train.channels_last=false",
+                    "pretrain.train.objective=contrastive", "trainer.devices=2", "trainer.strategy=ddp",
+                    "trainer.num_workers=0", "trainer.precision=32-true", "trainer.sync_batchnorm=false"],
+                   tmp_path / "params.yaml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=mlflow_uri, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline" / "pretrain.py"), "resnet18"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    card = json.loads((tmp_path / "models" / "pretrained" / "resnet18" / "card.json").read_text())
+    assert card["objective"] == "contrastive" and 0.0 <= card["knn_val_accuracy"] <= 1.0
+    assert "pretrain@resnet18 epoch 2/2" in result.stdout  # one line per epoch, from rank 0 alone
+    assert result.stdout.count("pretrain@resnet18 epoch 1/2") == 1

@@ -9,8 +9,9 @@
 - ``both``: the sum of the two.
 
 The projection head lives beside the network, not in it: the weights file holds the network alone, and whoever
-starts from it (``model.<name>.cell_weights``) resets the classifier as for supervised weights. Under DDP each
-process contrasts the cells of its own batch (negatives are not gathered across processes).
+starts from it (``model.<name>.cell_weights``) resets the classifier as for supervised weights. Under DDP the
+processes' projections are gathered (`global_pairs`): each view's partner is picked among the whole global batch,
+as in one process with that batch, not among a process's share of it.
 
 `knn_accuracy` scores features with no head at all (the usual yardstick of self-supervised features), so the
 objectives can be compared on one figure. The features are the network's embeddings (`smearnet.models.embeddings`).
@@ -37,6 +38,23 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     similarity.fill_diagonal_(float("-inf"))  # a view is not its own partner
     partners = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(first.device)
     return torch.nn.functional.cross_entropy(similarity, partners)
+
+
+def global_pairs(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's (N, D) pairs of views, concatenated in rank order, with gradients flowing back to the process
+    that owns each row; the pairs as they are outside a multi-process group.
+
+    Every process then computes the same loss over the global batch. Its gradient reaches each process's own rows
+    summed over the W processes' copies of the loss, and DDP averages over the W processes: the gradient of the
+    single-process loss on the global batch (tests/test_contrastive.py checks it on two gloo processes).
+    Every process must pass the same N (DistributedSampler pads the shards to one length)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return first, second
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(first)), torch.cat(all_gather(second))
 
 
 def random_resized_crop(images: torch.Tensor, min_scale: float, generator: torch.Generator | None = None

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 
 from smearnet.errors import SmearnetError
 from smearnet.io import file_sha256
-from smearnet.models.contrastive import OBJECTIVES, TwoViews, nt_xent, projection_head, random_resized_crop
+from smearnet.models.contrastive import (OBJECTIVES, TwoViews, global_pairs, nt_xent, projection_head,
+                                         random_resized_crop)
 from smearnet.models.embeddings import classifier_layer, logits_and_embeddings
 from smearnet.models.factory import build_model
 from smearnet.models.optim import build_optimizer, build_schedule
@@ -91,8 +92,9 @@ class CellClassifier(L.LightningModule):
                                                  label_smoothing=self.loss.label_smoothing)
 
     def contrastive_loss(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """NT-Xent of the projected features of two views of the same cells."""
-        return nt_xent(self.projection(first), self.projection(second), float(self.train_cfg["contrastive_temperature"]))
+        """NT-Xent of the projected features of two views of the same cells, over the global batch under DDP."""
+        first, second = global_pairs(self.projection(first), self.projection(second))
+        return nt_xent(first, second, float(self.train_cfg["contrastive_temperature"]))
 
     def objective_loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One training batch's loss under the module's objective, and logits to score the batch's cells by.
