@@ -16,9 +16,10 @@ The test split is never read here: a recipe is chosen on validation cells only, 
 test accuracy beside validation; the 99.33% the README once reported was measured on the split the recipe had been
 chosen on, and 9,074 further PBC cells gave 97.76%.)
 
-Validation accuracy is also shown re-weighted to the class mix of the PBC cells this subset leaves out (the
-published class counts of the full 17,092-cell set, less the 1,000 a class here): the subset is balanced, the rest
-of the dataset is mostly neutrophils, eosinophils, ig and platelets, so a figure on it weighs the ig/neutrophil
+Validation accuracy is also shown re-weighted to the class mix of the PBC cells this subset leaves out
+(`evaluation.class_mix` of `experiment=pbc`: the published class counts of the full 17,092-cell set, less the 1,000
+a class here), with its interval (`smearnet.evaluation.metrics.mix_accuracy`): the subset is balanced, the rest of
+the dataset is mostly neutrophils, eosinophils, ig and platelets, so a figure on it weighs the ig/neutrophil
 confusion far more.
 """
 
@@ -33,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from smearnet.data.loaders import cell_tensor
-from smearnet.evaluation.metrics import wilson_interval
+from smearnet.evaluation.metrics import mix_accuracy, wilson_interval
 from smearnet.data.sources import manifest_from_folder
 from smearnet.data.decode import load_rgb
 from smearnet.models.engines import dihedral_views
@@ -59,11 +60,6 @@ def dihedral_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return out
 
 
-# Acevedo et al. 2020 (Data in Brief 30, 105474), Table 1: images a class in the full PBC set.
-PBC_FULL_COUNTS = {"basophil": 1218, "eosinophil": 3117, "erythroblast": 1551, "ig": 2895, "lymphocyte": 1214,
-                   "monocyte": 1420, "neutrophil": 3329, "platelet": 2348}
-
-
 @torch.inference_mode()
 def predictions(net, images, *, tta: bool = False, batch: int = 256) -> torch.Tensor:
     net.eval()
@@ -84,12 +80,11 @@ def recalls(calls: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> d
     return {name: float((calls[targets == index] == index).float().mean()) for index, name in enumerate(classes)}
 
 
-def remaining_mix_accuracy(recall: dict[str, float], per_class_here: int) -> float | None:
-    """Accuracy on the PBC cells left out of this subset, if each class is recalled as on validation."""
-    if set(recall) != set(PBC_FULL_COUNTS):
-        return None
-    weights = {name: PBC_FULL_COUNTS[name] - per_class_here for name in recall}
-    return sum(recall[name] * weights[name] for name in recall) / sum(weights.values())
+def remaining_pbc_mix() -> dict[str, float]:
+    """The class mix of the PBC cells this subset leaves out, as `experiment=pbc` weighs its test split."""
+    from smearnet.config import compose_config, plain
+
+    return plain(compose_config(["experiment=pbc"]).evaluation.class_mix)
 
 
 def main() -> None:
@@ -149,7 +144,8 @@ def main() -> None:
             print(f"epoch {epoch + 1}: {elapsed:.0f} s, loss {float(loss):.3f}, val accuracy {val:.4f}", flush=True)
         seconds = time.perf_counter() - start
         val_images, val_targets = parts["val"]
-        per_class_here = int(manifest["label"].value_counts().max())
+        mix = remaining_pbc_mix()
+        totals = {name: int((val_targets == index).sum()) for index, name in enumerate(classes)}
         result = {"train_seconds": seconds, "images_per_second": args.epochs * steps_per_epoch * args.batch_size / seconds}
         print(f"{device_name()}: {seconds / 60:.1f} min of training, {result['images_per_second']:.0f} images/s")
         for tta in (False, True):
@@ -157,16 +153,22 @@ def main() -> None:
             correct = int((calls == val_targets).sum())
             low, high = wilson_interval(correct, len(val_targets))
             recall = recalls(calls, val_targets, classes)
-            mixed = remaining_mix_accuracy(recall, per_class_here)
+            mixed = None
+            if set(classes) == set(mix):
+                correct_by_class = {name: round(recall[name] * totals[name]) for name in classes}
+                mixed = mix_accuracy(correct_by_class, totals, mix)
             tag = "val_tta" if tta else "val"
             result.update({f"{tag}_accuracy": correct / len(val_targets),
                            **{f"{tag}_recall_{name}": value for name, value in recall.items()}})
             if mixed is not None:
-                result[f"{tag}_accuracy_remaining_pbc_mix"] = mixed
+                result.update({f"{tag}_accuracy_remaining_pbc_mix": mixed["value"],
+                               f"{tag}_accuracy_remaining_pbc_mix_low": mixed["low"],
+                               f"{tag}_accuracy_remaining_pbc_mix_high": mixed["high"]})
             print(f"{'with' if tta else 'without'} 8-view TTA: validation accuracy {correct}/{len(val_targets)} = "
                   f"{correct / len(val_targets):.2%} (95% {low:.2%}-{high:.2%}); recall "
                   + ", ".join(f"{name} {value:.1%}" for name, value in recall.items())
-                  + (f"; re-weighted to the remaining PBC mix {mixed:.2%}" if mixed is not None else ""))
+                  + (f"; re-weighted to the remaining PBC mix {mixed['value']:.2%} ({mixed['low']:.2%}-"
+                     f"{mixed['high']:.2%})" if mixed is not None else ""))
         mlflow.log_metrics(result)
 
 

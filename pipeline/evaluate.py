@@ -26,13 +26,18 @@ def main() -> None:
         positive, evaluation = str(params.data.positive_class), params.evaluation
         metrics, table = evaluate_cells(model, test, positive, batch_size=int(evaluation.batch_size),
                                         confidence=float(evaluation.confidence),
-                                        n_resamples=int(evaluation.bootstrap_resamples), out_dir=OUT)
+                                        n_resamples=int(evaluation.bootstrap_resamples), out_dir=OUT,
+                                        class_mix=plain(evaluation.class_mix))
         write_text(table.to_csv(index=False), OUT / "predictions.csv")
         write_json({"model": selected, "engine": model.engine.spec.label, **metrics}, Path("metrics/cell.json"))
         mlflow.set_tag("backbone", selected)
         log_dataset(test, name="test", context="evaluation", source="data/split/manifest.csv")
         print(f"evaluate {selected}: cell accuracy {metrics['accuracy']['value']:.4f} on {len(test)} test cells"
               + (f" from {len(metrics['per_site'])} sites" if "per_site" in metrics else ""))
+        if "accuracy_at_class_mix" in metrics:
+            mixed = metrics["accuracy_at_class_mix"]
+            print(f"evaluate {selected}: at evaluation.class_mix, accuracy {mixed['value']:.4f} "
+                  f"({mixed['low']:.4f}-{mixed['high']:.4f}), each class recalled as on the test cells")
 
         mlflow.log_params({"positive_class": positive, "test_cells": len(test),
                            "inference_engine": model.engine.spec.label})

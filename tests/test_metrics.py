@@ -16,6 +16,7 @@ from smearnet.evaluation.metrics import (
     binary_summary,
     bootstrap_interval,
     cell_metrics,
+    mix_accuracy,
     paired_difference,
     per_site,
     wilson_interval,
@@ -171,6 +172,32 @@ def test_macro_f1_by_patient_resamples_whole_patients():
     accuracy = patient_interval(lambda t, p: float(np.mean(t == p)), y_true, y_pred, cells["patient_id"].to_numpy(),
                                 confidence=0.95, n_resamples=300)
     assert metrics["accuracy_by_patient"] == accuracy
+
+
+def test_cell_evaluation_reports_accuracy_at_a_class_mix_only_when_given_one():
+    """A balanced test split (100 a class; class a recalled 90%, b and c perfectly) at a mix that is mostly a."""
+    import pandas as pd
+
+    from smearnet.evaluation.cells import cell_evaluation
+
+    classes = ["a", "b", "c"]
+    y_true = np.repeat(np.arange(3), 100)
+    y_pred = y_true.copy()
+    y_pred[:10] = 1
+    cells = pd.DataFrame({"label": [classes[i] for i in y_true]})
+    probabilities = np.eye(3)[y_pred]
+    plain = cell_evaluation(cells, probabilities, classes, "c", confidence=0.95, n_resamples=50)
+    assert "accuracy_at_class_mix" not in plain
+    mixed = cell_evaluation(cells, probabilities, classes, "c", confidence=0.95, n_resamples=50,
+                            class_mix={"a": 800, "b": 200})["accuracy_at_class_mix"]
+    assert mixed["value"] == pytest.approx(0.8 * 0.9 + 0.2 * 1.0)  # c weighs 0: not named
+    assert plain["accuracy"]["value"] == pytest.approx(290 / 300) and plain["accuracy"]["value"] > mixed["value"]
+    assert mixed["low"] < mixed["value"] < mixed["high"] and mixed["mix"] == {"a": 800.0, "b": 200.0}
+    with pytest.raises(SmearnetError, match="not classes of the model: \\['d'\\]"):
+        cell_evaluation(cells, probabilities, classes, "c", confidence=0.95, n_resamples=50, class_mix={"d": 1})
+    with pytest.raises(SmearnetError, match="no test cells"):
+        cell_evaluation(cells[cells["label"] != "b"], probabilities[y_true != 1], classes, "c", confidence=0.95,
+                        n_resamples=50, class_mix={"a": 1, "b": 1})
 
 
 CLASSES = ["lymphocyte", "covid_rl", "neutrophil", "monocyte"]  # monocyte absent
@@ -338,3 +365,24 @@ def test_cell_evaluation_reports_each_site_only_when_cells_span_sites(tmp_path, 
     no_column, _, _ = _two_site_cells(["x", "y"])
     assert "per_site" not in cells_module.cell_evaluation(no_column.drop(columns="site"), probabilities, CLASSES,
                                                           "covid_rl", confidence=0.95, n_resamples=20)
+
+
+def test_mix_accuracy_weights_each_recall_and_keeps_a_perfect_class_uncertain():
+    totals = {"ig": 150, "neutrophil": 150, "platelet": 150}
+    correct = {"ig": 146, "neutrophil": 149, "platelet": 150}
+    balanced = mix_accuracy(correct, totals, {"ig": 1, "neutrophil": 1, "platelet": 1})
+    assert balanced["value"] == pytest.approx(445 / 450)
+    skewed = mix_accuracy(correct, totals, {"ig": 0.8, "neutrophil": 0.1, "platelet": 0.1})
+    assert skewed["value"] == pytest.approx(0.8 * 146 / 150 + 0.1 * 149 / 150 + 0.1)
+    assert skewed["value"] < balanced["value"]  # the weakest class weighs more
+    for result in (balanced, skewed):
+        assert result["low"] < result["value"] < result["high"] <= 1.0
+    perfect = mix_accuracy({"platelet": 150}, {"platelet": 150}, {"platelet": 1})
+    assert perfect["value"] == 1.0 and 0.97 < perfect["low"] < 0.999  # 150 of 150 does not prove 100%
+    wide = mix_accuracy({"a": 9, "b": 10}, {"a": 10, "b": 10}, {"a": 1, "b": 1})
+    narrow = mix_accuracy({"a": 900, "b": 1000}, {"a": 1000, "b": 1000}, {"a": 1, "b": 1})
+    assert narrow["high"] - narrow["low"] < (wide["high"] - wide["low"]) / 5  # 100x the cells
+    with pytest.raises(SmearnetError, match="same classes"):
+        mix_accuracy(correct, totals, {"ig": 1})
+    with pytest.raises(SmearnetError, match="0 <= correct <= total"):
+        mix_accuracy({"a": 11}, {"a": 10}, {"a": 1})

@@ -10,6 +10,7 @@ from smearnet.smear import evaluation_smears
 from smearnet.data.sources import load_dataset_manifest, manifest_from_folder
 from smearnet.data.decode import load_rgb
 from smearnet.data.ingest import validate_manifest
+from smearnet.evaluation.cells import check_class_mix
 
 pytestmark = [pytest.mark.pbc,
               pytest.mark.skipif(not PBC_DIR.is_dir(), reason=f"PBC images not present at {PBC_DIR}")]
@@ -49,6 +50,9 @@ def test_experiment_pbc_points_at_the_shared_folder_and_composes_smears(pbc_samp
     assert source.startswith("composed") and len(per_smear) == 12
     assert (per_smear[per_smear.index.str.contains("-pos-")] >= 1).all()
     assert (per_smear[per_smear.index.str.contains("-neg-")] == 0).all()
+    # The test split is also weighed at the mix of the PBC cells this subset leaves out: every class, by count.
+    check_class_mix(cfg.evaluation.class_mix, list(cfg.data.classes))
+    assert set(cfg.evaluation.class_mix) == set(cfg.data.classes) and sum(cfg.evaluation.class_mix.values()) == 9092
 
 
 def test_wbc4_selects_the_four_white_cell_types_for_lightcnn():

@@ -61,6 +61,14 @@ def test_report_gives_the_patient_resampled_interval_when_cells_cluster_in_few_p
     assert "patients" not in build_report("| r |\n", {"selected": "r"}, one_each, SMEAR).split("## 3.")[0]
 
 
+def test_report_gives_the_accuracy_at_the_class_mix_only_when_the_run_set_one():
+    assert "class mix" not in build_report("| r |\n", {"selected": "r"}, CELL, SMEAR)
+    mixed = {**CELL, "accuracy_at_class_mix": {"value": 0.962, "low": 0.931, "high": 0.978,
+                                               "mix": {"normal": 90.0, "covid_rl": 10.0}}}
+    text = build_report("| r |\n", {"selected": "r"}, mixed, SMEAR).split("## 3.")[0]
+    assert "(normal 90%, covid_rl 10%)" in text and "accuracy 0.962 (0.931-0.978)" in text
+
+
 def test_report_sets_the_number_of_cells_alone_beside_the_smear_auc():
     counted = {**SMEAR, "cell_count_auc": {"value": 0.896, "low": 0.78, "high": 0.97, "n_positive": 58,
                                            "n_negative": 34}}

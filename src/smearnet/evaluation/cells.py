@@ -12,7 +12,8 @@ import pandas as pd
 
 from smearnet.io import write_text
 from smearnet.models.inference import TrainedModel, predict_probabilities, predictions_table
-from smearnet.evaluation.metrics import bootstrap_interval, cell_metrics, macro_f1_score, per_site
+from smearnet.errors import SmearnetError
+from smearnet.evaluation.metrics import bootstrap_interval, cell_metrics, macro_f1_score, mix_accuracy, per_site
 from smearnet.evaluation.report import interval_text
 from smearnet.evaluation.plots import confusion_matrix_png
 
@@ -21,14 +22,16 @@ SITES_REPORT = "per_site.md"
 
 
 def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str, *, batch_size: int,
-                   confidence: float, n_resamples: int, out_dir: Path) -> tuple[dict, pd.DataFrame]:
+                   confidence: float, n_resamples: int, out_dir: Path,
+                   class_mix: Mapping[str, float] | None = None) -> tuple[dict, pd.DataFrame]:
     """Predict every cell, compute the cell metrics (`cell_evaluation`; `n_resamples` bootstrap resamples for the
     macro-F1 interval) and draw the confusion matrices into `out_dir`, plus `per_site.md` when the cells come from
     two or more sites."""
+    check_class_mix(class_mix, model.classes)  # a bad mix stops before any cell is predicted
     probabilities = predict_probabilities(model, cells, batch_size=batch_size, desc="evaluate")
     table = predictions_table(cells, probabilities, model.classes)
     metrics = cell_evaluation(cells, probabilities, model.classes, positive_class, confidence=confidence,
-                              n_resamples=n_resamples)
+                              n_resamples=n_resamples, class_mix=class_mix)
     matrix = metrics["confusion_matrix"]
     confusion_matrix_png(matrix, model.classes, out_dir / "confusion.png", title=f"{model.name}: test cells")
     confusion_matrix_png(matrix, model.classes, out_dir / "confusion_normalised.png", normalise=True,
@@ -39,18 +42,56 @@ def evaluate_cells(model: TrainedModel, cells: pd.DataFrame, positive_class: str
 
 
 def cell_evaluation(cells: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str], positive_class: str, *,
-                    confidence: float, n_resamples: int) -> dict[str, Any]:
+                    confidence: float, n_resamples: int, class_mix: Mapping[str, float] | None = None
+                    ) -> dict[str, Any]:
     """`cell_metrics` of every cell (`cells` row-aligned with `probabilities`); when the cells carry `patient_id`,
     `accuracy_by_patient` and `macro_f1_by_patient` (`patient_interval`: their intervals resample whole patients);
-    and when the cells' `site` column names two or more sites, `per_site` (`site_cell_metrics`)."""
+    when the cells' `site` column names two or more sites, `per_site` (`site_cell_metrics`); and with a
+    `class_mix`, `accuracy_at_class_mix` (`class_mix_accuracy`)."""
     y_true = class_indices(cells["label"], classes)
     metrics = cell_metrics(y_true, probabilities, list(classes), positive_class, confidence, n_resamples=n_resamples)
+    if class_mix:
+        metrics["accuracy_at_class_mix"] = class_mix_accuracy(y_true, np.asarray(probabilities).argmax(1), classes,
+                                                              class_mix, confidence=confidence)
     if "patient_id" in cells.columns:
         metrics.update(patient_intervals(y_true, np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy(),
                                          len(classes), confidence=confidence, n_resamples=n_resamples))
     sites = site_cell_metrics(cells, y_true, probabilities, classes, positive_class, confidence=confidence,
                               n_resamples=n_resamples)
     return {**metrics, "per_site": sites} if sites else metrics
+
+
+def check_class_mix(class_mix: Mapping[str, float] | None, classes: Sequence[str]) -> None:
+    """`evaluation.class_mix` names only the model's classes, with non-negative weights that do not all vanish."""
+    if not class_mix:
+        return
+    unknown = sorted(set(class_mix) - set(classes))
+    weights = [float(weight) for weight in class_mix.values()]
+    if unknown or min(weights) < 0 or sum(weights) <= 0:
+        raise SmearnetError(f"evaluation.class_mix must weigh the model's classes {list(classes)} with non-negative "
+                            f"numbers, not all zero; got {dict(class_mix)}"
+                            + (f" (not classes of the model: {unknown})" if unknown else "") + ".",
+                            "e.g. -S 'evaluation.class_mix={ig: 1895, neutrophil: 2329}' (counts or shares; a class "
+                            "left out weighs 0), or {} for none.")
+
+
+def class_mix_accuracy(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], class_mix: Mapping[str, float],
+                       *, confidence: float) -> dict[str, Any]:
+    """Accuracy if the cells came in `class_mix` (counts or shares a class; unnamed classes weigh 0) and each class
+    were recalled as on these cells (`metrics.mix_accuracy`, Jeffreys interval a class). A balanced test split
+    says little about a clinic whose cells are mostly one or two classes: this weighs its weak classes as they
+    would weigh there."""
+    check_class_mix(class_mix, classes)
+    weighed = [name for name in classes if float(class_mix.get(name, 0.0)) > 0]
+    totals = {name: int((y_true == classes.index(name)).sum()) for name in weighed}
+    untested = [name for name, total in totals.items() if total == 0]
+    if untested:
+        raise SmearnetError(f"evaluation.class_mix weighs {untested}, which have no test cells: their recall is "
+                            "unknown.", "Give them weight 0, or test cells.")
+    correct = {name: int(((y_true == classes.index(name)) & (y_pred == classes.index(name))).sum()) for name in weighed}
+    result = mix_accuracy(correct, totals, {name: float(class_mix[name]) for name in weighed}, confidence=confidence)
+    return {**result, "mix": {name: float(class_mix[name]) for name in weighed},
+            "method": "recall a class weighted by the mix; Jeffreys interval a class"}
 
 
 def patient_interval(statistic: Callable[[np.ndarray, np.ndarray], float], y_true: np.ndarray, y_pred: np.ndarray,

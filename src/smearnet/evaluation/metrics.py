@@ -8,7 +8,7 @@ is zero) are ``float('nan')``; `smearnet.io.write_json` writes them as ``null`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -135,6 +135,29 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, *, clusters:
                                    confidence=confidence, n_resamples=n_resamples, seed=seed)
     value = float(np.mean(b) - np.mean(a)) if len(a) else NAN
     return {"value": value, "low": low, "high": high}
+
+
+def mix_accuracy(correct: Mapping[str, int], totals: Mapping[str, int], mix: Mapping[str, float], *,
+                 confidence: float = 0.95, draws: int = 20000, seed: int = 0) -> dict[str, float]:
+    """Accuracy at another class mix than the one tested: each class's recall (`correct` of `totals`) weighted by
+    `mix` (counts or shares a class), with an interval from each recall's Jeffreys posterior, Beta(k + 1/2,
+    n - k + 1/2), drawn independently. For a balanced test split judged at a clinic's (or a dataset's) class mix: a
+    class recalled perfectly still carries the uncertainty of its few cells, where a bootstrap would give it none."""
+    _check_confidence(confidence)
+    if set(mix) != set(totals) or set(correct) != set(totals):
+        raise SmearnetError(f"mix_accuracy needs the same classes in correct, totals and mix; got {sorted(correct)}, "
+                            f"{sorted(totals)}, {sorted(mix)}.", "Give every tested class a weight (0 drops it).")
+    names = sorted(totals)
+    k, n = (np.array([int(counts[name]) for name in names]) for counts in (correct, totals))
+    weights = np.array([float(mix[name]) for name in names])
+    if (n <= 0).any() or (k < 0).any() or (k > n).any() or (weights < 0).any() or weights.sum() <= 0:
+        raise SmearnetError("mix_accuracy needs 0 <= correct <= total, total > 0 and non-negative weights that do "
+                            "not all vanish.", "Pass counts per class and a class mix.")
+    weights = weights / weights.sum()
+    samples = np.random.default_rng(seed).beta(k[:, None] + 0.5, n[:, None] - k[:, None] + 0.5,
+                                                size=(len(names), draws))
+    low, high = np.quantile(weights @ samples, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0])
+    return {"value": float(weights @ (k / n)), "low": float(low), "high": float(high)}
 
 
 def binary_counts(truth_positive: np.ndarray, predicted_positive: np.ndarray) -> dict[str, int]:

@@ -44,6 +44,16 @@ def _by_patient(cell: Mapping) -> str:
             + (f" and the macro-F1 interval {_range(macro_f1)}" if macro_f1 else "") + ".")
 
 
+def _at_class_mix(cell: Mapping) -> str:
+    """The accuracy at `evaluation.class_mix`, when the run set one."""
+    mixed = cell.get("accuracy_at_class_mix")
+    if not mixed:
+        return ""
+    shares = ", ".join(f"{name} {weight / sum(mixed['mix'].values()):.0%}" for name, weight in mixed["mix"].items())
+    return (f" At the class mix of `evaluation.class_mix` ({shares}), each class recalled as on these cells: "
+            f"accuracy {interval_text(mixed)} (Jeffreys interval a class).")
+
+
 def _range(interval: Mapping) -> str:
     low, high = interval.get("low"), interval.get("high")
     return "n/a" if low is None or low != low else f"{low:.3f}-{high:.3f}"
@@ -66,7 +76,8 @@ def build_report(table1_markdown: str, selection: Mapping, cell: Mapping, smear:
         "## 2. Cells (paper Figure 5)",
         "",
         f"Test cells: {cell.get('n_cells')}. Accuracy {interval_text(cell.get('accuracy'))}, "
-        f"macro-F1 {interval_text(cell.get('macro_f1'))} (95% intervals over cells)." + _by_patient(cell),
+        f"macro-F1 {interval_text(cell.get('macro_f1'))} (95% intervals over cells)." + _by_patient(cell)
+        + _at_class_mix(cell),
         "",
         f"One-vs-rest with **{positive.get('class')}** as positive:",
         "",
