@@ -72,7 +72,7 @@ def check_class_mix(class_mix: Mapping[str, float] | None, classes: Sequence[str
                             f"numbers, not all zero; got {dict(class_mix)}"
                             + (f" (not classes of the model: {unknown})" if unknown else "") + ".",
                             "e.g. -S 'evaluation.class_mix={ig: 1895, neutrophil: 2329}' (counts or shares; a class "
-                            "left out weighs 0), or {} for none.")
+                            "left out weighs 0), or null for none.")
 
 
 def class_mix_accuracy(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], class_mix: Mapping[str, float],
