@@ -18,7 +18,7 @@ chosen on, and 9,074 further PBC cells gave 97.76%.)
 
 Validation accuracy is also shown re-weighted to the class mix of the PBC cells this subset leaves out
 (`evaluation.class_mix` of `experiment=pbc`: the published class counts of the full 17,092-cell set, less the 1,000
-a class here), with its interval (`smearnet.evaluation.metrics.mix_accuracy`): the subset is balanced, the rest of
+a class here), with its interval (`smearnet.evaluation.cells.class_mix_accuracy`): the subset is balanced, the rest of
 the dataset is mostly neutrophils, eosinophils, ig and platelets, so a figure on it weighs the ig/neutrophil
 confusion far more.
 """
@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from smearnet.data.loaders import cell_tensor
-from smearnet.evaluation.metrics import mix_accuracy, wilson_interval
+from smearnet.evaluation.cells import class_mix_accuracy
+from smearnet.evaluation.metrics import wilson_interval
 from smearnet.data.sources import manifest_from_folder
 from smearnet.data.decode import load_rgb
 from smearnet.models.engines import dihedral_views
@@ -145,7 +146,6 @@ def main() -> None:
         seconds = time.perf_counter() - start
         val_images, val_targets = parts["val"]
         mix = remaining_pbc_mix()
-        totals = {name: int((val_targets == index).sum()) for index, name in enumerate(classes)}
         result = {"train_seconds": seconds, "images_per_second": args.epochs * steps_per_epoch * args.batch_size / seconds}
         print(f"{device_name()}: {seconds / 60:.1f} min of training, {result['images_per_second']:.0f} images/s")
         for tta in (False, True):
@@ -153,10 +153,8 @@ def main() -> None:
             correct = int((calls == val_targets).sum())
             low, high = wilson_interval(correct, len(val_targets))
             recall = recalls(calls, val_targets, classes)
-            mixed = None
-            if set(classes) == set(mix):
-                correct_by_class = {name: round(recall[name] * totals[name]) for name in classes}
-                mixed = mix_accuracy(correct_by_class, totals, mix)
+            mixed = (class_mix_accuracy(val_targets.numpy(), calls.numpy(), classes, mix, confidence=0.95)
+                     if set(classes) == set(mix) else None)
             tag = "val_tta" if tta else "val"
             result.update({f"{tag}_accuracy": correct / len(val_targets),
                            **{f"{tag}_recall_{name}": value for name, value in recall.items()}})

@@ -49,13 +49,14 @@ def cell_evaluation(cells: pd.DataFrame, probabilities: np.ndarray, classes: Seq
     when the cells' `site` column names two or more sites, `per_site` (`site_cell_metrics`); and with a
     `class_mix`, `accuracy_at_class_mix` (`class_mix_accuracy`)."""
     y_true = class_indices(cells["label"], classes)
+    y_pred = np.asarray(probabilities).argmax(1)
     metrics = cell_metrics(y_true, probabilities, list(classes), positive_class, confidence, n_resamples=n_resamples)
     if class_mix:
-        metrics["accuracy_at_class_mix"] = class_mix_accuracy(y_true, np.asarray(probabilities).argmax(1), classes,
-                                                              class_mix, confidence=confidence)
+        metrics["accuracy_at_class_mix"] = class_mix_accuracy(y_true, y_pred, classes, class_mix,
+                                                              confidence=confidence)
     if "patient_id" in cells.columns:
-        metrics.update(patient_intervals(y_true, np.asarray(probabilities).argmax(1), cells["patient_id"].to_numpy(),
-                                         len(classes), confidence=confidence, n_resamples=n_resamples))
+        metrics.update(patient_intervals(y_true, y_pred, cells["patient_id"].to_numpy(), len(classes),
+                                         confidence=confidence, n_resamples=n_resamples))
     sites = site_cell_metrics(cells, y_true, probabilities, classes, positive_class, confidence=confidence,
                               n_resamples=n_resamples)
     return {**metrics, "per_site": sites} if sites else metrics

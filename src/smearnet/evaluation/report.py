@@ -49,7 +49,8 @@ def _at_class_mix(cell: Mapping) -> str:
     mixed = cell.get("accuracy_at_class_mix")
     if not mixed:
         return ""
-    shares = ", ".join(f"{name} {weight / sum(mixed['mix'].values()):.0%}" for name, weight in mixed["mix"].items())
+    total = sum(mixed["mix"].values())
+    shares = ", ".join(f"{name} {weight / total:.0%}" for name, weight in mixed["mix"].items())
     return (f" At the class mix of `evaluation.class_mix` ({shares}), each class recalled as on these cells: "
             f"accuracy {interval_text(mixed)} (Jeffreys interval a class).")
 
