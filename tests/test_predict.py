@@ -22,11 +22,11 @@ from smearnet.serving.predict import collect_cells, load_model, predict_cells
 from workspace import CLASSES, POSITIVE, random_model, write_rule
 
 
-def serving_model(folder: Path, threshold: float = 0.25, size: int = 32) -> Path:
+def serving_model(folder: Path, threshold: float = 0.25, size: int = 32, temperature: float = 1.0) -> Path:
     """A random resnet18 with a serving.json and its smear rule, as the register stage packages it."""
     model_dir = random_model(folder, seed=0, size=size)
     (model_dir / "serving.json").write_text(json.dumps({"positive_class": POSITIVE, "smear_threshold": threshold}))
-    write_rule(model_dir, threshold)
+    write_rule(model_dir, threshold, temperature=temperature)
     return model_dir
 
 
@@ -41,7 +41,7 @@ def smear_folder(tmp_path) -> Path:
 
 
 def test_folder_is_one_smear_with_bad_image_reported(tmp_path, smear_folder, capsys):
-    model = serving_model(tmp_path / "model")
+    model = serving_model(tmp_path / "model", temperature=2.0)  # calibrated: prob_* and max_probability alike
     out_json, out_md = tmp_path / "out.json", tmp_path / "out.md"
     smearnet(["predict", str(smear_folder), "--model", str(model), "--json", str(out_json), "--report", str(out_md)])
     printed = capsys.readouterr().out
@@ -291,3 +291,7 @@ def test_a_workspace_with_engine_auto_runs_its_models_by_the_engine_the_benchmar
         {"selected": "resnet18", "inference": {"engine": "eager", "precision": "bf16", "channels_last": True,
                                                "batch_size": 16, "tta": False}}))
     assert load_model(str(model)).model.engine.spec == EngineSpec(precision="bf16", channels_last=True, batch_size=16)
+    # Another backbone's folder does not borrow the selected one's rule and engine.
+    other = random_model(tmp_path / "models" / "resnet18_wide", seed=1, name="resnet18_wide")
+    with pytest.raises(SmearnetError, match="measured on 'resnet18'.*not on 'resnet18_wide'"):
+        load_model(str(other))

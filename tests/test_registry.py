@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import runpy
 import uuid
 from pathlib import Path
@@ -20,6 +21,8 @@ from smearnet.registry.register import RegisterInputs, register_and_gate
 from smearnet.registry.store import CHALLENGER, CHAMPION, FINGERPRINT_TAG, MODEL_NAME_TAG
 from workspace import (POSITIVE, colour_split, make_register_workspace, patient_ids, random_model, scan_mlflow_for,
                        write_rule)
+
+PSEUDONYM = re.compile(rb"pt-[0-9a-f]{16}")  # smearnet.pseudonyms: "pt-" + 16 hex digits
 
 REPO_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 
@@ -259,6 +262,13 @@ def test_register_stage_writes_reports_and_leaks_no_patient_ids(tmp_path, store,
     identifiers = patient_ids(read_table(root / "data/split/manifest.csv"))
     assert "P0001" in identifiers and len(identifiers) > 10
     assert scan_mlflow_for(identifiers, tmp_path / "download") == []
+    # Nor by pseudonym in the run's files (README: an MLflow run keeps files naming smears by pseudonym out), the
+    # page of explained blind smears included; only the version's training_patients.json carries pseudonyms.
+    run = mlflow.search_runs(experiment_names=["registry-test"], filter_string=f"params.model_name = '{name}'",
+                             output_format="list")[0]
+    files = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "run")))
+    assert [path.name for path in files.rglob("*") if path.is_file() and PSEUDONYM.search(path.read_bytes())] == []
+    assert "blind smear 1" in (files / "register/explained_blind_smears.html").read_text()
 
 
 def test_privacy_scan_finds_a_planted_patient_id(tmp_path, store):

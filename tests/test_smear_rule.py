@@ -71,6 +71,10 @@ def test_a_mil_rule_is_saved_with_its_aggregator_and_calls_the_same_after_loadin
     pd.testing.assert_frame_equal(before, after)
     np.testing.assert_allclose(w_before, w_after)
     assert np.allclose([w_after[i * 6:(i + 1) * 6].sum() for i in range(20)], 1.0)  # attention per smear
+    # A request in which no image could be decoded has no embeddings: its smears are undetermined, not an error.
+    nothing, weights = loaded.classify(["a", "a", "b"], np.full((3, 3), np.nan), CLASSES, embeddings=None,
+                                       aggregator=loaded_aggregator)
+    assert list(nothing["call"]) == ["undetermined"] * 2 and np.isnan(weights).all()
 
 
 def evaluation_cells(parts: bool) -> pd.DataFrame:
@@ -165,3 +169,34 @@ def test_the_number_of_cells_alone_is_reported_beside_the_rules_auc():
                              n_resamples=50).result
     assert same_size["cell_count_auc"]["value"] == 0.5  # every smear 5 cells: the count tells nothing
     assert same_size["auc"]["value"] == 1.0
+
+
+def test_per_site_figures_of_a_cross_validated_threshold_are_the_overall_figures_split_by_site():
+    """Each smear is judged by the threshold of the folds it was not in, per site as overall: the sites' confusions
+    add up to the overall one (the shipped threshold, chosen on every smear, would judge them in-sample)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for index in range(40):
+        positive = index % 2 == 0
+        for value in rng.beta(3 if positive else 2, 5, size=6):  # overlapping smears: the folds' thresholds differ
+            rows.append({"smear_id": f"s{index:02d}", "label": "covid_rl" if positive and value > 0.2 else "normal",
+                         "prob_normal": 0.99 - value, "prob_classic_rl": 0.01, "prob_covid_rl": value})
+    cells = with_sites(pd.DataFrame(rows), lambda i: "hospital_a" if i % 3 else "hospital_b")
+    proposed = SmearRule(score="score_mean_prob", positive_class="covid_rl", threshold=0.5)
+    measured = measure_rule(proposed, cells, CLASSES, selection="cross_validated", folds=5, n_resamples=50)
+    sites = measured.result["per_site"].values()
+    overall = measured.result["confusion"]
+    assert {key: sum(site["confusion"][key] for site in sites) for key in overall} == overall
+    shipped = measured.calls["call"] == "positive"
+    assert (shipped != (measured.calls["blind_call"] == "positive")).any()  # the case the fold calls are for
+
+
+def test_a_served_version_without_its_rule_file_keeps_the_share_rule_only_when_that_is_what_it_names(tmp_path):
+    from smearnet.smear.calls import served_rule
+
+    legacy, _ = served_rule(tmp_path, {"positive_class": "covid_rl", "smear_threshold": 0.02})
+    assert legacy.score == "share_predicted_positive" and legacy.threshold == 0.02
+    with pytest.raises(SmearnetError, match="names the smear score 'score_noisy_or'"):
+        served_rule(tmp_path, {"positive_class": "covid_rl", "smear_threshold": 0.637, "smear_score": "score_noisy_or"})
+    save_rule(SmearRule(score="score_noisy_or", positive_class="covid_rl", threshold=0.637), tmp_path)
+    assert served_rule(tmp_path, {"smear_score": "score_noisy_or"})[0].threshold == 0.637

@@ -26,8 +26,8 @@ def tiny_config(*extra: str):
     return compose_config([*OVERRIDES, *extra])
 
 
-def random_model(model_dir: Path, seed: int, *, size: int = 32) -> Path:
-    """A random-init resnet18 saved the way the train stage saves models (weights + model.json)."""
+def random_model(model_dir: Path, seed: int, *, size: int = 32, name: str = "resnet18") -> Path:
+    """A random-init resnet18 saved the way the train stage saves models (weights + model.json), as backbone `name`."""
     import torch
 
     from smearnet.config import model_config
@@ -37,7 +37,7 @@ def random_model(model_dir: Path, seed: int, *, size: int = 32) -> Path:
     model_cfg = model_config(tiny_config(f"model.resnet18.input_size=[{size},{size}]"), "resnet18")
     torch.manual_seed(seed)
     net = build_model(model_cfg, num_classes=len(CLASSES))
-    save_trained(net, model_dir, {"name": "resnet18", "model_cfg": dict(model_cfg), "classes": CLASSES,
+    save_trained(net, model_dir, {"name": name, "model_cfg": dict(model_cfg), "classes": CLASSES,
                                   "input_spec": model_input_spec(model_cfg)})
     return model_dir
 
@@ -84,11 +84,12 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
     return root
 
 
-def write_rule(folder: Path, threshold: float, score: str = "share_predicted_positive") -> Path:
+def write_rule(folder: Path, threshold: float, score: str = "share_predicted_positive", temperature: float = 1.0) -> Path:
     """A measured smear rule as the smear stage writes it (reports/smear/smear_rule.json)."""
     from smearnet.smear import SmearRule, save_rule
 
-    save_rule(SmearRule(score=score, positive_class=POSITIVE, threshold=threshold, threshold_from="test"), folder)
+    save_rule(SmearRule(score=score, positive_class=POSITIVE, threshold=threshold, threshold_from="test",
+                        temperature=temperature), folder)
     return folder
 
 

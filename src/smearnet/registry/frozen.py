@@ -132,13 +132,15 @@ def evaluate_frozen(model: TrainedModel, rule: SmearRule, aggregator: MILAggrega
 def explained_smears_html(model: TrainedModel, rule: SmearRule, aggregator: MILAggregator | None, frozen: FrozenSet,
                           title: str, n_per_class: int = 2) -> str:
     """An HTML page (`smearnet.explain`) of a few blind evaluation smears, positive and negative, as the model
-    calls them: what the MLflow UI shows of what the model looks at. Cells are named by rank, not file name."""
+    calls them: what the MLflow UI shows of what the model looks at. Smears are named by their place on the page
+    ("blind smear 1", ...), cells by rank: no pseudonym and no file name, as an MLflow run keeps those out."""
     smears = frozen.smears
     keys = sorted(set(frozen.sensitivity_smears or smears["smear_key"]))
     truth = (smears["label"] == rule.positive_class).groupby(smears["smear_key"]).any()
     chosen = [key for value in (True, False) for key in [k for k in keys if bool(truth[k]) == value][:n_per_class]]
+    names = {key: f"blind smear {place}" for place, key in enumerate(chosen, start=1)}
     cells = smears[smears["smear_key"].isin(chosen)]
-    explained = explain_cells(model, rule, aggregator, cells[["path"]].assign(smear_id=cells["smear_key"]),
+    explained = explain_cells(model, rule, aggregator, cells[["path"]].assign(smear_id=cells["smear_key"].map(names)),
                               name_cells=False)
     return smear_report_html(explained, title=f"{title}: blind smears as this version calls them",
                              model=f"{model.name} ({rule.describe()})", positive_class=rule.positive_class)

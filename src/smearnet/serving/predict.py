@@ -4,7 +4,8 @@ The model is a registry URI (`models:/<name>@champion`, `models:/<name>/<version
 pyfunc folder (with `MLmodel`), or a local `models/<name>` folder written by the train stage (offline use).
 Each smear is called by the smear rule registered with the model (`smear_rule.json`: score, calibration,
 threshold), through `SmearRule.classify`, as the pipeline measured it and the served model applies it; a bare
-train-stage folder takes the workspace's measured rule (`reports/smear/smear_rule.json`); `--threshold`
+train-stage folder takes the workspace's measured rule (`reports/smear/smear_rule.json`; only the folder of the
+backbone it was measured on, the one the benchmark stage selected); `--threshold`
 replaces the rule's threshold. The workspace's params.yaml (tracking URI, inference engine) is read once
 (`read_workspace`).
 """
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 from PIL import Image
@@ -111,14 +111,16 @@ def load_model(spec: str, *, threshold: float | None = None, tracking_uri: str |
     elif path.is_dir():
         model_dir = _local_model_dir(path) if (path / "MLmodel").is_file() else path
         serving = read_serving(model_dir)
+        trained = load_trained(model_dir)
         if (model_dir / SERVING_FILE).is_file():
             rule, aggregator = served_rule(model_dir, serving)
             rule_source = "registered with the model"
         else:  # a workspace's models/<name>: the workspace's engine and measured rule
+            _check_measured_backbone(trained.name, workspace)
             serving["inference"] = workspace.model_inference()
             rule, aggregator = _workspace_rule(workspace.rule_dir)
             rule_source = str(workspace.rule_dir / RULE_FILE)
-        model = serving_engine(load_trained(model_dir), serving, model_dir)
+        model = serving_engine(trained, serving, model_dir)
     else:
         raise SmearnetError(f"--model {spec!r} is neither a model URI nor an existing folder.",
                             "pass models:/<name>@champion (with MLFLOW_TRACKING_URI set) or a models/<name> folder.")
@@ -191,10 +193,7 @@ def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int =
     table.insert(0, "path", list(cells["path"]))
     if "label" in cells:
         table.insert(2, "label", list(cells["label"]))
-    decoded = ~np.isnan(probabilities).any(axis=1)
-    top = np.full(len(probabilities), np.nan)
-    top[decoded] = probabilities[decoded].max(axis=1)
-    table["max_probability"] = top
+    table["max_probability"] = table[[f"prob_{name}" for name in classes]].max(axis=1)  # calibrated, as prob_*
     ok = table[table["error"] == ""]
     counts = {name: int((ok["predicted"] == name).sum()) for name in classes}
     return Prediction(cells=table, smears=smear_summary(table, smears, classes), cells_per_class=counts,
@@ -312,6 +311,17 @@ def _local_model_dir(pyfunc_folder: Path) -> Path:
     from smearnet.registry.store import local_model_dir  # imports MLflow (seconds): only for pyfunc folders
 
     return local_model_dir(pyfunc_folder)
+
+
+def _check_measured_backbone(name: str, workspace: Workspace) -> None:
+    """A workspace's rule (calibration, cell and smear thresholds, MIL weights) and its `auto` engine belong to the
+    backbone the benchmark stage selected: another backbone's folder must not borrow them."""
+    selected = (workspace.selection or {}).get("selected")
+    if selected is not None and selected != name:
+        raise SmearnetError(f"This workspace's smear rule ({workspace.rule_dir / RULE_FILE}) and engine were measured "
+                            f"on {selected!r}, the backbone the benchmark stage selected, not on {name!r}.",
+                            f"pass --model models/{selected}, or a registered version of {name!r} (it carries its "
+                            "own rule), or select it (benchmark.select_by) and re-run `dvc repro`.")
 
 
 def _workspace_rule(rule_dir: Path) -> tuple[SmearRule, MILAggregator | None]:

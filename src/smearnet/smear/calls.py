@@ -26,10 +26,16 @@ def served_rule(model_dir: Path, serving: Mapping) -> tuple[SmearRule, MILAggreg
     """The smear rule packaged with a model version (``smear_rule.json``).
 
     A version registered before smear rules were packaged carries only ``positive_class`` and
-    ``smear_threshold`` in ``serving.json``: it is served with the share rule it was measured with.
+    ``smear_threshold`` in ``serving.json``: it is served with the share rule it was measured with. A
+    ``serving.json`` that names another score (``smear_score``) but lost its ``smear_rule.json`` is refused: its
+    threshold belongs to that score.
     """
     if (Path(model_dir) / RULE_FILE).is_file():
         return load_rule(Path(model_dir))
+    named = serving.get("smear_score", "share_predicted_positive")
+    if named != "share_predicted_positive":
+        raise SmearnetError(f"{model_dir} names the smear score {named!r} but carries no {RULE_FILE}.",
+                            "download the whole version again (models:/...), or re-register it (register stage).")
     if "smear_threshold" in serving and "positive_class" in serving:
         return SmearRule(score="share_predicted_positive", positive_class=str(serving["positive_class"]),
                          threshold=float(serving["smear_threshold"]),

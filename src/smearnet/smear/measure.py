@@ -90,6 +90,11 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     calls, weights = rule.classify(cells["smear_id"], probabilities, classes, labels=cells["label"].to_numpy(),
                                    embeddings=embeddings, aggregator=aggregator)
     calls["blind"] = calls["smear_id"].isin(set(map(str, blind)))
+    fold_calls = result.pop("fold_calls", None)
+    if fold_calls is not None:  # cross_validated: a smear is judged blind by the threshold of the folds it was not in
+        positive = calls["smear_id"].astype(str).map(fold_calls)
+        calls["blind_call"] = np.where(positive.isna(), UNDETERMINED,
+                                       np.where(positive.fillna(False).astype(bool), "positive", "negative"))
     if "part" in table.columns:
         calls["part"] = table["part"].to_numpy()
     result.pop("blind_smear_ids", None)
@@ -113,7 +118,8 @@ def site_smear_metrics(calls: pd.DataFrame, cells: pd.DataFrame, *, confidence: 
     """Per site of the deployed rule's smears (``SmearRule.classify`` rows with ``truth_positive`` and ``blind``):
     ``{"per_site": {site: ...}}`` with the AUC of the rule's score over the site's non-empty smears (with its
     interval; NaN when the site lacks positive or negative smears, said in ``note``) and sensitivity and specificity
-    of its calls on the site's blind smears, as the overall figures are taken.
+    of its calls on the site's blind smears, as the overall figures are taken (``blind_call``, each smear by the
+    threshold of the folds it was not in, when the threshold was cross-validated).
 
     ``{}`` when ``cells`` has no ``site`` column or one site. When a smear mixes cells of several sites (composed
     smears), no smear has a site of its own to be judged in: ``{"per_site_note": ...}`` says so instead.
@@ -129,8 +135,10 @@ def site_smear_metrics(calls: pd.DataFrame, cells: pd.DataFrame, *, confidence: 
     def measure(rows: np.ndarray) -> dict[str, Any]:
         smears = calls[rows]
         auc = score_aucs(smears, ["score"], confidence=confidence, n_resamples=n_resamples, seed=seed)["score"]
-        judged = smears[smears["blind"].to_numpy(dtype=bool) & (smears["call"] != UNDETERMINED).to_numpy()]
-        counts = binary_counts(judged["truth_positive"].to_numpy(dtype=bool), (judged["call"] == "positive").to_numpy())
+        call = smears["blind_call"] if "blind_call" in smears else smears["call"]
+        judged = smears["blind"].to_numpy(dtype=bool) & (call != UNDETERMINED).to_numpy()
+        counts = binary_counts(smears.loc[judged, "truth_positive"].to_numpy(dtype=bool),
+                               (call[judged] == "positive").to_numpy())
         summary = binary_summary(counts, confidence)
         entry: dict[str, Any] = {
             "n_smears": auc["n_positive"] + auc["n_negative"], "n_positive_smears": auc["n_positive"],

@@ -283,6 +283,7 @@ def smear_evaluation(
             fold_thresholds=fold_thresholds,
             folds=folds,
             n_blind_smears=int(len(kept)),
+            fold_calls=dict(zip(map(str, kept["smear_id"]), map(bool, predicted))),  # each by its fold's threshold
         )
 
     roc = roc_points(scores, truth)
