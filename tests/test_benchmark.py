@@ -115,13 +115,19 @@ def test_benchmark_engines_rows_for_one_model(tmp_path):
     assert chosen["images"] == 9 and "probabilities" not in chosen
 
 
+@pytest.fixture
+def bf16_native(monkeypatch):
+    """This machine counted as running bf16 natively (AVX-512/AMX), whatever CPU the tests run on."""
+    monkeypatch.setattr("smearnet.models.hardware.native_bf16", lambda accelerator="cpu": True)
+
+
 def _row(engine, precision, ms, agreement, accuracy, channels_last=False, batch_size=8):
     return {"model": "m", "engine": engine, "precision": precision, "channels_last": channels_last,
             "batch_size": batch_size, "tta": False, "images": 400, "ms_per_image": ms, "agreement": agreement,
             "accuracy": accuracy}
 
 
-def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_says_why():
+def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_says_why(bf16_native):
     from smearnet.evaluation.benchmark import AutoEngine, chosen_inference, pick_engine
 
     auto = AutoEngine.from_mapping({"batch_size": 8, "fidelity": {"min_agreement": 0.995, "max_accuracy_drop": 0.003},
@@ -151,7 +157,35 @@ def test_auto_picks_the_fastest_engine_that_keeps_agreement_and_accuracy_and_say
                                  "auto": {"candidates": [], "time_tolerance": 0.1}})
 
 
-def test_test_time_augmentation_is_kept_by_auto_and_by_the_reference_it_is_judged_against():
+def test_auto_skips_pytorch_bf16_candidates_where_bf16_is_emulated(monkeypatch):
+    """On an AVX2-only CPU PyTorch emulates bf16 (many times slower than fp32): auto does not time eager/compile bf16
+    candidates there and says so; OpenVINO, which picks its precision by the CPU itself, stays."""
+    from smearnet.evaluation.benchmark import AutoEngine, BenchmarkSettings, pick_engine
+
+    inference = {**INFERENCE, "engine": "auto", "fidelity": {"min_agreement": 0.995, "max_accuracy_drop": 0.003},
+                 "auto": {"candidates": ["eager-bf16-cl", "compile-int8+bf16-cl", "openvino-bf16", "compile-int8-cl"],
+                          "time_tolerance": 0.1}}
+    for native, timed in ((True, ["eager-bf16-cl", "compile-int8+bf16-cl", "openvino-bf16", "compile-int8-cl"]),
+                          (False, ["openvino-bf16", "compile-int8-cl"])):
+        monkeypatch.setattr("smearnet.models.hardware.native_bf16", lambda accelerator="cpu", native=native: native)
+        auto = AutoEngine.from_mapping(inference)
+        assert [spec.label for spec in auto.candidates] == timed
+        assert [spec.label for spec in BenchmarkSettings.from_params(BENCHMARK, inference, seed=0).specs] == [
+            "eager-fp32", *timed]
+    assert [spec.label for spec in auto.skipped] == ["eager-bf16-cl", "compile-int8+bf16-cl"]
+    rows = [_row("eager", "fp32", 5.0, 1.0, 0.95), _row("openvino", "bf16", 3.0, 1.0, 0.95),
+            _row("compile", "int8", 2.0, 0.999, 0.95, channels_last=True)]
+    chosen, reason = pick_engine(rows, auto)
+    assert (chosen["engine"], chosen["precision"]) == ("compile", "int8")
+    assert "not timed: eager-bf16-cl, compile-int8+bf16-cl (bf16 is emulated on this CPU)" in reason
+    only_bf16 = {**inference, "auto": {"candidates": ["eager-bf16-cl"], "time_tolerance": 0.1}}
+    settings = BenchmarkSettings.from_params(BENCHMARK, only_bf16, seed=0)
+    assert settings.specs == [EngineSpec(batch_size=8)]  # eager fp32 alone, the reference
+    chosen, reason = pick_engine(rows[:1], settings.auto)
+    assert chosen is rows[0] and reason.startswith("no candidate could be timed here, so eager fp32")
+
+
+def test_test_time_augmentation_is_kept_by_auto_and_by_the_reference_it_is_judged_against(bf16_native):
     """`inference.tta: true` is part of what the model computes: every auto candidate, extra engine and the eager
     fp32 reference run it (agreement then measures the engine alone), and the engine auto records carries it."""
     from smearnet.evaluation.benchmark import BenchmarkSettings, chosen_inference
@@ -170,7 +204,7 @@ def test_test_time_augmentation_is_kept_by_auto_and_by_the_reference_it_is_judge
     assert not any(spec.tta for spec in plain.specs)
 
 
-def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny_model, tmp_path):
+def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny_model, tmp_path, bf16_native):
     from smearnet.evaluation.benchmark import BenchmarkSettings, benchmark_engines, chosen_inference
     from smearnet.models.engines import engine_spec
     from smearnet.models.inference import resolve_inference, save_trained

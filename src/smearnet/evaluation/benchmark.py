@@ -18,6 +18,7 @@ import torch
 from smearnet.data.loaders import make_loader
 from smearnet.errors import SmearnetError
 from smearnet.models.engines import EngineSpec, Fidelity
+from smearnet.models.hardware import cpu_isa
 from smearnet.models.inference import TrainedModel, predict_probabilities
 
 
@@ -158,7 +159,7 @@ def device_name() -> str:
                     break
     except OSError:
         pass
-    return f"cpu ({name}, {torch.get_num_threads()} threads)"
+    return f"cpu ({name}, {cpu_isa()}, {torch.get_num_threads()} threads)"
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -210,13 +211,16 @@ class AutoEngine:
     fidelity: Fidelity = Fidelity()
     time_tolerance: float = 0.1       # engines within this share of the fastest time count as equally fast: the
                                       # first of them in `candidates` order is taken (timing noise does not flip it)
+    skipped: tuple[EngineSpec, ...] = ()  # configured candidates not timed here: PyTorch bf16 without native bf16
 
     @classmethod
     def from_mapping(cls, inference: Mapping[str, Any]) -> AutoEngine:
         """From the `inference` section: `auto.candidates`, `auto.time_tolerance`, `fidelity`. Every candidate
         runs with `inference.tta` as configured: test-time augmentation is part of what the model computes, not of
-        the engine, so auto never drops it."""
+        the engine, so auto never drops it. On a CPU without native bf16 the candidates that run PyTorch's bf16
+        kernels are skipped (`skipped`): emulated, they are many times slower than fp32 and would only cost time."""
         from smearnet.models.engines import parse_engine_label
+        from smearnet.models.hardware import native_bf16
 
         auto = inference["auto"]
         tta = bool(inference.get("tta", False))
@@ -225,8 +229,10 @@ class AutoEngine:
         if not candidates:
             raise SmearnetError("inference.engine is auto but inference.auto.candidates is empty.",
                                 "list the engines to try, e.g. [eager-bf16-cl, openvino-bf16, compile-int8-cl].")
-        return cls(candidates=candidates, fidelity=Fidelity.from_mapping(inference["fidelity"]),
-                   time_tolerance=float(auto["time_tolerance"]))
+        skipped = () if native_bf16() else tuple(spec for spec in candidates if spec.needs_native_bf16)
+        return cls(candidates=tuple(spec for spec in candidates if spec not in skipped),
+                   fidelity=Fidelity.from_mapping(inference["fidelity"]), time_tolerance=float(auto["time_tolerance"]),
+                   skipped=skipped)
 
 
 def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
@@ -238,8 +244,12 @@ def pick_engine(rows: Sequence[dict], auto: AutoEngine) -> tuple[dict, str]:
     candidates = [labelled[spec] for spec in auto.candidates if spec in labelled]
     kept = [r for r in candidates if auto.fidelity.keeps(r["agreement"], r["accuracy"], reference["accuracy"])]
     limits = auto.fidelity.describe(reference["accuracy"], reference["images"])
-    refused = "; ".join(f"{_label(r)} refused (agreement {r['agreement']:.4f}, accuracy {r['accuracy']:.4f})"
-                        for r in candidates if r not in kept)
+    refused = "; ".join([f"{_label(r)} refused (agreement {r['agreement']:.4f}, accuracy {r['accuracy']:.4f})"
+                         for r in candidates if r not in kept]
+                        + ([f"not timed: {', '.join(spec.label for spec in auto.skipped)} (bf16 is emulated on this "
+                            f"CPU)"] if auto.skipped else []))
+    if not candidates:
+        return reference, f"no candidate could be timed here, so eager fp32; {refused}"
     if not kept:
         return reference, f"no candidate kept {limits}, so eager fp32" + (f"; {refused}" if refused else "")
     fastest = min(r["ms_per_image"] for r in kept)
@@ -292,7 +302,7 @@ class BenchmarkSettings:
         auto = None
         if inference.get("engine") == AUTO:
             auto = AutoEngine.from_mapping(inference)
-            configured = auto.candidates[0]
+            configured = auto.candidates[0] if auto.candidates else auto.skipped[0]  # batch size and tta
         else:
             configured = engine_spec(inference)
         extra = tuple(engine_spec(entry, batch_size=(entry or {}).get("batch_size", configured.batch_size),

@@ -78,6 +78,12 @@ class EngineSpec:
     tta: bool = False  # mean logits over the 8 flips/right-angle rotations (4 flips for non-square inputs)
 
     @property
+    def needs_native_bf16(self) -> bool:
+        """PyTorch's own bf16 kernels (eager, compile): emulated, so many times slower, on a CPU without native bf16
+        (`smearnet.models.hardware.native_bf16`). OpenVINO chooses its precision by the CPU itself."""
+        return self.engine in ("eager", "compile") and "bf16" in self.precision
+
+    @property
     def label(self) -> str:
         return (f"{self.engine}-{self.precision}"
                 + ("-cl" if self.channels_last and self.engine not in ("onnxruntime", "openvino") else "")

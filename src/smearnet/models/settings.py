@@ -10,6 +10,7 @@ from typing import Any
 from smearnet.config import model_config, plain
 from smearnet.errors import SmearnetError
 from smearnet.data.loaders import StainAugment
+from smearnet.models.hardware import training_precision
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ class TrainerSettings:
 
     @classmethod
     def from_mapping(cls, trainer: Mapping[str, Any]) -> TrainerSettings:
+        """From the `trainer` section; `precision: auto` becomes bf16-mixed where this machine runs bf16 natively,
+        else 32-true (`smearnet.models.hardware.training_precision`), so what is recorded is what ran."""
         values = {field.name: trainer[field.name] for field in fields(cls)}
+        values["precision"] = training_precision(values["precision"], str(values["accelerator"]))
         if isinstance(values["devices"], (list, tuple)):
             values["devices"] = tuple(values["devices"])
         return cls(**values)

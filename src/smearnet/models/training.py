@@ -35,6 +35,7 @@ from smearnet.models.contrastive import (OBJECTIVES, TwoViews, global_pairs, nt_
                                          random_resized_crop)
 from smearnet.models.embeddings import classifier_layer, logits_and_embeddings
 from smearnet.models.factory import build_model
+from smearnet.models.hardware import training_precision
 from smearnet.models.optim import build_optimizer, build_schedule
 from smearnet.models.samplers import loss_class_weights, training_sampler
 from smearnet.models.settings import TrainSettings
@@ -206,7 +207,7 @@ def build_trainer(trainer_cfg: Mapping, train_cfg: Mapping, checkpoint_dir: Path
         strategy = DDPStrategy(process_group_backend="gloo")
     return L.Trainer(
         accelerator=accelerator, devices=trainer_cfg["devices"],
-        num_nodes=int(trainer_cfg["num_nodes"]), strategy=strategy, precision=str(trainer_cfg["precision"]),
+        num_nodes=int(trainer_cfg["num_nodes"]), strategy=strategy, precision=training_precision(trainer_cfg["precision"], accelerator),
         plugins=[TimmSyncBatchNorm()] if sync_batchnorm else None, deterministic=bool(trainer_cfg["deterministic"]),
         max_epochs=int(train_cfg["cycles"]), limit_train_batches=train_cfg.get("limit_train_batches") or 1.0,
         callbacks=[*own_callbacks, *callbacks], logger=logger if logger is not None else False,
