@@ -82,3 +82,23 @@ def test_the_pbc_recipe_trains_on_real_cells_and_serves_the_same_preprocessing(p
     assert model.engine.spec.label == "eager-bf16-cl"
     probabilities = predict_probabilities(model, manifest, progress=False)
     assert probabilities.shape == (32, 8) and abs(probabilities.sum(axis=1) - 1).max() < 1e-4
+
+
+def test_the_recipe_benchmark_tells_the_grey_acquisition_batch_by_frame_size_and_jitters_its_colours():
+    """benchmarks/pbc_recipe.py --hold-out-batch / --stain-augment: the IG_ files are 360x360 grey frames, the others
+    of the class the main batch's 360x363; colour jitter is drawn from each cell's seed alone."""
+    import numpy as np
+
+    from conftest import benchmark_script
+    from smearnet.data.loaders import StainAugment
+    from smearnet.models.factory import model_input_spec
+
+    recipe = benchmark_script("pbc_recipe")
+    paths = sorted((PBC_DIR / "ig").glob("IG_*.jpg"))[:2] + sorted((PBC_DIR / "ig").glob("MMY_*.jpg"))[:2]
+    spec = model_input_spec({"name": "resnet18", "arch": "resnet18", "input_size": [32, 32], "center_crop": 0.75})
+    pixels, main_batch = recipe.load_pixels(paths, spec)
+    assert pixels.shape == (4, 32, 32, 3) and main_batch.tolist() == [False, False, True, True]
+    colour = StainAugment(enabled=True, p=1.0).transform()
+    plain, jittered = recipe.as_tensors(pixels, spec), recipe.as_tensors(pixels, spec, colour, [7, 8, 9, 10])
+    assert plain.shape == (4, 3, 32, 32) and not np.allclose(plain.numpy(), jittered.numpy())
+    assert np.array_equal(jittered.numpy(), recipe.as_tensors(pixels, spec, colour, [7, 8, 9, 10]).numpy())
