@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/pbc_recipe.py [--root ../shared/data/pbc] [--arch resnet18] [--size 112]
         [--crop 0.75] [--epochs 20] [--lr 0.002] [--weight-decay 0.05] [--label-smoothing 0.1] [--batch-size 64]
-        [--stain-augment] [--hold-out-batch]
+        [--stain-augment [--stain KEY=VALUE ...]] [--hold-out-batch]
 
 A trial is a plain PyTorch loop (no Lightning, no DVC) over the same split as `experiment=pbc` (the project's
 `split_by_patient`, seed 42, 70/15/15) and the same preprocessing (`smearnet.data.loaders.cell_pixels` and `normalise`: centre crop,
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--stain-augment", action="store_true",
                         help="train with train.stain_augment's colour jitter (conf/config.yaml strengths)")
+    parser.add_argument("--stain", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="with --stain-augment, strengths other than conf/config.yaml's, e.g. rgb_shift=40")
     parser.add_argument("--hold-out-batch", action="store_true",
                         help="leave the frames that are not 360x363 (the grey-background batch) out of training "
                              "and validation; score those of the training and validation splits separately")
@@ -163,8 +165,9 @@ def main() -> None:
     model_cfg = {"name": args.arch, "arch": args.arch, "input_size": [args.size, args.size], "pretrained": False,
                  "allow_random_init": True, "center_crop": args.crop}
     spec = model_input_spec(model_cfg)
-    colour = (StainAugment.from_mapping({**plain(compose_config([]).train.stain_augment), "enabled": True}).transform()
-              if args.stain_augment else None)
+    strengths = dict(item.split("=", 1) for item in args.stain)
+    colour = (StainAugment.from_mapping({**plain(compose_config([]).train.stain_augment), **strengths,
+                                         "enabled": True}).transform() if args.stain_augment else None)
     parts, other_batch = {}, []
     for split in ("train", "val"):  # never "test": see the module docstring
         rows = manifest[manifest["split"] == split]
@@ -186,7 +189,8 @@ def main() -> None:
     val_images = as_tensors(val_pixels, spec)
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("pbc-recipe")
-    name = (f"{args.arch}-{args.size}-crop{args.crop}-{args.epochs}ep" + ("-stain" if args.stain_augment else "")
+    name = (f"{args.arch}-{args.size}-crop{args.crop}-{args.epochs}ep"
+            + (f"-stain{''.join('-' + item for item in args.stain)}" if args.stain_augment else "")
             + ("-holdout-batch" if args.hold_out_batch else ""))
     with mlflow.start_run(run_name=name):
         mlflow.log_params({**vars(args), "root": "pbc", "loop": "plain torch (benchmarks/pbc_recipe.py)",
