@@ -220,6 +220,8 @@ def main() -> None:
         result = {"train_seconds": seconds, "images_per_second": args.epochs * steps_per_epoch * args.batch_size / seconds}
         print(f"{device_name()}: {seconds / 60:.1f} min of training, {result['images_per_second']:.0f} images/s, "
               f"{len(targets)} training cells")
+        held = ((as_tensors(np.concatenate([p for p, _ in other_batch]), spec), torch.cat([t for _, t in other_batch]))
+                if other_batch else None)  # decoded and normalised once, scored with and without TTA
         for tta in (False, True):
             prefix = "val_tta" if tta else "val"
             result.update(report(net, val_images, val_targets, classes, tta=tta, tag=prefix,
@@ -228,11 +230,8 @@ def main() -> None:
                 grey = torch.from_numpy(~val_main)
                 result.update(report(net, val_images[grey], val_targets[grey], classes, tta=tta,
                                      tag=f"{prefix}_other_batch"))
-            if other_batch:
-                held_pixels = np.concatenate([p for p, _ in other_batch])
-                held_targets = torch.cat([t for _, t in other_batch])
-                result.update(report(net, as_tensors(held_pixels, spec), held_targets, classes, tta=tta,
-                                     tag=f"held_out_batch{'_tta' if tta else ''}"))
+            if held is not None:
+                result.update(report(net, *held, classes, tta=tta, tag=f"held_out_batch{'_tta' if tta else ''}"))
         mlflow.log_metrics(result)
 
 
