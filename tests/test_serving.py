@@ -273,6 +273,11 @@ def test_embeddings_stay_in_order_when_a_batch_has_no_decodable_cell(tmp_path):
     assert probabilities.shape == (5, len(CLASSES)) and embeddings.shape[0] == 5
     assert list(np.isnan(embeddings).all(axis=1)) == [False, True, True, True, False]
     assert np.allclose(embeddings[0], embeddings[4], atol=1e-5)
+    # No cell decoded at all: one zero-width row per cell (every bag empty), not None, so the MIL rule can say
+    # `undetermined`; not asked: no embeddings.
+    probabilities, embeddings = classify_in_batches(model, [[None, None], [None]], embeddings=True)
+    assert probabilities.shape == (3, len(CLASSES)) and np.isnan(probabilities).all() and embeddings.shape == (3, 0)
+    assert classify_in_batches(model, [[image]], embeddings=False)[1] is None
 
 
 def small_limits_version(tmp_path: Path, name: str) -> str:

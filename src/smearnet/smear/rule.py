@@ -137,8 +137,6 @@ class SmearRule:
         weights = np.full(len(ids), np.nan)
         groups = {smear_id: np.flatnonzero(valid & (ids == smear_id)) for smear_id in order}
         if self.uses_mil:
-            if embeddings is None and aggregator is not None and not valid.any():
-                embeddings = np.full((len(ids), 0), np.nan)  # no cell decoded, so no embedding: every bag is empty
             if aggregator is None or embeddings is None or len(embeddings) != len(ids):
                 raise SmearnetError("The MIL smear score needs the cells' embeddings and the MIL aggregator.",
                                     f"load the rule with its {MIL_DIR}/ folder (load_rule) and pass embeddings.")
