@@ -27,14 +27,16 @@ def main() -> None:
     setup_mlflow(params.mlflow)
     # The register run nests under the pipeline execution's parent run (stage_tags carries mlflow.parentRunId).
     tags = {**stage_tags(params.mlflow, "register"), **dvc_revision_tags(Path("dvc.lock"), selected)}
-    blind = json.loads((RULE / "blind_smears.json").read_text())["blind_smear_ids"] \
-        if str(registry.sensitivity_smears) == "blind" else None
+    measured = json.loads((RULE / "blind_smears.json").read_text())
+    blind = measured["blind_smear_ids"] if str(registry.sensitivity_smears) == "blind" else None
     decision = register_and_gate(RegisterInputs(
         model_dir=Path("models") / selected, backbone=selected, model_name=model_name,
         experiment=str(params.mlflow.experiment), rule_dir=RULE,
         criteria=PromotionCriteria.from_config(plain(registry.promote_if)),
         split_manifest=read_table(Path("data/split/manifest.csv")), compose=plain(params.smear.compose),
-        blind_smear_ids=blind, batch_size=int(params.evaluation.batch_size),
+        blind_smear_ids=blind, threshold_on_blind=bool(measured["threshold_chosen_on_them"]),
+        threshold_on_evaluation=bool(measured["threshold_chosen_on_evaluation_smears"]),
+        batch_size=int(params.evaluation.batch_size),
         confidence=float(params.evaluation.confidence), n_resamples=int(params.smear.bootstrap_resamples),
         seed=int(params.seed), extra_tags=tags, inference=inference,
         serving_limits=ServingLimits.from_config(plain(params.serving))))

@@ -231,6 +231,32 @@ def test_champion_with_other_classes_is_not_replaced_automatically(tmp_path, sto
     assert _alias(store, name, CHAMPION) == "1"
 
 
+@pytest.mark.parametrize("blind_ids, on_blind, on_evaluation, in_sample, words", [
+    (["s1"], False, True, False, "blind smears of the smear stage (not used"),       # held_out
+    (["s1"], True, True, True, "on which the shipped threshold was chosen"),        # same, cross_validated
+    (None, False, True, True, "all smears (registry.sensitivity_smears: all; the shipped threshold was chosen on"),
+    (None, False, False, False, "all smears (registry.sensitivity_smears: all; the shipped threshold was chosen on "
+                                "other smears"),                                    # development
+    (["gone"], False, True, True, "none of the smear stage's blind smears is in today's set"),
+])
+def test_gate_says_when_its_sensitivity_is_measured_on_the_smears_the_threshold_was_chosen_on(
+        blind_ids, on_blind, on_evaluation, in_sample, words):
+    import pandas as pd
+
+    from smearnet.registry.frozen import FrozenSet
+    from smearnet.registry.register import sensitivity_in_sample, sensitivity_on
+
+    matched = [s for s in (blind_ids or ()) if s == "s1"] or None  # as frozen_set matches them to today's smears
+    frozen = FrozenSet(test=pd.DataFrame(), smears=pd.DataFrame(), smears_from="", sensitivity_smears=matched,
+                       fingerprint="")
+    inputs = RegisterInputs(model_dir=Path("."), backbone="resnet18", model_name="m", experiment="e",
+                            rule_dir=Path("."), criteria=PromotionCriteria(), split_manifest=pd.DataFrame(),
+                            blind_smear_ids=blind_ids,
+                            threshold_on_blind=on_blind, threshold_on_evaluation=on_evaluation)
+    assert sensitivity_in_sample(frozen, inputs) is in_sample
+    assert words in sensitivity_on(frozen, inputs)
+
+
 def test_register_stage_writes_reports_and_leaks_no_patient_ids(tmp_path, store, monkeypatch):
     from smearnet.io import read_table
 
@@ -244,8 +270,10 @@ def test_register_stage_writes_reports_and_leaks_no_patient_ids(tmp_path, store,
     assert "PROMOTED" in (root / "reports/register/decision.md").read_text()
     register_metrics = json.loads((root / "metrics/register.json").read_text())
     assert register_metrics["version"] == 1 and math.isfinite(register_metrics["challenger"]["cell_accuracy"])
-    # Sensitivity was measured on the smear stage's blind smears only (4 of the 8).
+    # Sensitivity was measured on the smear stage's blind smears only (4 of the 8), which no threshold was chosen on.
     assert decision["challenger"]["n_sensitivity_smears"] == 4 and decision["challenger"]["n_smears"] == 8
+    assert not decision["evaluation_set"]["sensitivity_in_sample"]
+    assert decision["evaluation_set"]["sensitivity_on"].startswith("blind smears of the smear stage")
 
     # The packaged serving.json carries the `serving` limits of params.yaml and the (here: no) engine files' sha256.
     import mlflow

@@ -71,9 +71,10 @@ def test_a_mil_rule_is_saved_with_its_aggregator_and_calls_the_same_after_loadin
     pd.testing.assert_frame_equal(before, after)
     np.testing.assert_allclose(w_before, w_after)
     assert np.allclose([w_after[i * 6:(i + 1) * 6].sum() for i in range(20)], 1.0)  # attention per smear
-    # A request in which no image could be decoded has no embeddings: its smears are undetermined, not an error.
-    nothing, weights = loaded.classify(["a", "a", "b"], np.full((3, 3), np.nan), CLASSES, embeddings=None,
-                                       aggregator=loaded_aggregator)
+    # A request in which no image could be decoded has zero-width embeddings (serving.batches.classify_in_batches):
+    # its smears are undetermined, not an error.
+    nothing, weights = loaded.classify(["a", "a", "b"], np.full((3, 3), np.nan), CLASSES,
+                                       embeddings=np.zeros((3, 0), dtype=np.float32), aggregator=loaded_aggregator)
     assert list(nothing["call"]) == ["undetermined"] * 2 and np.isnan(weights).all()
 
 
@@ -95,6 +96,7 @@ def test_measurement_fixes_the_threshold_as_configured_and_calls_through_the_rul
     kept = measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="development", n_resamples=50)
     assert kept.rule.threshold == 0.9 and kept.result["threshold_selection"] == "development"
     assert kept.calls["blind"].all() and set(kept.calls["call"]) == {"negative"}  # 0.9 is above every score
+    assert not kept.threshold_on_blind and not kept.threshold_on_evaluation  # chosen on development smears
 
     chosen = measure_rule(proposed, evaluation_cells(parts=True), CLASSES, selection="held_out", n_resamples=50)
     assert chosen.rule.threshold != 0.9 and chosen.rule.score == "score_top3_mean"
@@ -102,6 +104,11 @@ def test_measurement_fixes_the_threshold_as_configured_and_calls_through_the_rul
     blind = chosen.calls[chosen.calls["blind"]]
     assert chosen.result["confusion"]["tp"] == int(((blind["call"] == "positive") & blind["truth_positive"]).sum())
     assert chosen.result["deployed_rule"] == chosen.rule.to_dict()
+    assert not chosen.threshold_on_blind and chosen.threshold_on_evaluation  # chosen on part 0, judged on part 1
+    for selection in ("same", "cross_validated"):  # the deployed threshold is chosen on every smear: no smear is blind
+        in_sample = measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection=selection, folds=2,
+                                 n_resamples=50)
+        assert in_sample.threshold_on_blind and set(in_sample.blind_smear_ids) == set(in_sample.calls["smear_id"])
     with pytest.raises(SmearnetError, match="threshold_selection"):
         measure_rule(proposed, evaluation_cells(parts=False), CLASSES, selection="best_on_test")
 

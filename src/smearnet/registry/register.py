@@ -52,6 +52,8 @@ class RegisterInputs:
     split_manifest: pd.DataFrame
     compose: Mapping[str, Any] | None = None  # smear.compose: the evaluation smears are the smear stage's
     blind_smear_ids: list[str] | None = None
+    threshold_on_blind: bool = False  # the smear stage chose the shipped threshold on those smears too
+    threshold_on_evaluation: bool = True  # ... on some of its evaluation smears (all but `development`)
     batch_size: int = 32
     confidence: float = 0.95
     n_resamples: int = 2000
@@ -226,11 +228,32 @@ def _decide(client: MlflowClient, inputs: RegisterInputs, version: ModelVersion,
                            "excluded_test_cells": frozen.excluded_test_cells,
                            "excluded_smear_cells": frozen.excluded_smear_cells,
                            "champion_training_patients": patients, "smear_cells_from": frozen.smears_from,
-                           "sensitivity_on": "blind smears of the smear stage" if frozen.sensitivity_smears
-                           else "all smears",
+                           "sensitivity_on": sensitivity_on(frozen, inputs),
+                           "sensitivity_in_sample": sensitivity_in_sample(frozen, inputs),
                            "rules": "each model with its own packaged smear rule (SmearRule.classify)"},
         "reused_decision": False,
     }
+
+
+def sensitivity_in_sample(frozen: FrozenSet, inputs: RegisterInputs) -> bool:
+    """Whether the smear stage chose the shipped threshold on (some of) the smears the gate's sensitivity and
+    specificity are measured on: then those figures are optimistic."""
+    return inputs.threshold_on_evaluation if frozen.sensitivity_smears is None else inputs.threshold_on_blind
+
+
+def sensitivity_on(frozen: FrozenSet, inputs: RegisterInputs) -> str:
+    """Which smears the gate's sensitivity and specificity are measured on, in words, saying when they are
+    in-sample."""
+    in_sample = sensitivity_in_sample(frozen, inputs)
+    if frozen.sensitivity_smears is None:
+        why = ("registry.sensitivity_smears: all" if inputs.blind_smear_ids is None
+               else "none of the smear stage's blind smears is in today's set")
+        return f"all smears ({why}" + ("; the shipped threshold was chosen on some of them: in-sample)"
+                                       if in_sample else "; the shipped threshold was chosen on other smears)")
+    if in_sample:
+        return ("the smear stage's smears, on which the shipped threshold was chosen (smear.threshold_selection "
+                "same or cross_validated: in-sample, optimistic)")
+    return "blind smears of the smear stage (not used to choose the threshold)"
 
 
 def check_same_pseudonym_key(champion_serving: Mapping[str, Any], model_name: str, champion: str) -> None:
@@ -265,4 +288,5 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(float(value))
 
 
-__all__ = ["RegisterInputs", "check_same_pseudonym_key", "register_and_gate"]
+__all__ = ["RegisterInputs", "check_same_pseudonym_key", "register_and_gate", "sensitivity_in_sample",
+           "sensitivity_on"]

@@ -39,6 +39,8 @@ class RuleMeasurement:
     result: dict[str, Any]
     calls: pd.DataFrame
     blind_smear_ids: list[str]
+    threshold_on_blind: bool = False  # same, cross_validated: the threshold was chosen on the "blind" smears too
+    threshold_on_evaluation: bool = True  # ... on some of the evaluation smears (all but `development`)
 
 
 def probability_matrix(cells: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
@@ -103,7 +105,9 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     result.update(positive_cell_metrics(rule, cells, classes, confidence=confidence))
     result.update(composed_cell_reuse(cells, calls))
     result.update(cell_count_baseline(table, proposed.score, **common))
-    return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind])
+    return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind],
+                           threshold_on_blind=selection in ("same", "cross_validated"),
+                           threshold_on_evaluation=selection != "development")
 
 
 def smear_sites(cells: pd.DataFrame) -> pd.Series:
