@@ -98,6 +98,7 @@ def test_pretraining_writes_weights_a_model_card_and_an_mlflow_run(tmp_path, mlf
     assert json.loads((out / "card.json").read_text()) == json.loads(json.dumps(card))
     text = (out / "MODEL_CARD.md").read_text()
     assert "Held out of pretraining: blue" in text and f"{card['val_accuracy']:.4f}" in text
+    assert 1 <= card["best_epoch"] <= card["epochs"] and f"the weights of epoch {card['best_epoch']}" in text
     run = mlflow.get_run(card["mlflow_run_id"])
     assert run.data.tags["stage"] == "pretrain" and run.info.run_name == "pretrain-resnet18"
     logged = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model_dir")}

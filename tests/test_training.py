@@ -153,6 +153,34 @@ def test_train_backbone_builds_its_training_loader_from_the_recipe(overrides, sa
     assert (dataset.colour is not None) is jittered
 
 
+def test_reported_validation_figures_are_those_of_the_shipped_checkpoint(colour_split, tmp_path, mlflow_uri,
+                                                                       monkeypatch):
+    """The train stage ships the lowest-validation-loss checkpoint; its metrics must describe those weights, not the
+    last epoch. The validation loss is made to rise every epoch, so the first epoch's weights are shipped."""
+    import torch
+
+    class RisingValidationLoss(torch.nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits, targets):
+            loss = super().forward(logits, targets)
+            if torch.is_grad_enabled():  # training: the real loss
+                return loss
+            RisingValidationLoss.calls += 1
+            return loss + 100.0 * RisingValidationLoss.calls
+
+    monkeypatch.setattr("smearnet.models.training.torch.nn.CrossEntropyLoss", RisingValidationLoss)
+    train, val = colour_split
+    metrics = train_backbone(tiny_settings("train.lr_max=0.00003"), train, val, tmp_path / "model", tmp_path / "ckpt",
+                             progress=False)
+    assert metrics["best_epoch"] == 1 and metrics["epochs"] == 3
+    model = load_trained(tmp_path / "model")
+    calls = predict_probabilities(model, val, progress=False).argmax(1)
+    shipped = float((calls == [model.classes.index(x) for x in val["label"]]).mean())
+    assert metrics["val_accuracy"] == pytest.approx(shipped, abs=1e-6)
+    assert "last_val_accuracy" in metrics  # the last epoch's, beside (here 0.58 shipped vs 0.75 last on an AVX2 EPYC)
+
+
 def test_the_run_fingerprint_ignores_the_other_backbones():
     one, two = tiny_settings(), tiny_settings("model=[resnet18,lightcnn]")
     assert one == two  # so train@resnet18 resumes (and DVC keeps it) when lightcnn is added

@@ -153,7 +153,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
         "val_macro_f1": metrics["val_macro_f1"] if supervised else None,
         "knn_val_accuracy": knn,
         "knn_val_accuracy_interval": list(wilson_interval(round(knn * len(val)), len(val))),
-        "epochs": metrics["epochs"],
+        "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],  # the shipped weights: lowest val loss
         "train_seconds": metrics["train_seconds"], "stage_seconds": round(time.perf_counter() - started, 1),
         "device": device_name(), "date": datetime.date.today().isoformat(),
         "mlflow_run_id": meta["mlflow_run_id"], "resumed": metrics["resumed"],
@@ -189,7 +189,8 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
     else:
         low, high = card["val_accuracy_interval"]
         head = (f"- Accuracy {card['val_accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f}) on "
-                f"{data['val_cells']} cells; macro-F1 {card['val_macro_f1']:.4f}; {card['epochs']} epochs.")
+                f"{data['val_cells']} cells; macro-F1 {card['val_macro_f1']:.4f}; {card['epochs']} epochs, the weights "
+                f"of epoch {card['best_epoch']} (lowest validation loss).")
     per_class = ", ".join(f"{k} {v}" for k, v in data["cells_per_class"].items())
     left_out = ", ".join(f"{v} {k}" for k, v in data["left_out"].items()) or "none"
     return "\n".join([

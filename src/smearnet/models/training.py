@@ -42,6 +42,10 @@ from smearnet.models.settings import TrainSettings
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 FINISHED_FILE = "finished.json"  # a completed run's metrics and best checkpoint, written after the weights
+# What a checkpoint and its finished.json hold; part of the run fingerprint, so a run recorded in an older format is
+# trained again rather than resumed or reused. 2: checkpoints carry their epoch's validation figures and the train
+# stage reports the shipped (lowest-validation-loss) checkpoint's, not the last epoch's.
+CHECKPOINT_FORMAT = 2
 
 
 class CellClassifier(L.LightningModule):
@@ -61,6 +65,8 @@ class CellClassifier(L.LightningModule):
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=float(self.train_cfg.get("label_smoothing") or 0.0))
         self.channels_last = bool(self.train_cfg.get("channels_last", False))
+        self.saved_val_metrics: dict[str, float] = {}  # set when loaded from a checkpoint (on_load_checkpoint)
+        self.saved_epoch: int | None = None
         if self.channels_last:  # NHWC: oneDNN's fast convolution layout on CPU (about 2x with bf16 here)
             self.net = self.net.to(memory_format=torch.channels_last)
         # `objective` (smearnet.models.contrastive): contrastive and both add a projection head beside the network,
@@ -138,6 +144,16 @@ class CellClassifier(L.LightningModule):
         self.val_macro_f1(logits, targets)
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True)
         self.log("val/macro_f1", self.val_macro_f1, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the validation figures of the epoch whose weights are saved: the train stage reports those of the
+        weights it ships (the lowest-validation-loss checkpoint), not the last epoch's."""
+        checkpoint["val_metrics"] = {key: float(value) for key, value in self.trainer.callback_metrics.items()
+                                     if key.startswith("val/")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.saved_val_metrics = dict(checkpoint.get("val_metrics") or {})
+        self.saved_epoch = checkpoint.get("epoch")
 
     def configure_optimizers(self):
         cfg = self.train_cfg
@@ -382,7 +398,7 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     L.seed_everything(seed, workers=True)
     data_hash = hashlib.sha256(pd_bytes(train_manifest) + pd_bytes(val_manifest)).hexdigest()[:16]
     fingerprint = run_fingerprint(model_cfg, train_cfg, trainer_cfg, classes, seed, data_hash,
-                                  starting_weights_digest(model_cfg))
+                                  starting_weights_digest(model_cfg), CHECKPOINT_FORMAT)
     # Every rank decides before any rank writes (rank 0 resets only after this, and checkpoints only once all
     # ranks have joined the process group), so all ranks agree on resuming.
     resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
@@ -440,10 +456,13 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
 
     best_path = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
     best = CellClassifier.load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
+    shipped = best.saved_val_metrics  # the saved weights' own validation figures (on_save_checkpoint)
     metrics = {
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-        "val_accuracy": float(trainer.callback_metrics.get("val/accuracy", float("nan"))),
-        "val_macro_f1": float(trainer.callback_metrics.get("val/macro_f1", float("nan"))),
+        "val_accuracy": shipped.get("val/accuracy", float("nan")),
+        "val_macro_f1": shipped.get("val/macro_f1", float("nan")),
+        "best_epoch": int(best.saved_epoch) + 1 if best.saved_epoch is not None else None,  # 1-based, as `epochs`
+        "last_val_accuracy": float(trainer.callback_metrics.get("val/accuracy", float("nan"))),
         "epochs": int(trainer.current_epoch),
         "global_steps": int(trainer.global_step),
         "train_seconds": round(stopwatch.seconds, 2),
@@ -458,6 +477,8 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
                 "mlflow_run_id": logger.run_id, "metrics": metrics}, checkpoint_dir / FINISHED_FILE)
     client = mlflow.MlflowClient()
     client.log_metric(logger.run_id, "best_val_loss", metrics["best_val_loss"])
+    if math.isfinite(metrics["val_accuracy"]):  # the shipped checkpoint's, beside the per-epoch val/accuracy curve
+        client.log_metric(logger.run_id, "shipped_val_accuracy", metrics["val_accuracy"])
     client.log_metric(logger.run_id, "train_images_per_second", metrics["train_images_per_second"])
     # The weights go to the run; only the register stage registers a version, the selected backbone with the
     # smear rule measured for it (one registered model per task, smearnet-<data.name>).
