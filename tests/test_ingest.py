@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import bad_inputs as corpus
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import EpsImagePlugin, GifImagePlugin, Image, ImageFile
@@ -75,6 +76,11 @@ class BadCase:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 BAD_CASES: dict[str, BadCase] = {
     "zero_byte": BadCase(corpus.make_zero_byte, "zero_byte", "zero-byte file"),
     "truncated_jpeg": BadCase(
@@ -119,6 +125,12 @@ BAD_CASES: dict[str, BadCase] = {
         "empty patient_id",
         patient_id="  ",
     ),
+    # R writes a missing id as NA, pandas' astype(str) as nan: such rows must not pool into one "patient".
+    **{f"placeholder_patient_id_{written}": BadCase(
+        lambda folder: corpus.make_rgb_jpeg(folder, "cell.jpg", seed=5), "empty_patient_id",
+        "patient_id is a missing-value placeholder", patient_id=written) for written in ("NA", "nan", " #N/A ")},
+    "patient_folder_in_path": BadCase(  # an error message names the file, not the folders (they may name people)
+        lambda folder: corpus.make_zero_byte(_made(folder / "Doe_Jane_MRN123")), "zero_byte", "zero-byte file"),
     "empty_path": BadCase(lambda folder: "", "empty_path", "empty path"),
     # Only JPEG, PNG, BMP and TIFF reach a parser; other formats are named from their signature.
     "gif": BadCase(corpus.make_gif, "format_not_allowed", "format not allowed (GIF; allowed: JPEG, PNG, BMP, TIFF)"),
@@ -190,9 +202,10 @@ def test_bad_row_raises_under_error_policy(tmp_path: Path, name: str) -> None:
     message = _run_error(tmp_path / "data", rows, on_bad_row="error", **case.options)
 
     assert f"1 bad row(s) out of 2 in manifest {tmp_path / 'data' / 'manifest.csv'}" in message
-    assert f"row 3 ({written or '<empty>'}): {case.reason}" in message
+    assert f"row 3 ({os.path.basename(written) or '<empty path>'}): {case.reason}" in message  # the file name
     assert "ingest.on_bad_row=quarantine" in message
     assert "patient-bad" not in message
+    assert not os.path.dirname(written) or os.path.dirname(written) not in message
 
 
 # --------------------------------------------------------------------------- unreadable files (we run as root)
@@ -281,6 +294,17 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     accepted, image = _accept_one(tmp_path / "data", corpus.make_16bit_png(_mkdir(tmp_path / "data")))
     assert accepted["mode"] == "I;16"
     assert [_rgb(image, x, 40) for x in (10, 40, 80)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_a_16bit_image_using_12_bits_is_accepted_with_a_note_saying_it_reads_dark(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    pixels = np.zeros((80, 96), dtype=np.uint16)
+    pixels[:, 48:] = 4000  # a 12-bit camera's bright half
+    Image.fromarray(pixels).save(data / "twelve_bit.png")
+    result = _run(data, [{"path": "twelve_bit.png", "label": "normal", "patient_id": "p1"}])
+    assert len(result.accepted) == 1 and load_rgb(Path(result.accepted.at[0, "path"])).getpixel((60, 40))[0] == 16
+    [noted] = result.report["accepted_with_notes"]
+    assert noted["note"].startswith("16-bit image whose brightest pixel is 4000 of 65535")
 
 
 def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
@@ -770,3 +794,23 @@ def test_write_ingest_outputs_leaves_no_temporary_files_on_failure(
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------- smears are one patient's
+
+
+def test_a_smear_id_written_for_several_patients_is_read_per_patient(tmp_path: Path) -> None:
+    # Smears numbered per patient (1, 2, ...): grouped by smear_id alone, patient-a's and patient-b's smear "1"
+    # would be one smear, called positive when either is.
+    data = _mkdir(tmp_path / "data")
+    rows = []
+    for index, (patient, smear) in enumerate([("patient-a", "1"), ("patient-a", "1"), ("patient-b", "1"),
+                                              ("patient-b", "2"), ("patient-c", "only-c")]):
+        corpus.make_rgb_jpeg(data, f"cell{index}.jpg", seed=index)
+        rows.append({"path": f"cell{index}.jpg", "label": "normal", "patient_id": patient, "smear_id": smear})
+    result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id"))
+    assert result.accepted["smear_id"].tolist() == ["patient-a::1", "patient-a::1", "patient-b::1", "2", "only-c"]
+    assert result.accepted.groupby("smear_id")["patient_id"].nunique().max() == 1
+    assert result.report["smears_with_multiple_patients"] == 1
+    assert any("read as a smear of their own" in w for w in result.report["warnings"])
+    assert "patient-a" not in json.dumps(result.report)

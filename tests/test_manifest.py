@@ -154,10 +154,30 @@ def test_missing_column_names_missing_and_found(tmp_path: Path) -> None:
     assert "columns found: 'path', 'label'" in message
 
 
-def test_missing_column_case_hint(tmp_path: Path) -> None:
-    csv_path = write_manifest(tmp_path / "m.csv", [{}], columns=("Path", "label", "patient_id"))
+def test_column_names_are_matched_ignoring_case_spaces_and_separators(tmp_path: Path) -> None:
+    # An optional column left unread is silent: `Cohort` unread would train on every assessment patient.
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("Path, Label ,Patient ID,Smear-ID,SITE,Cohort,notes\n"
+                        "a.jpg,normal,p1,s1,h1,Assessment,x\n", encoding="utf-8")
+    manifest = read_manifest(csv_path)
+    assert list(manifest.columns[:7]) == ["path", "label", "patient_id", "smear_id", "site", "cohort", "notes"]
+    assert manifest.loc[0, "cohort"] == "assessment" and manifest.loc[0, "smear_id"] == "s1"
+    assert manifest.loc[0, "site"] == "h1" and manifest.loc[0, "patient_id"] == "p1"
+
+
+def test_two_spellings_of_one_column_are_refused(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label,patient_id,cohort,Cohort\na.jpg,normal,p1,development,assessment\n",
+                        encoding="utf-8")
     message = _error(csv_path)
-    assert "missing the required column(s) path" in message and "rename 'Path' to 'path'" in message
+    assert "column(s) cohort more than once" in message and "'cohort', 'Cohort'" in message
+
+
+@pytest.mark.parametrize("reserved", ["part", "cell_index", "smear_key"])
+def test_columns_smearnet_adds_itself_are_refused(tmp_path: Path, reserved: str) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"path,label,patient_id,{reserved}\na.jpg,normal,p1,0\n", encoding="utf-8")
+    assert "which smearnet adds to its smear tables itself" in _error(csv_path)
 
 
 def test_semicolon_separated_hint(tmp_path: Path) -> None:

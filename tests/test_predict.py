@@ -91,6 +91,14 @@ def test_manifest_is_many_smears_and_threshold_decides(tmp_path):
         assert loaded.rule.threshold_from == "--threshold" and loaded.rule.threshold == threshold
 
 
+def test_a_csv_is_read_as_the_pipeline_reads_a_manifest(tmp_path):
+    (tmp_path / "batch.csv").write_text("Path,Patient ID,Smear ID\na.jpg,p1,1\nb.jpg,p2,1\nc.jpg,p2,2\n")
+    frame, _ = collect_cells(tmp_path / "batch.csv")
+    # Column names matched loosely; smear "1" of p1 and of p2 are two smears, as the pipeline measured them.
+    assert frame["smear_id"].tolist() == ["p1::1", "p2::1", "2"]
+    assert frame["path"].tolist() == [str(tmp_path.resolve() / name) for name in ("a.jpg", "b.jpg", "c.jpg")]
+
+
 def test_train_stage_folder_takes_the_workspace_measured_rule(tmp_path, monkeypatch):
     model = random_model(tmp_path / "models" / "resnet18", seed=0)
     monkeypatch.chdir(tmp_path)

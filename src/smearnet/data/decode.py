@@ -273,8 +273,12 @@ def _unidentified_problem(data: bytes) -> ImageProblem:
     return ImageProblem(NOT_IMAGE, "not an image (not a JPEG, PNG, BMP or TIFF file)")
 
 
+_TWELVE_BIT_MAX = 4095
+
+
 def _ignored_metadata(image: Image.Image) -> tuple[str, ...]:
-    """Notes on metadata the decoder does not apply: an invalid EXIF orientation, a non-sRGB ICC profile."""
+    """Notes on metadata the decoder does not apply: an invalid EXIF orientation, a non-sRGB ICC profile, a
+    16-bit image that uses 12 bits or fewer (it is read on the 16-bit scale, hence dark)."""
     notes = []
     orientation = image.getexif().get(_EXIF_ORIENTATION)
     if orientation is not None and orientation not in _VALID_ORIENTATIONS:
@@ -287,6 +291,12 @@ def _ignored_metadata(image: Image.Image) -> tuple[str, ...]:
             description = "unreadable"
         if "srgb" not in description.casefold():
             notes.append(f"embedded colour profile {description.strip()[:60]!r} ignored; pixels read as sRGB")
+    if image.mode.startswith("I;16") and not image.mode.startswith("I;16S"):
+        brightest = int(image.getextrema()[1])
+        if 0 < brightest <= _TWELVE_BIT_MAX:  # a 10/12-bit camera stored in 16 bits: read on the 16-bit scale
+            notes.append(f"16-bit image whose brightest pixel is {brightest} of 65535: read on the 16-bit scale it "
+                         f"is at most {round(brightest / 257)} of 255 (dark); if the camera has 12 bits or fewer, "
+                         "convert such files to 8 bits first")
     return tuple(notes)
 
 

@@ -51,9 +51,9 @@ import pandas as pd
 
 from smearnet.data.decode import FILE_MISSING
 from smearnet.data.file_checks import FileCheck, run_file_checks
-from smearnet.data.ingest_report import IngestResult, build_report, redact
+from smearnet.data.ingest_report import IngestResult, build_report, redact, row_file
 from smearnet.data.labels import alias_lookup, canonical_label, class_lookup
-from smearnet.data.manifest import FOLDER_COLUMN, REQUIRED_COLUMNS, fill_optional_columns
+from smearnet.data.manifest import FOLDER_COLUMN, REQUIRED_COLUMNS, fill_optional_columns, one_patient_per_smear
 from smearnet.data.paths import confinement_problem, existing_unicode_form, is_windows_absolute
 from smearnet.errors import SmearnetError
 
@@ -61,6 +61,9 @@ POLICIES: tuple[str, ...] = ("error", "quarantine")
 
 EMPTY_PATH = "empty_path"
 EMPTY_PATIENT_ID = "empty_patient_id"
+#: What spreadsheets and data-frame libraries write for a missing value (R's write.csv writes NA, pandas' astype(str)
+#: nan, Excel #N/A): read as a patient id, every such row would join one pooled "patient".
+MISSING_ID_PLACEHOLDERS = frozenset({"nan", "na", "n/a", "#n/a", "null", "none", "unknown", "-", "?"})
 UNKNOWN_LABEL = "unknown_label"
 DUPLICATE = "duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
@@ -102,6 +105,7 @@ def validate_manifest(
     alias_by_key = alias_lookup(label_aliases, class_by_key)
     manifest_path = manifest.attrs.get("manifest_path")
     rows, folders = _prepare_rows(manifest, manifest_path)
+    rows, shared_smear_ids = one_patient_per_smear(rows)
     if confine and not all(folders):
         raise SmearnetError(
             "Ingest was asked to confine paths to their manifest's folder (data.confine), but some rows were not "
@@ -131,6 +135,8 @@ def validate_manifest(
             verdicts.append((file_check.check, file_check.reason or file_check.check))
         elif not patient_id.strip():
             verdicts.append((EMPTY_PATIENT_ID, "empty patient_id"))
+        elif patient_id.strip().casefold() in MISSING_ID_PLACEHOLDERS:
+            verdicts.append((EMPTY_PATIENT_ID, "patient_id is a missing-value placeholder, not an id"))
         elif label is None:
             verdicts.append((UNKNOWN_LABEL, f"label {raw_label!r} not in classes (allowed: {allowed})"))
         else:
@@ -172,6 +178,7 @@ def validate_manifest(
         total_rows=len(rows),
         notes_by_row=notes_by_row,
         paths_fixed=paths_fixed,
+        shared_smear_ids=shared_smear_ids,
     )
     return IngestResult(accepted=accepted, quarantined=quarantined, report=report)
 
@@ -318,7 +325,7 @@ def _raise_for_error_policy(
     shown = []
     for index, (_check, reason) in failing[:_MAX_ROWS_IN_MESSAGE]:
         patient_id = str(rows.at[index, "patient_id"])
-        written = redact(str(rows.at[index, "source_path"]), patient_id) or "<empty>"
+        written = row_file(str(rows.at[index, "source_path"]), patient_id)  # the file name: folders may name people
         shown.append(f"row {rows['row'].iloc[index]} ({written}): {redact(reason, patient_id)}")
     more = f"; and {len(failing) - _MAX_ROWS_IN_MESSAGE} more" if len(failing) > _MAX_ROWS_IN_MESSAGE else ""
     by_check = ", ".join(f"{check} {count}" for check, count in sorted(Counter(v[0] for _, v in failing).items()))

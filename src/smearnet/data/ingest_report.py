@@ -73,12 +73,14 @@ def build_report(
     total_rows: int,
     notes_by_row: Mapping[int, list[str]],
     paths_fixed: dict[str, int],
+    shared_smear_ids: int = 0,
 ) -> dict[str, Any]:
     """JSON-serialisable summary; rows are identified by row number and file name only.
 
     ``notes_by_row`` (row number -> notes) lists what was accepted but not used as stored (an invalid EXIF
     orientation, an ignored colour profile, a file name matched in another Unicode form); ``paths_fixed``
-    counts path cells read by the Windows and Unicode rules of smearnet.data.paths.
+    counts path cells read by the Windows and Unicode rules of smearnet.data.paths; ``shared_smear_ids`` counts
+    smear ids written for more than one patient, read per patient (``smearnet.data.ingest.one_patient_per_smear``).
     """
     per_class = {name: 0 for name in classes}
     per_class.update(_count(accepted["label"]))
@@ -89,7 +91,6 @@ def build_report(
     ]
     patients_in_multiple_sites = int((accepted.groupby("patient_id")["site"].nunique() > 1).sum())
     patients_in_multiple_cohorts = int((accepted.groupby("patient_id")["cohort"].nunique() > 1).sum())
-    smears_with_multiple_patients = int((accepted.groupby("smear_id")["patient_id"].nunique() > 1).sum())
     warning_messages = []
     if patients_in_multiple_sites:
         warning_messages.append(
@@ -101,10 +102,10 @@ def build_report(
             f"{patients_in_multiple_cohorts} patient(s) appear in both development and assessment cohorts; "
             "this leaks patients into the assessment set."
         )
-    if smears_with_multiple_patients:
+    if shared_smear_ids:
         warning_messages.append(
-            f"{smears_with_multiple_patients} smear_id(s) are shared by more than one patient; "
-            "check the smear_id column."
+            f"{shared_smear_ids} smear_id(s) were written for more than one patient; a smear is one patient's, so "
+            "each patient's cells under such an id were read as a smear of their own (patient_id::smear_id)."
         )
     empty_classes = [name for name, count in per_class.items() if count == 0]
     if empty_classes:
@@ -140,7 +141,7 @@ def build_report(
         "duplicates": duplicate_stats,
         "patients_in_multiple_sites": patients_in_multiple_sites,
         "patients_in_multiple_cohorts": patients_in_multiple_cohorts,
-        "smears_with_multiple_patients": smears_with_multiple_patients,
+        "smears_with_multiple_patients": shared_smear_ids,  # written so; now read per patient
         "empty_classes": empty_classes,
         "warnings": warning_messages,
         "accepted_with_notes": noted_rows,

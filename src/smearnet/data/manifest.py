@@ -25,6 +25,9 @@ from smearnet.errors import SmearnetError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("smear_id", "site", "cohort")
+#: Columns smearnet adds to smear tables and reads back (composed smears: `part`, `cell_index`; the gate's
+#: `smear_key`): a manifest column of that name would be taken for smearnet's own, so it is refused.
+RESERVED_COLUMNS: tuple[str, ...] = ("part", "cell_index", "smear_key")
 COHORTS: tuple[str, ...] = ("development", "assessment")
 DEFAULT_SITE = "default"
 DEFAULT_COHORT = "development"
@@ -52,7 +55,8 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
     may be LF or CRLF, and a UTF-8 byte-order mark is ignored. Missing or
     empty optional columns are filled: ``smear_id`` := patient_id,
     ``site`` := "default", ``cohort`` := "development". Cohort values are
-    matched case-insensitively. Header names and every cell except ``label``
+    matched case-insensitively; header names naming a required or optional column are matched ignoring case,
+    spaces, ``_`` and ``-`` (`column_name`). Header names and every cell except ``label``
     are stripped of surrounding whitespace (``label`` is normalised later, so
     the ingest report can count fixed labels); ``patient_id``, ``smear_id`` and
     ``site`` are read in Unicode NFC. Blank lines and a leading Excel ``sep=,``
@@ -185,24 +189,48 @@ def _read_csv_records(csv_path: Path) -> tuple[list[str], list[tuple[int, list[s
     return header, records
 
 
+def column_name(written: str) -> str:
+    """The manifest column a header cell names: a required or optional column however it is cased and spaced
+    (``Cohort``, ``Patient ID``, ``smear-id``, ``SmearID``), else the cell as written, stripped.
+
+    Matching the optional columns loosely matters most: a ``Cohort`` column left unread would silently make every
+    assessment patient a development one (trained on), a ``Smear_ID`` one would merge each patient's smears."""
+    stripped = written.strip()
+    return _KNOWN_BY_KEY.get(_column_key(stripped), stripped)
+
+
+def _column_key(name: str) -> str:
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+_KNOWN_BY_KEY = {_column_key(name): name for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
+
+
 def _check_header(csv_path: Path, header: list[str]) -> list[str]:
-    """Return the stripped, non-empty column names, or raise for missing/duplicated ones."""
-    columns = [name.strip() for name in header if name.strip()]
+    """Return the column names (`column_name` of each non-empty header cell), or raise for missing, duplicated
+    or reserved ones."""
+    written = [name.strip() for name in header if name.strip()]
+    columns = [column_name(name) for name in written]
     duplicated = sorted({name for name in columns if columns.count(name) > 1})
     if duplicated:
+        spelled = "; ".join(f"{name}: " + ", ".join(repr(w) for w, c in zip(written, columns, strict=True) if c == name)
+                            for name in duplicated)
         raise SmearnetError(
-            f"Manifest {csv_path} has the column(s) {', '.join(duplicated)} more than once.",
-            "keep one column of each name.",
+            f"Manifest {csv_path} has the column(s) {', '.join(duplicated)} more than once ({spelled}).",
+            "keep one column of each name (column names are matched ignoring case, spaces, '_' and '-').",
+        )
+    reserved = [name for name in columns if name in RESERVED_COLUMNS]
+    if reserved:
+        raise SmearnetError(
+            f"Manifest {csv_path} has the column(s) {', '.join(reserved)}, which smearnet adds to its smear tables "
+            "itself; read from the manifest they would be taken for smearnet's own.",
+            f"rename or drop them (reserved: {', '.join(RESERVED_COLUMNS)}).",
         )
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
         hints: list[str] = []
         if len(columns) == 1 and (";" in columns[0] or "\t" in columns[0]):
             hints.append("the file looks semicolon- or tab-separated, but a comma-separated CSV is required")
-        for name in missing:
-            near = [found for found in columns if found.casefold() == name]
-            if near:
-                hints.append(f"column names are case-sensitive: rename {near[0]!r} to {name!r}")
         found = ", ".join(repr(name) for name in columns) or "none"
         hint_text = f" ({'; '.join(hints)})" if hints else ""
         raise SmearnetError(
@@ -228,6 +256,20 @@ def fill_optional_columns(manifest: pd.DataFrame) -> None:
         manifest["cohort"] = DEFAULT_COHORT
     else:
         manifest["cohort"] = [value.casefold() or DEFAULT_COHORT for value in manifest["cohort"]]
+
+
+def one_patient_per_smear(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Rows whose smear_id was written for more than one patient (smears numbered per patient: 1, 2, ...) get
+    ``patient_id::smear_id`` instead, and how many such ids there were. A smear is one patient's: every stage
+    groups cells by smear_id, and a shared id would merge several patients' smears into one, called positive
+    when any of them is."""
+    shared = rows.groupby("smear_id")["patient_id"].transform("nunique") > 1
+    if not shared.any():
+        return rows, 0
+    rows = rows.copy()
+    count = int(rows.loc[shared, "smear_id"].nunique())
+    rows.loc[shared, "smear_id"] = rows.loc[shared, "patient_id"] + "::" + rows.loc[shared, "smear_id"]
+    return rows, count
 
 
 def _check_cohorts(csv_path: Path, manifest: pd.DataFrame, line_numbers: list[int]) -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from smearnet.data.decode import IMAGE_SUFFIXES, load_rgb
+from smearnet.data.manifest import column_name, one_patient_per_smear
 from smearnet.errors import SmearnetError
 from smearnet.io import json_safe, read_json
 from smearnet.models.inference import (SERVING_FILE, TrainedModel, load_trained, read_serving, resolve_inference,
@@ -137,7 +138,8 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
     """Cells to classify as (path, smear_id[, label]) and the files skipped as not images.
 
     A folder is one smear (its name is the smear id; images found recursively); a CSV lists `path` and
-    `smear_id` (or `patient_id`) per row, relative paths resolving against the CSV's folder.
+    `smear_id` (or `patient_id`) per row, relative paths resolving against the CSV's folder; column names and a
+    smear id written for several patients are read as the pipeline reads a manifest (`smearnet.data.manifest`).
     """
     source = Path(source).expanduser()
     if source.is_dir():
@@ -151,9 +153,11 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame({"path": [str(p) for p in images], "smear_id": name}), skipped
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
-        table.columns = [c.strip() for c in table.columns]
+        table.columns = [column_name(c) for c in table.columns]  # as the pipeline reads manifests
         if "smear_id" not in table and "patient_id" in table:
             table["smear_id"] = table["patient_id"]
+        elif "patient_id" in table:  # smears numbered per patient stay apart
+            table, _ = one_patient_per_smear(table)
         missing = [c for c in ("path", "smear_id") if c not in table]
         if missing or table.empty:
             raise SmearnetError(f"Manifest {source} needs the columns path and smear_id and at least one row; "
