@@ -21,7 +21,7 @@ def main() -> None:
     manifest = read_table(Path("data/ingested/manifest.csv"))
     earlier = read_assignments(ASSIGNMENTS)
     split_manifest, assignments = sticky_split_by_patient(manifest, params.split, seed=int(params.seed),
-                                                          earlier=earlier)
+                                                          earlier=earlier, positive_class=params.data.positive_class)
     write_manifest(split_manifest, Path("data/split/manifest.csv"))
     write_manifest(assignments, ASSIGNMENTS)
     # metrics/split.json is git-tracked and must be what any clone computes from the same data; how many patients

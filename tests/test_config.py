@@ -161,7 +161,8 @@ def test_without_a_dvc_yaml_beside_params_the_checkout_declares(tmp_path):
     from smearnet.cli import compose_params
 
     compose_params([], tmp_path / "params.yaml")  # the bare folders tests run stage scripts in
-    assert set(stage_params("split", params_file=tmp_path / "params.yaml")) == {"seed", "split"}
+    split = stage_params("split", params_file=tmp_path / "params.yaml")
+    assert set(split) == {"seed", "split", "data"} and set(split.data) == {"positive_class"}
 
 
 def test_every_stage_of_the_pipeline_gets_its_params_from_the_committed_files():

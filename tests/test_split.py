@@ -212,3 +212,31 @@ def test_assignments_round_trip_through_a_file_with_ids_kept_as_text(tmp_path):
     path.write_text("")
     with pytest.raises(SmearnetError, match="empty file"):
         read_assignments(path)
+
+
+def rare_positive_cohort(n_patients=30, n_positive=3, seed=0):
+    """Every patient mostly normal cells; `n_positive` of them hold a single variant cell among 20."""
+    rows = []
+    for p in range(n_patients):
+        labels = ["normal"] * 19 + (["variant"] if p < n_positive else ["normal"])
+        rows += [{"path": f"/x/p{p}_{c}.jpg", "label": label, "patient_id": f"p{p:02d}", "smear_id": f"p{p:02d}",
+                  "site": "a", "cohort": "development"} for c, label in enumerate(labels)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_patients_holding_a_rare_positive_class_reach_val_and_test(seed):
+    # Every patient's majority label is "normal": without the positive class, strata cannot see the 3 positive
+    # patients and they fall into val and test by chance (a val split without positive cells cannot choose a cell
+    # threshold). Given it, each split gets one.
+    out = split_by_patient(rare_positive_cohort(), FRACTIONS, seed=seed, positive_class="variant")
+    positive_patients = out[out["label"] == "variant"].groupby("split")["patient_id"].nunique()
+    assert positive_patients.reindex(list(FRACTIONS)).tolist() == [1, 1, 1]
+    assert_no_patient_leakage(out)
+
+
+def test_the_positive_stratum_changes_nothing_where_patients_hold_one_class():
+    # Where each patient holds one class (the demo cohort), the positive class's patients are already a stratum.
+    manifest = cohort()
+    pd.testing.assert_frame_equal(split_by_patient(manifest, FRACTIONS, seed=2),
+                                  split_by_patient(manifest, FRACTIONS, seed=2, positive_class="covid_rl"))

@@ -6,7 +6,10 @@ patient it has placed (the assignments: ``patient_id, split``; raw ids, so the t
 ``data/``, never in git or MLflow), keeps those placements, and deals only the patients it has not seen.
 
 How new development patients are dealt: patients are stratified by their site and their majority label (a tie
-goes to the first label by name), so a new site's patients reach val and test too and per-site figures exist. Within a stratum the new patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a
+goes to the first label by name), so a new site's patients reach val and test too and per-site figures exist. Given
+the positive class, a patient holding any positive cell counts as of the positive class: where positive cells are
+rare every patient's majority label is the negative one, and the few positive patients would otherwise fall into
+val and test by chance (a validation split with no positive cell cannot choose a cell threshold). Within a stratum the new patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a
 patient's place in the order depends on the seed and its own id only: not on which other patients exist, the
 order of the manifest's rows or the pseudonym key (`smearnet.pseudonyms`, a per-machine secret). Each goes to the
 split furthest below its target share of its class's cells over every site, counting the cells of the patients
@@ -41,14 +44,16 @@ _REDEAL = ("or delete the split assignments (the split stage's data/split_assign
            "afresh, knowing that earlier test patients may then move into training")
 
 
-def split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int) -> pd.DataFrame:
+def split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int,
+                     positive_class: str | None = None) -> pd.DataFrame:
     """A fresh split, with no earlier assignments: `manifest` with a `split` column (see `sticky_split_by_patient`)."""
-    split_manifest, _ = sticky_split_by_patient(manifest, fractions, seed)
+    split_manifest, _ = sticky_split_by_patient(manifest, fractions, seed, positive_class=positive_class)
     return split_manifest
 
 
 def sticky_split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int,
-                            earlier: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                            earlier: pd.DataFrame | None = None,
+                            positive_class: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split `manifest` by patient, keeping the splits `earlier` assigned; return (split manifest, assignments).
 
     The split manifest is `manifest` with a `split` column: train/val/test for development cells, assessment for
@@ -64,7 +69,7 @@ def sticky_split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, floa
                             "mark the training cohort's rows `cohort=development` (or leave the column out).")
     known = dict(zip(earlier["patient_id"], earlier["split"]))
     _refuse_cohort_changes(manifest, is_development, known)
-    assignment = deal_new_patients(development, known, targets, seed)
+    assignment = deal_new_patients(development, known, targets, seed, positive_class=positive_class)
     out = manifest.copy()
     out["split"] = ASSESSMENT
     out.loc[is_development, "split"] = out.loc[is_development, "patient_id"].map(assignment)
@@ -75,10 +80,10 @@ def sticky_split_by_patient(manifest: pd.DataFrame, fractions: Mapping[str, floa
 
 
 def deal_new_patients(development: pd.DataFrame, known: Mapping[str, str], targets: Mapping[str, float],
-                      seed: int) -> dict[str, str]:
+                      seed: int, positive_class: str | None = None) -> dict[str, str]:
     """The split of every patient of `development`: `known`'s split when it has one, else dealt (module docstring)."""
     cells = development.groupby("patient_id").size()
-    strata = patient_strata(development)
+    strata = patient_strata(development, positive_class)
     labels = strata.map(lambda stratum: stratum[1])
     assignment = {patient: known[patient] for patient in cells.index if patient in known}
     # Shares are kept per class over every site; empty splits are filled per site and class first, then per class.
@@ -110,9 +115,14 @@ def dealing_key(seed: int, patient_id: str) -> tuple[str, str]:
     return hashlib.sha256(f"{seed}:{patient_id}".encode("utf-8")).hexdigest(), str(patient_id)
 
 
-def patient_strata(development: pd.DataFrame) -> pd.Series:
-    """Each patient's stratum: (its site, first by name if it spans several; its majority label), by patient id."""
+def patient_strata(development: pd.DataFrame, positive_class: str | None = None) -> pd.Series:
+    """Each patient's stratum: (its site, first by name if it spans several; its class: `positive_class` when it
+    holds any cell of it, else its majority label), by patient id."""
     labels = majority_labels(development)
+    if positive_class is not None:
+        holds_positive = development.groupby("patient_id")["label"].agg(lambda values: bool((values == positive_class)
+                                                                                             .any()))
+        labels = labels.where(~holds_positive.reindex(labels.index).fillna(False).astype(bool), positive_class)
     if "site" not in development.columns:
         return labels.map(lambda label: ("", label))
     sites = development.groupby("patient_id")["site"].agg(lambda values: sorted(values.astype(str).unique())[0])
