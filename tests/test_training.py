@@ -178,6 +178,8 @@ def test_reported_validation_figures_are_those_of_the_shipped_checkpoint(colour_
     calls = predict_probabilities(model, val, progress=False).argmax(1)
     shipped = float((calls == [model.classes.index(x) for x in val["label"]]).mean())
     assert metrics["val_accuracy"] == pytest.approx(shipped, abs=1e-6)
+    low, high = metrics["val_accuracy_interval"]
+    assert metrics["val_cells"] == len(val) and low <= shipped <= high
     assert "last_val_accuracy" in metrics  # the last epoch's, beside (here 0.58 shipped vs 0.75 last on an AVX2 EPYC)
 
 

@@ -138,7 +138,6 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
     knn = features_knn_accuracy(out_dir, train, val)
     # A contrastive run trains no classifier: its head's accuracy means nothing, the features' k-NN accuracy does.
     supervised = settings.recipe.objective != "contrastive"
-    correct = round(metrics["val_accuracy"] * len(val))
     card = {
         "enabled": True, "backbone": settings.backbone, "arch": settings.model["arch"],
         "input_size": list(settings.model["input_size"]), "center_crop": settings.model.get("center_crop", 1.0),
@@ -149,7 +148,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
         "recipe": settings.recipe.to_dict(), "precision": settings.trainer.precision,
         "objective": settings.recipe.objective,
         "val_accuracy": metrics["val_accuracy"] if supervised else None,
-        "val_accuracy_interval": list(wilson_interval(int(correct), len(val))) if supervised else None,
+        "val_accuracy_interval": metrics["val_accuracy_interval"] if supervised else None,
         "val_macro_f1": metrics["val_macro_f1"] if supervised else None,
         "knn_val_accuracy": knn,
         "knn_val_accuracy_interval": list(wilson_interval(round(knn * len(val)), len(val))),
