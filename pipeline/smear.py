@@ -44,8 +44,8 @@ def main() -> None:
         write_text(measured.calls.to_csv(index=False), OUT / "smears.csv")
         save_rule(rule, OUT, aggregator)
         write_json({"blind_smear_ids": measured.blind_smear_ids,
-                    "threshold_chosen_on_them": measured.threshold_on_blind,
-                    "threshold_chosen_on_evaluation_smears": measured.threshold_on_evaluation},
+                    "threshold_on_blind": measured.threshold_on_blind,
+                    "threshold_on_evaluation": measured.threshold_on_evaluation},
                    OUT / "blind_smears.json")
         roc_png({rule.score: {"fpr": roc["fpr"], "tpr": roc["tpr"], "auc": result["auc"]["value"]}},
                 OUT / "roc.png", title=f"Smear-level ROC ({result['n_smears']} smears, {rule.score})")

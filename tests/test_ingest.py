@@ -296,12 +296,14 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert [_rgb(image, x, 40) for x in (10, 40, 80)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
 
 
-def test_a_16bit_image_using_12_bits_is_accepted_with_a_note_saying_it_reads_dark(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype, name", [(np.uint16, "twelve_bit.png"), (np.int32, "twelve_bit.tif")])  # I;16, I
+def test_a_16bit_image_using_12_bits_is_accepted_with_a_note_saying_it_reads_dark(tmp_path: Path, dtype,
+                                                                                  name: str) -> None:
     data = _mkdir(tmp_path / "data")
-    pixels = np.zeros((80, 96), dtype=np.uint16)
+    pixels = np.zeros((80, 96), dtype=dtype)
     pixels[:, 48:] = 4000  # a 12-bit camera's bright half
-    Image.fromarray(pixels).save(data / "twelve_bit.png")
-    result = _run(data, [{"path": "twelve_bit.png", "label": "normal", "patient_id": "p1"}])
+    Image.fromarray(pixels).save(data / name)
+    result = _run(data, [{"path": name, "label": "normal", "patient_id": "p1"}])
     assert len(result.accepted) == 1 and load_rgb(Path(result.accepted.at[0, "path"])).getpixel((60, 40))[0] == 16
     [noted] = result.report["accepted_with_notes"]
     assert noted["note"].startswith("16-bit image whose brightest pixel is 4000 of 65535")
@@ -814,3 +816,13 @@ def test_a_smear_id_written_for_several_patients_is_read_per_patient(tmp_path: P
     assert result.report["smears_with_multiple_patients"] == 1
     assert any("read as a smear of their own" in w for w in result.report["warnings"])
     assert "patient-a" not in json.dumps(result.report)
+
+
+def test_a_rejected_row_does_not_rename_another_patients_smear(tmp_path: Path) -> None:
+    # The stray row (no such file) shares smear "1" with patient-a's good cell: only kept rows are judged.
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "cell.jpg", seed=1)
+    rows = [{"path": "cell.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1"},
+            {"path": "missing.jpg", "label": "normal", "patient_id": "patient-b", "smear_id": "1"}]
+    result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id"), on_bad_row="quarantine")
+    assert result.accepted["smear_id"].tolist() == ["1"] and result.report["smears_with_multiple_patients"] == 0

@@ -92,11 +92,19 @@ def test_manifest_is_many_smears_and_threshold_decides(tmp_path):
 
 
 def test_a_csv_is_read_as_the_pipeline_reads_a_manifest(tmp_path):
-    (tmp_path / "batch.csv").write_text("Path,Patient ID,Smear ID\na.jpg,p1,1\nb.jpg,p2,1\nc.jpg,p2,2\n")
+    (tmp_path / "batch.csv").write_text("Path,Patient ID,Smear ID\na.jpg,p1,s1\nb.jpg,p1 ,s1 \nc.jpg,p2,s2\n")
     frame, _ = collect_cells(tmp_path / "batch.csv")
-    # Column names matched loosely; smear "1" of p1 and of p2 are two smears, as the pipeline measured them.
-    assert frame["smear_id"].tolist() == ["p1::1", "p2::1", "2"]
+    assert frame["smear_id"].tolist() == ["s1", "s1", "s2"]  # loose column names, stripped ids
     assert frame["path"].tolist() == [str(tmp_path.resolve() / name) for name in ("a.jpg", "b.jpg", "c.jpg")]
+    # Smear "1" of p1 and of p2 are two smears: predict prints smear ids, so it refuses rather than merging them
+    # or naming them after the patient; two spellings of one column are refused as ingest refuses them.
+    (tmp_path / "shared.csv").write_text("path,patient_id,smear_id\na.jpg,MRN123,1\nb.jpg,MRN456,1\n")
+    with pytest.raises(SmearnetError, match="1 smear_id") as refused:
+        collect_cells(tmp_path / "shared.csv")
+    assert "MRN" not in str(refused.value)
+    (tmp_path / "twice.csv").write_text("path,smear_id,Smear ID\na.jpg,1,2\n")
+    with pytest.raises(SmearnetError, match="more than once"):
+        collect_cells(tmp_path / "twice.csv")
 
 
 def test_train_stage_folder_takes_the_workspace_measured_rule(tmp_path, monkeypatch):

@@ -87,6 +87,18 @@ def test_windows_delivery_with_backslash_paths_lands_in_sub_folders(tmp_path: Pa
     assert (result.manifest.parent / "images" / "smear 1" / "cell.jpg").is_file()
 
 
+def test_a_missing_patient_id_is_not_prefixed_into_a_pooled_patient(tmp_path: Path, project: Path) -> None:
+    # "hospital_b-NA" would pass ingest as one patient holding every row whose id R wrote as NA.
+    delivery = tmp_path / "delivery"
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        make_rgb_jpeg(delivery, name)
+    (delivery / "manifest.csv").write_text("path,label,patient_id\na.jpg,normal,NA\nb.jpg,normal,nan\n"
+                                           "c.jpg,normal,p1\n")
+    result = ingest_site(delivery, "hospital_b", project=project, dvc_add=False)
+    written = pd.read_csv(result.manifest, dtype=str, keep_default_na=False)
+    assert written["patient_id"].tolist() == ["NA", "nan", "hospital_b-p1"]
+
+
 def test_sites_are_listed_in_their_own_yaml_that_hydra_composes(tmp_path: Path, project: Path) -> None:
     data_conf_before = (project / DATA_CONF).read_bytes()
     for name in ("hospital_b", "hospital_c"):

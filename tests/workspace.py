@@ -80,8 +80,8 @@ def make_register_workspace(root: Path, model_name: str, *, seed: int = 0, thres
                root / "reports/benchmark/selection.json")
     blind = sorted({pseudonym(s) for s in split.loc[split["split"] == "assessment", "smear_id"]})[::2]
     write_rule(root / "reports/smear", threshold)
-    write_json({"blind_smear_ids": blind, "threshold_chosen_on_them": False,  # as the smear stage writes it (held_out)
-                "threshold_chosen_on_evaluation_smears": True}, root / "reports/smear/blind_smears.json")
+    write_json({"blind_smear_ids": blind, "threshold_on_blind": False,  # as the smear stage writes it (held_out)
+                "threshold_on_evaluation": True}, root / "reports/smear/blind_smears.json")
     return root
 
 

@@ -252,7 +252,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     original_mode = image.mode
     try:
         image.load()
-        notes = _ignored_metadata(image)
+        notes = _decode_notes(image)
         ImageOps.exif_transpose(image, in_place=True)
         rgb = _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -276,7 +276,7 @@ def _unidentified_problem(data: bytes) -> ImageProblem:
 _TWELVE_BIT_MAX = 4095
 
 
-def _ignored_metadata(image: Image.Image) -> tuple[str, ...]:
+def _decode_notes(image: Image.Image) -> tuple[str, ...]:
     """Notes on metadata the decoder does not apply: an invalid EXIF orientation, a non-sRGB ICC profile, a
     16-bit image that uses 12 bits or fewer (it is read on the 16-bit scale, hence dark)."""
     notes = []
@@ -291,9 +291,9 @@ def _ignored_metadata(image: Image.Image) -> tuple[str, ...]:
             description = "unreadable"
         if "srgb" not in description.casefold():
             notes.append(f"embedded colour profile {description.strip()[:60]!r} ignored; pixels read as sRGB")
-    if image.mode.startswith("I;16") and not image.mode.startswith("I;16S"):
-        brightest = int(image.getextrema()[1])
-        if 0 < brightest <= _TWELVE_BIT_MAX:  # a 10/12-bit camera stored in 16 bits: read on the 16-bit scale
+    if (image.mode.startswith("I;16") and not image.mode.startswith("I;16S")) or image.mode == "I":
+        darkest, brightest = (int(v) for v in image.getextrema())
+        if darkest >= 0 and 0 < brightest <= _TWELVE_BIT_MAX:  # 10/12-bit data in 16 bits, read on the 16-bit scale
             notes.append(f"16-bit image whose brightest pixel is {brightest} of 65535: read on the 16-bit scale it "
                          f"is at most {round(brightest / 257)} of 255 (dark); if the camera has 12 bits or fewer, "
                          "convert such files to 8 bits first")

@@ -53,7 +53,8 @@ from smearnet.data.decode import FILE_MISSING
 from smearnet.data.file_checks import FileCheck, run_file_checks
 from smearnet.data.ingest_report import IngestResult, build_report, redact, row_file
 from smearnet.data.labels import alias_lookup, canonical_label, class_lookup
-from smearnet.data.manifest import FOLDER_COLUMN, REQUIRED_COLUMNS, fill_optional_columns, one_patient_per_smear
+from smearnet.data.manifest import (FOLDER_COLUMN, REQUIRED_COLUMNS, fill_optional_columns, is_missing_id,
+                                    one_patient_per_smear)
 from smearnet.data.paths import confinement_problem, existing_unicode_form, is_windows_absolute
 from smearnet.errors import SmearnetError
 
@@ -61,9 +62,6 @@ POLICIES: tuple[str, ...] = ("error", "quarantine")
 
 EMPTY_PATH = "empty_path"
 EMPTY_PATIENT_ID = "empty_patient_id"
-#: What spreadsheets and data-frame libraries write for a missing value (R's write.csv writes NA, pandas' astype(str)
-#: nan, Excel #N/A): read as a patient id, every such row would join one pooled "patient".
-MISSING_ID_PLACEHOLDERS = frozenset({"nan", "na", "n/a", "#n/a", "null", "none", "unknown", "-", "?"})
 UNKNOWN_LABEL = "unknown_label"
 DUPLICATE = "duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
@@ -105,7 +103,6 @@ def validate_manifest(
     alias_by_key = alias_lookup(label_aliases, class_by_key)
     manifest_path = manifest.attrs.get("manifest_path")
     rows, folders = _prepare_rows(manifest, manifest_path)
-    rows, shared_smear_ids = one_patient_per_smear(rows)
     if confine and not all(folders):
         raise SmearnetError(
             "Ingest was asked to confine paths to their manifest's folder (data.confine), but some rows were not "
@@ -135,7 +132,7 @@ def validate_manifest(
             verdicts.append((file_check.check, file_check.reason or file_check.check))
         elif not patient_id.strip():
             verdicts.append((EMPTY_PATIENT_ID, "empty patient_id"))
-        elif patient_id.strip().casefold() in MISSING_ID_PLACEHOLDERS:
+        elif is_missing_id(patient_id):
             verdicts.append((EMPTY_PATIENT_ID, "patient_id is a missing-value placeholder, not an id"))
         elif label is None:
             verdicts.append((UNKNOWN_LABEL, f"label {raw_label!r} not in classes (allowed: {allowed})"))
@@ -154,6 +151,7 @@ def validate_manifest(
     rows = _with_image_columns(rows, labels, file_checks)
     is_bad = [verdict is not None for verdict in verdicts]
     accepted = rows.loc[[not bad for bad in is_bad]].reset_index(drop=True)
+    accepted, shared_smear_ids = one_patient_per_smear(accepted)  # judged on the rows kept: a rejected row renames none
     quarantined = rows.loc[is_bad].reset_index(drop=True)
     quarantined["check"] = pd.Series([v[0] for v in verdicts if v is not None], dtype=object)
     quarantined["reason"] = pd.Series([v[1] for v in verdicts if v is not None], dtype=object)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("smear_id", "site", "cohort")
 #: Columns smearnet adds to smear tables and reads back (composed smears: `part`, `cell_index`; the gate's
 #: `smear_key`): a manifest column of that name would be taken for smearnet's own, so it is refused.
 RESERVED_COLUMNS: tuple[str, ...] = ("part", "cell_index", "smear_key")
+#: What spreadsheets and data-frame libraries write for a missing value (R's write.csv writes NA, pandas' astype(str)
+#: nan, Excel #N/A): read as a patient id, every such row would join one pooled "patient".
+MISSING_ID_PLACEHOLDERS = frozenset({"nan", "na", "n/a", "#n/a", "null", "none", "unknown", "-", "?"})
 COHORTS: tuple[str, ...] = ("development", "assessment")
 DEFAULT_SITE = "default"
 DEFAULT_COHORT = "development"
@@ -89,9 +92,8 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
             )
         for name, index in zip(columns, kept_indices, strict=True):
             value = fields[index]
-            if name in IDENTIFIER_COLUMNS:
-                value = unicodedata.normalize("NFC", value)
-            data[name].append(value if name == "label" else value.strip())
+            data[name].append(value if name == "label" else identifier(value) if name in IDENTIFIER_COLUMNS
+                              else value.strip())
         line_numbers.append(line_number)
 
     manifest = pd.DataFrame(data, dtype=str)
@@ -206,26 +208,42 @@ def _column_key(name: str) -> str:
 _KNOWN_BY_KEY = {_column_key(name): name for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
 
 
-def _check_header(csv_path: Path, header: list[str]) -> list[str]:
-    """Return the column names (`column_name` of each non-empty header cell), or raise for missing, duplicated
-    or reserved ones."""
-    written = [name.strip() for name in header if name.strip()]
+def is_missing_id(value: str) -> bool:
+    """Whether an id cell holds no id: empty, or a missing-value placeholder (`MISSING_ID_PLACEHOLDERS`)."""
+    return not value.strip() or value.strip().casefold() in MISSING_ID_PLACEHOLDERS
+
+
+def identifier(value: str) -> str:
+    """An id cell as every reader compares it: Unicode NFC (macOS and Windows spell "Müller" alike), stripped."""
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def canonical_columns(source: Path, header: Sequence[str]) -> list[str]:
+    """`column_name` of each non-empty header cell of the CSV `source`; raises for two spellings of one column and
+    for the columns smearnet adds itself (`RESERVED_COLUMNS`)."""
+    written = [str(name).strip() for name in header if str(name).strip()]
     columns = [column_name(name) for name in written]
     duplicated = sorted({name for name in columns if columns.count(name) > 1})
     if duplicated:
         spelled = "; ".join(f"{name}: " + ", ".join(repr(w) for w, c in zip(written, columns, strict=True) if c == name)
                             for name in duplicated)
         raise SmearnetError(
-            f"Manifest {csv_path} has the column(s) {', '.join(duplicated)} more than once ({spelled}).",
+            f"Manifest {source} has the column(s) {', '.join(duplicated)} more than once ({spelled}).",
             "keep one column of each name (column names are matched ignoring case, spaces, '_' and '-').",
         )
     reserved = [name for name in columns if name in RESERVED_COLUMNS]
     if reserved:
         raise SmearnetError(
-            f"Manifest {csv_path} has the column(s) {', '.join(reserved)}, which smearnet adds to its smear tables "
+            f"Manifest {source} has the column(s) {', '.join(reserved)}, which smearnet adds to its smear tables "
             "itself; read from the manifest they would be taken for smearnet's own.",
             f"rename or drop them (reserved: {', '.join(RESERVED_COLUMNS)}).",
         )
+    return columns
+
+
+def _check_header(csv_path: Path, header: list[str]) -> list[str]:
+    """Return the column names (`canonical_columns`), or raise for missing, duplicated or reserved ones."""
+    columns = canonical_columns(csv_path, header)
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
         hints: list[str] = []

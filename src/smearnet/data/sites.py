@@ -32,7 +32,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from smearnet.data.ingest_report import redact, row_file
-from smearnet.data.manifest import read_manifest
+from smearnet.data.manifest import is_missing_id, read_manifest
 from smearnet.data.paths import OUTSIDE_FOLDER, confinement_problem, existing_unicode_form, with_forward_slashes
 from smearnet.data.sources import manifest_from_folder, site_digest
 from smearnet.errors import SmearnetError
@@ -101,7 +101,8 @@ def ingest_site(folder: Path, site: str, *, project: Path = Path("."), id_prefix
                 shutil.copy2(source, staging / relative)
             relative_paths.append(relative.as_posix())  # a missing file stays listed: ingest reports it
         manifest = pd.DataFrame({"path": relative_paths, "label": rows["label"],
-                                 "patient_id": [f"{prefix}{p}" for p in rows["patient_id"]],
+                                 # a missing id stays missing (ingest rejects it), not "<site>-NA" of one pooled patient
+                                 "patient_id": [p if is_missing_id(p) else f"{prefix}{p}" for p in rows["patient_id"]],
                                  "smear_id": [f"{prefix}{s}" for s in rows["smear_id"]],
                                  "site": site, "cohort": rows["cohort"]})
         write_text(manifest.to_csv(index=False, lineterminator="\n"), staging / "manifest.csv")

@@ -5,17 +5,17 @@ training, and the new model would then be tested partly on patients it trained o
 patient it has placed (the assignments: ``patient_id, split``; raw ids, so the table lives with the data under
 ``data/``, never in git or MLflow), keeps those placements, and deals only the patients it has not seen.
 
-How new development patients are dealt: patients are stratified by their site and their majority label (a tie
-goes to the first label by name), so a new site's patients reach val and test too and per-site figures exist. Given
-the positive class, a patient holding any positive cell counts as of the positive class: where positive cells are
-rare every patient's majority label is the negative one, and the few positive patients would otherwise fall into
-val and test by chance (a validation split with no positive cell cannot choose a cell threshold). Within a stratum the new patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a
-patient's place in the order depends on the seed and its own id only: not on which other patients exist, the
-order of the manifest's rows or the pseudonym key (`smearnet.pseudonyms`, a per-machine secret). Each goes to the
-split furthest below its target share of its class's cells over every site, counting the cells of the patients
-already placed. While a split has no patient of the stratum (or, failing that, of the class) and the stratum (the
-class) has at least one patient per split, the next new patient goes to an empty split (largest target first), so
-small classes and new sites still reach val and test.
+How new development patients are dealt: patients are stratified by their site and their majority label (a tie goes
+to the first label by name), so a new site's patients reach val and test too and per-site figures exist. Given the
+positive class, a patient holding any positive cell counts as of the positive class: where positive cells are rare
+every patient's majority label is the negative one, and the few positive patients would otherwise fall into val and
+test by chance (a validation split with no positive cell cannot choose a cell threshold). Within a stratum the new
+patients are ordered by ``sha256(f"{seed}:{patient_id}")``, so a patient's place in the order depends on the seed
+and its own id only: not on which other patients exist, the order of the manifest's rows or the pseudonym key
+(`smearnet.pseudonyms`, a per-machine secret). Each goes to the split furthest below its target share of its class's
+cells over every site, counting the cells of the patients already placed. While a split has no patient of the
+stratum (or, failing that, of the class) and the stratum (the class) has at least one patient per split, the next
+new patient goes to an empty split (largest target first), so small classes and new sites still reach val and test.
 
 Assessment-cohort patients are recorded as ``assessment`` and never dealt. A patient who changes cohort, or an
 assignment to a split the fractions no longer configure, is refused rather than silently moved. Patients remembered
@@ -120,9 +120,8 @@ def patient_strata(development: pd.DataFrame, positive_class: str | None = None)
     holds any cell of it, else its majority label), by patient id."""
     labels = majority_labels(development)
     if positive_class is not None:
-        holds_positive = development.groupby("patient_id")["label"].agg(lambda values: bool((values == positive_class)
-                                                                                             .any()))
-        labels = labels.where(~holds_positive.reindex(labels.index).fillna(False).astype(bool), positive_class)
+        holds_positive = development["label"].eq(positive_class).groupby(development["patient_id"]).any()
+        labels = labels.where(~holds_positive[labels.index], positive_class)
     if "site" not in development.columns:
         return labels.map(lambda label: ("", label))
     sites = development.groupby("patient_id")["site"].agg(lambda values: sorted(values.astype(str).unique())[0])

@@ -30,11 +30,10 @@ from smearnet.data.ingest import validate_manifest
 from smearnet.data.sources import manifest_from_folder
 from smearnet.errors import SmearnetError
 from smearnet.evaluation.benchmark import device_name
-from smearnet.evaluation.metrics import wilson_interval
 from smearnet.io import read_json, write_json, write_text
 from smearnet.models.inference import META_FILE
 from smearnet.models.settings import TrainerSettings, TrainRecipe, TrainSettings
-from smearnet.models.training import train_backbone
+from smearnet.models.training import accuracy_interval, train_backbone
 
 CARD_JSON = "card.json"
 CARD_MD = "MODEL_CARD.md"
@@ -151,7 +150,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path, checkpoint_dir:
         "val_accuracy_interval": metrics["val_accuracy_interval"] if supervised else None,
         "val_macro_f1": metrics["val_macro_f1"] if supervised else None,
         "knn_val_accuracy": knn,
-        "knn_val_accuracy_interval": list(wilson_interval(round(knn * len(val)), len(val))),
+        "knn_val_accuracy_interval": accuracy_interval(knn, len(val)),
         "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],  # the shipped weights: lowest val loss
         "train_seconds": metrics["train_seconds"], "stage_seconds": round(time.perf_counter() - started, 1),
         "device": device_name(), "date": datetime.date.today().isoformat(),

@@ -480,7 +480,7 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
                 "mlflow_run_id": logger.run_id, "metrics": metrics}, checkpoint_dir / FINISHED_FILE)
     client = mlflow.MlflowClient()
     client.log_metric(logger.run_id, "best_val_loss", metrics["best_val_loss"])
-    if math.isfinite(metrics["val_accuracy"]):  # the shipped checkpoint's, beside the per-epoch val/accuracy curve
+    if recipe.objective != "contrastive" and math.isfinite(metrics["val_accuracy"]):  # the shipped checkpoint's
         client.log_metric(logger.run_id, "shipped_val_accuracy", metrics["val_accuracy"])
     client.log_metric(logger.run_id, "train_images_per_second", metrics["train_images_per_second"])
     # The weights go to the run; only the register stage registers a version, the selected backbone with the

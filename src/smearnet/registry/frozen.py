@@ -45,7 +45,8 @@ def frozen_set(split_manifest: pd.DataFrame, compose: Mapping[str, Any] | None, 
 
     The smears come from `smearnet.smear.evaluation_smears` with the `smear.compose` settings the smear
     stage used (composed from test cells when configured). `blind_smear_ids` (from
-    reports/smear/blind_smears.json) restricts the sensitivity to smears no threshold was chosen on.
+    reports/smear/blind_smears.json) restricts the sensitivity to the smear stage's blind smears (no threshold was
+    chosen on them under `held_out`; under `same` and `cross_validated` it was, which the gate reports).
     `exclude_patients` (pseudonymised) drops the cells of patients a model was trained or validated on: when
     new data reshuffles the split, some of the champion's training patients can land in today's test split,
     and evaluating it on them would favour it.

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from smearnet.data.decode import IMAGE_SUFFIXES, load_rgb
-from smearnet.data.manifest import column_name, one_patient_per_smear
+from smearnet.data.manifest import canonical_columns, identifier
 from smearnet.errors import SmearnetError
 from smearnet.io import json_safe, read_json
 from smearnet.models.inference import (SERVING_FILE, TrainedModel, load_trained, read_serving, resolve_inference,
@@ -138,8 +138,9 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
     """Cells to classify as (path, smear_id[, label]) and the files skipped as not images.
 
     A folder is one smear (its name is the smear id; images found recursively); a CSV lists `path` and
-    `smear_id` (or `patient_id`) per row, relative paths resolving against the CSV's folder; column names and a
-    smear id written for several patients are read as the pipeline reads a manifest (`smearnet.data.manifest`).
+    `smear_id` (or `patient_id`) per row, relative paths resolving against the CSV's folder; the header and the id
+    cells are read as the pipeline reads a manifest's (`smearnet.data.manifest`), and a smear id written for several
+    patients is refused.
     """
     source = Path(source).expanduser()
     if source.is_dir():
@@ -153,11 +154,15 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame({"path": [str(p) for p in images], "smear_id": name}), skipped
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
-        table.columns = [column_name(c) for c in table.columns]  # as the pipeline reads manifests
+        table = table.loc[:, [bool(str(name).strip()) for name in table.columns]]  # unnamed columns are ignored
+        table.columns = canonical_columns(source, table.columns)  # as the pipeline reads a manifest's header
+        for name in ("smear_id", "patient_id"):
+            if name in table:
+                table[name] = table[name].map(identifier)
         if "smear_id" not in table and "patient_id" in table:
             table["smear_id"] = table["patient_id"]
-        elif "patient_id" in table:  # smears numbered per patient stay apart
-            table, _ = one_patient_per_smear(table)
+        elif "patient_id" in table:
+            refuse_shared_smear_ids(source, table)
         missing = [c for c in ("path", "smear_id") if c not in table]
         if missing or table.empty:
             raise SmearnetError(f"Manifest {source} needs the columns path and smear_id and at least one row; "
@@ -169,6 +174,17 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
         return table[keep].reset_index(drop=True), []
     raise SmearnetError(f"{source} is neither a folder of images nor a manifest CSV.",
                         "pass a folder (one smear) or a .csv with path,smear_id columns (many smears).")
+
+
+def refuse_shared_smear_ids(source: Path, table: pd.DataFrame) -> None:
+    """Refuse smear ids that repeat for several patients (smears numbered 1, 2, ... per patient): predict calls
+    each smear_id as one smear and prints it, so it can neither merge them nor rename them after the patient."""
+    shared = int((table.groupby("smear_id")["patient_id"].nunique() > 1).sum())
+    if shared:
+        raise SmearnetError(f"{shared} smear_id(s) of {source} repeat for more than one patient; predict would call "
+                            "each such id as one smear, mixing patients.",
+                            "give every smear an id of its own (the pipeline reads such ids as patient_id::smear_id; "
+                            "predict prints smear ids, so it does not put patient ids into them).")
 
 
 def predict_cells(loaded: LoadedModel, cells: pd.DataFrame, *, batch_size: int = 32, progress: bool = True,
