@@ -80,7 +80,7 @@ def build_report(
     ``notes_by_row`` (row number -> notes) lists what was accepted but not used as stored (an invalid EXIF
     orientation, an ignored colour profile, a file name matched in another Unicode form); ``paths_fixed``
     counts path cells read by the Windows and Unicode rules of smearnet.data.paths; ``shared_smear_ids`` counts
-    smear ids written for more than one patient, read per patient (``smearnet.data.ingest.one_patient_per_smear``).
+    smear ids written for more than one patient, read per patient (``smearnet.data.manifest.one_patient_per_smear``).
     """
     per_class = {name: 0 for name in classes}
     per_class.update(_count(accepted["label"]))

@@ -276,12 +276,17 @@ def fill_optional_columns(manifest: pd.DataFrame) -> None:
         manifest["cohort"] = [value.casefold() or DEFAULT_COHORT for value in manifest["cohort"]]
 
 
+def shared_smear_ids(rows: pd.DataFrame) -> pd.Series:
+    """Per row, whether its smear_id is written for more than one patient."""
+    return rows.groupby("smear_id")["patient_id"].transform("nunique") > 1
+
+
 def one_patient_per_smear(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Rows whose smear_id was written for more than one patient (smears numbered per patient: 1, 2, ...) get
     ``patient_id::smear_id`` instead, and how many such ids there were. A smear is one patient's: every stage
     groups cells by smear_id, and a shared id would merge several patients' smears into one, called positive
     when any of them is."""
-    shared = rows.groupby("smear_id")["patient_id"].transform("nunique") > 1
+    shared = shared_smear_ids(rows)
     if not shared.any():
         return rows, 0
     rows = rows.copy()

@@ -58,6 +58,13 @@ def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tup
     return (max(0.0, centre - half_width), min(1.0, centre + half_width))
 
 
+def accuracy_interval(accuracy: float, cells: int, confidence: float = 0.95) -> list[float] | None:
+    """The Wilson interval of an accuracy measured on `cells` cells, to 4 decimals (None when there is none)."""
+    if not cells or not math.isfinite(accuracy):
+        return None
+    return [round(bound, 4) for bound in wilson_interval(round(accuracy * cells), cells, confidence)]
+
+
 def bootstrap_interval(
     statistic: Callable[..., float],
     arrays: tuple[np.ndarray, ...],

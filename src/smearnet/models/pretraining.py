@@ -30,10 +30,11 @@ from smearnet.data.ingest import validate_manifest
 from smearnet.data.sources import manifest_from_folder
 from smearnet.errors import SmearnetError
 from smearnet.evaluation.benchmark import device_name
+from smearnet.evaluation.metrics import accuracy_interval
 from smearnet.io import read_json, write_json, write_text
 from smearnet.models.inference import META_FILE
 from smearnet.models.settings import TrainerSettings, TrainRecipe, TrainSettings
-from smearnet.models.training import accuracy_interval, train_backbone
+from smearnet.models.training import train_backbone
 
 CARD_JSON = "card.json"
 CARD_MD = "MODEL_CARD.md"

@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch.utils.data import DataLoader
 
 from smearnet.errors import SmearnetError
-from smearnet.evaluation.metrics import wilson_interval
+from smearnet.evaluation.metrics import accuracy_interval
 from smearnet.io import file_sha256
 from smearnet.models.contrastive import (OBJECTIVES, TwoViews, global_pairs, nt_xent, projection_head,
                                          random_resized_crop)
@@ -458,10 +458,11 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
     best_path = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
     best = CellClassifier.load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
     shipped = best.saved_val_metrics  # the saved weights' own validation figures (on_save_checkpoint)
+    accuracy = shipped.get("val/accuracy", float("nan"))
     metrics = {
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-        "val_accuracy": shipped.get("val/accuracy", float("nan")),
-        "val_accuracy_interval": accuracy_interval(shipped.get("val/accuracy", float("nan")), len(val_manifest)),
+        "val_accuracy": accuracy,
+        "val_accuracy_interval": accuracy_interval(accuracy, len(val_manifest)),
         "val_cells": len(val_manifest),
         "val_macro_f1": shipped.get("val/macro_f1", float("nan")),
         "best_epoch": int(best.saved_epoch) + 1 if best.saved_epoch is not None else None,  # 1-based, as `epochs`
@@ -490,13 +491,6 @@ def train_backbone(settings: TrainSettings, train_manifest, val_manifest, model_
         log_dataset(frame, name=role, context="training" if role == "train" else "validation",
                     source=sources[role], run_id=logger.run_id)
     return metrics
-
-
-def accuracy_interval(accuracy: float, cells: int) -> list[float] | None:
-    """The 95% Wilson interval of an accuracy measured on `cells` cells (None when there is none)."""
-    if not cells or not math.isfinite(accuracy):
-        return None
-    return [round(bound, 4) for bound in wilson_interval(round(accuracy * cells), cells)]
 
 
 def _reuse_finished_run(finished: dict, checkpoint_dir: Path, model_dir: Path, name: str, model_cfg: Mapping,

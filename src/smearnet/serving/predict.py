@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from smearnet.data.decode import IMAGE_SUFFIXES, load_rgb
-from smearnet.data.manifest import canonical_columns, identifier
+from smearnet.data.manifest import canonical_columns, identifier, shared_smear_ids
 from smearnet.errors import SmearnetError
 from smearnet.io import json_safe, read_json
 from smearnet.models.inference import (SERVING_FILE, TrainedModel, load_trained, read_serving, resolve_inference,
@@ -179,7 +179,7 @@ def collect_cells(source: Path) -> tuple[pd.DataFrame, list[str]]:
 def refuse_shared_smear_ids(source: Path, table: pd.DataFrame) -> None:
     """Refuse smear ids that repeat for several patients (smears numbered 1, 2, ... per patient): predict calls
     each smear_id as one smear and prints it, so it can neither merge them nor rename them after the patient."""
-    shared = int((table.groupby("smear_id")["patient_id"].nunique() > 1).sum())
+    shared = table.loc[shared_smear_ids(table), "smear_id"].nunique()
     if shared:
         raise SmearnetError(f"{shared} smear_id(s) of {source} repeat for more than one patient; predict would call "
                             "each such id as one smear, mixing patients.",

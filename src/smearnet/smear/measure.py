@@ -39,8 +39,16 @@ class RuleMeasurement:
     result: dict[str, Any]
     calls: pd.DataFrame
     blind_smear_ids: list[str]
-    threshold_on_blind: bool = False  # same, cross_validated: the threshold was chosen on the "blind" smears too
-    threshold_on_evaluation: bool = True  # ... on some of the evaluation smears (all but `development`)
+
+    @property
+    def threshold_on_blind(self) -> bool:
+        """Whether the deployed threshold was chosen on the "blind" smears too (`same`, `cross_validated`)."""
+        return self.result["threshold_selection"] in ("same", "cross_validated")
+
+    @property
+    def threshold_on_evaluation(self) -> bool:
+        """Whether it was chosen on some of the evaluation smears (every selection but `development`)."""
+        return self.result["threshold_selection"] != "development"
 
 
 def probability_matrix(cells: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
@@ -105,9 +113,7 @@ def measure_rule(proposed: SmearRule, cells: pd.DataFrame, classes: Sequence[str
     result.update(positive_cell_metrics(rule, cells, classes, confidence=confidence))
     result.update(composed_cell_reuse(cells, calls))
     result.update(cell_count_baseline(table, proposed.score, **common))
-    return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind],
-                           threshold_on_blind=selection in ("same", "cross_validated"),
-                           threshold_on_evaluation=selection != "development")
+    return RuleMeasurement(rule=rule, result=result, calls=calls, blind_smear_ids=[str(s) for s in blind])
 
 
 def smear_sites(cells: pd.DataFrame) -> pd.Series:
