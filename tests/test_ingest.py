@@ -826,3 +826,31 @@ def test_a_rejected_row_does_not_rename_another_patients_smear(tmp_path: Path) -
             {"path": "missing.jpg", "label": "normal", "patient_id": "patient-b", "smear_id": "1"}]
     result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id"), on_bad_row="quarantine")
     assert result.accepted["smear_id"].tolist() == ["1"] and result.report["smears_with_multiple_patients"] == 0
+
+
+def test_a_smear_whose_every_row_is_quarantined_is_counted_not_lost_silently(tmp_path: Path) -> None:
+    # patient-b's only smear and patient-a's smear "2" have no readable cell; patient-a's smear "1" keeps one.
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "cell.jpg", seed=1)
+    rows = [{"path": "cell.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1", "cohort": ""},
+            {"path": "gone1.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1", "cohort": ""},
+            {"path": "gone2.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "2", "cohort": ""},
+            {"path": "gone3.jpg", "label": "normal", "patient_id": "patient-b", "smear_id": "1",
+             "cohort": "assessment"},
+            {"path": "gone4.jpg", "label": "normal", "patient_id": "NA", "smear_id": "9", "cohort": ""}]
+    result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id", "cohort"), on_bad_row="quarantine")
+    assert result.report["lost_to_quarantine"] == {"smears_by_cohort": {"assessment": 1, "development": 1},
+                                                   "patients": 1}
+    assert any("2 smear(s) (assessment 1, development 1) and 1 whole patient(s)" in w
+               for w in result.report["warnings"])
+    assert "patient-b" not in json.dumps(result.report)
+
+
+def test_nothing_is_counted_lost_when_every_smear_keeps_a_cell(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    corpus.make_rgb_jpeg(data, "cell.jpg", seed=1)
+    rows = [{"path": "cell.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1"},
+            {"path": "gone.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1"}]
+    result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id"), on_bad_row="quarantine")
+    assert result.report["lost_to_quarantine"] == {"smears_by_cohort": {}, "patients": 0}
+    assert not any("every row quarantined" in w for w in result.report["warnings"])

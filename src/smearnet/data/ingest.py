@@ -51,7 +51,7 @@ import pandas as pd
 
 from smearnet.data.decode import FILE_MISSING
 from smearnet.data.file_checks import FileCheck, run_file_checks
-from smearnet.data.ingest_report import IngestResult, build_report, redact, row_file
+from smearnet.data.ingest_report import IngestResult, build_report, lost_to_quarantine, redact, row_file
 from smearnet.data.labels import alias_lookup, canonical_label, class_lookup
 from smearnet.data.manifest import (FOLDER_COLUMN, REQUIRED_COLUMNS, fill_optional_columns, is_missing_id,
                                     one_patient_per_smear)
@@ -151,10 +151,11 @@ def validate_manifest(
     rows = _with_image_columns(rows, labels, file_checks)
     is_bad = [verdict is not None for verdict in verdicts]
     accepted = rows.loc[[not bad for bad in is_bad]].reset_index(drop=True)
-    accepted, shared_smear_ids = one_patient_per_smear(accepted)  # judged on the rows kept: a rejected row renames none
     quarantined = rows.loc[is_bad].reset_index(drop=True)
     quarantined["check"] = pd.Series([v[0] for v in verdicts if v is not None], dtype=object)
     quarantined["reason"] = pd.Series([v[1] for v in verdicts if v is not None], dtype=object)
+    lost = lost_to_quarantine(accepted, quarantined)  # on the ids as written, before any smear id is renamed
+    accepted, shared_smear_ids = one_patient_per_smear(accepted)  # judged on the rows kept: a rejected row renames none
     accepted["width"] = accepted["width"].astype("int64")
     accepted["height"] = accepted["height"].astype("int64")
 
@@ -177,6 +178,7 @@ def validate_manifest(
         notes_by_row=notes_by_row,
         paths_fixed=paths_fixed,
         shared_smear_ids=shared_smear_ids,
+        lost=lost,
     )
     return IngestResult(accepted=accepted, quarantined=quarantined, report=report)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from smearnet.data.manifest import is_missing_id
 from smearnet.errors import SmearnetError
 from smearnet.io import atomic_file, json_safe
 
@@ -58,8 +59,20 @@ def row_file(written: str, patient_id: str) -> str:
     return redact(os.path.basename(written.replace("\\", "/")), patient_id) or "<empty path>"
 
 
-def _count(values: pd.Series) -> dict[str, int]:
+def _count(values: Any) -> dict[str, int]:
     return {str(key): int(count) for key, count in sorted(Counter(values).items())}
+
+
+def lost_to_quarantine(accepted: pd.DataFrame, quarantined: pd.DataFrame) -> dict[str, Any]:
+    """The smears and patients that had rows but kept none: every later stage (split, smear figures) never sees
+    them, so the report counts them, smears per cohort. Rows without a patient id cannot be attributed."""
+    attributed = quarantined[~quarantined["patient_id"].map(is_missing_id).astype(bool)]
+    kept_smears = set(zip(accepted["patient_id"], accepted["smear_id"], strict=True))
+    lost_smears = {(patient, smear): cohort for patient, smear, cohort in zip(
+        attributed["patient_id"], attributed["smear_id"], attributed["cohort"], strict=True)
+        if (patient, smear) not in kept_smears}
+    lost_patients = set(attributed["patient_id"]) - set(accepted["patient_id"])
+    return {"smears_by_cohort": _count(lost_smears.values()), "patients": len(lost_patients)}
 
 
 def build_report(
@@ -74,14 +87,17 @@ def build_report(
     notes_by_row: Mapping[int, list[str]],
     paths_fixed: dict[str, int],
     shared_smear_ids: int = 0,
+    lost: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """JSON-serialisable summary; rows are identified by row number and file name only.
 
     ``notes_by_row`` (row number -> notes) lists what was accepted but not used as stored (an invalid EXIF
     orientation, an ignored colour profile, a file name matched in another Unicode form); ``paths_fixed``
     counts path cells read by the Windows and Unicode rules of smearnet.data.paths; ``shared_smear_ids`` counts
-    smear ids written for more than one patient, read per patient (``smearnet.data.manifest.one_patient_per_smear``).
+    smear ids written for more than one patient, read per patient (``smearnet.data.manifest.one_patient_per_smear``);
+    ``lost`` counts the smears and patients none of whose rows were accepted (``lost_to_quarantine``).
     """
+    lost = dict(lost or {"smears_by_cohort": {}, "patients": 0})
     per_class = {name: 0 for name in classes}
     per_class.update(_count(accepted["label"]))
     fixed = accepted[accepted["label"] != accepted["label_raw"]]
@@ -106,6 +122,14 @@ def build_report(
         warning_messages.append(
             f"{shared_smear_ids} smear_id(s) were written for more than one patient; a smear is one patient's, so "
             "each patient's cells under such an id were read as a smear of their own (patient_id::smear_id)."
+        )
+    lost_smears = sum(lost["smears_by_cohort"].values())
+    if lost_smears:
+        by_cohort = ", ".join(f"{cohort} {count}" for cohort, count in lost["smears_by_cohort"].items())
+        warning_messages.append(
+            f"{lost_smears} smear(s) ({by_cohort}) and {lost['patients']} whole patient(s) had every row quarantined, "
+            "so no later stage sees them: the split, the cell figures and the smear figures are over the rest. "
+            "The rows are listed under Quarantined rows."
         )
     empty_classes = [name for name, count in per_class.items() if count == 0]
     if empty_classes:
@@ -142,6 +166,7 @@ def build_report(
         "patients_in_multiple_sites": patients_in_multiple_sites,
         "patients_in_multiple_cohorts": patients_in_multiple_cohorts,
         "smears_with_multiple_patients": shared_smear_ids,  # written so; now read per patient
+        "lost_to_quarantine": lost,
         "empty_classes": empty_classes,
         "warnings": warning_messages,
         "accepted_with_notes": noted_rows,
