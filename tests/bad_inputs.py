@@ -286,6 +286,28 @@ def make_lab_tiff(folder: Path) -> Path:
     return path
 
 
+def make_16bit_rgb_tiff(folder: Path, pixels: np.ndarray, name: str = "rgb16.tif") -> Path:
+    """An uncompressed little-endian TIFF of 16-bit RGB ``pixels`` (h, w, 3), as microscope cameras write them;
+    Pillow cannot write one, so the bytes are laid out here: header, BitsPerSample values, pixels, one IFD."""
+    height, width, _ = pixels.shape
+    data = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    bits_at, data_at = 8, 14
+    ifd_at = data_at + len(data)
+    short, long = 3, 4
+    entries = [(256, short, 1, width), (257, short, 1, height), (258, short, 3, bits_at), (259, short, 1, 1),
+               (262, short, 1, 2), (273, long, 1, data_at), (277, short, 1, 3), (278, short, 1, height),
+               (279, long, 1, len(data)), (284, short, 1, 1)]
+    out = b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<3H", 16, 16, 16) + data
+    out += struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        inline = kind == short and count == 1
+        out += struct.pack("<HHIHH", tag, kind, count, value, 0) if inline else struct.pack("<HHII", tag, kind, count,
+                                                                                             value)
+    path = folder / name
+    path.write_bytes(out + struct.pack("<I", 0))
+    return path
+
+
 def make_foreign_profile_jpeg(folder: Path) -> Path:
     """A JPEG carrying an ICC profile that is not sRGB (here: Lab identity)."""
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()

@@ -309,6 +309,31 @@ def test_a_16bit_image_using_12_bits_is_accepted_with_a_note_saying_it_reads_dar
     assert noted["note"].startswith("16-bit image whose brightest pixel is 4000 of 65535")
 
 
+@pytest.mark.parametrize("bright, dark", [(4000, True), (60000, False)])
+def test_a_16bit_colour_tiff_is_accepted_with_a_note_that_pillow_read_it_as_8_bits(tmp_path: Path, bright: int,
+                                                                                     dark: bool) -> None:
+    # Pillow keeps each sample's high byte: a 12-bit camera's 4000 becomes 15 of 255, an almost black cell.
+    data = _mkdir(tmp_path / "data")
+    pixels = np.zeros((80, 96, 3), dtype=np.uint16)
+    pixels[:, 48:] = bright
+    corpus.make_16bit_rgb_tiff(data, pixels)
+    result = _run(data, [{"path": "rgb16.tif", "label": "normal", "patient_id": "p1"}])
+    assert load_rgb(Path(result.accepted.at[0, "path"])).getpixel((60, 40)) == (bright >> 8,) * 3
+    [noted] = result.report["accepted_with_notes"]
+    assert noted["note"].startswith(f"16-bit colour TIFF, read as 8 bits (Pillow keeps each sample's high byte): "
+                                    f"brightest value {bright >> 8} of 255")
+    assert ("dark" in noted["note"]) is dark
+
+
+def test_an_8bit_colour_tiff_has_no_bit_depth_note(tmp_path: Path) -> None:
+    data = _mkdir(tmp_path / "data")
+    pixels = np.zeros((80, 96, 3), dtype=np.uint8)
+    pixels[:, 48:] = (200, 10, 10)  # two colours: a blank image has a note of its own
+    Image.fromarray(pixels).save(data / "rgb8.tif")
+    result = _run(data, [{"path": "rgb8.tif", "label": "normal", "patient_id": "p1"}])
+    assert len(result.accepted) == 1 and result.report["accepted_with_notes"] == []
+
+
 def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
     accepted, image = _accept_one(tmp_path / "data", corpus.make_grayscale(_mkdir(tmp_path / "data")))
     assert accepted["mode"] == "L" and _rgb(image, 5, 5) == (77, 77, 77)

@@ -278,7 +278,8 @@ _TWELVE_BIT_MAX = 4095
 
 def _decode_notes(image: Image.Image) -> tuple[str, ...]:
     """Notes on metadata the decoder does not apply: an invalid EXIF orientation, a non-sRGB ICC profile, a
-    16-bit image that uses 12 bits or fewer (it is read on the 16-bit scale, hence dark)."""
+    16-bit image that uses 12 bits or fewer (it is read on the 16-bit scale, hence dark), a 16-bit colour TIFF
+    (Pillow reads it as 8 bits)."""
     notes = []
     orientation = image.getexif().get(_EXIF_ORIENTATION)
     if orientation is not None and orientation not in _VALID_ORIENTATIONS:
@@ -297,7 +298,22 @@ def _decode_notes(image: Image.Image) -> tuple[str, ...]:
             notes.append(f"16-bit image whose brightest pixel is {brightest} of 65535: read on the 16-bit scale it "
                          f"is at most {round(brightest / 257)} of 255 (dark); if the camera has 12 bits or fewer, "
                          "convert such files to 8 bits first")
+    if image.format == "TIFF" and image.mode in ("RGB", "RGBA") and _bits_per_sample(image) > 8:
+        brightest = max(high for _, high in image.getextrema()[:3])  # colour, not alpha
+        notes.append(f"{_bits_per_sample(image)}-bit colour TIFF, read as 8 bits (Pillow keeps each sample's high "
+                     f"byte): brightest value {brightest} of 255"
+                     + ("; dark, as 12-bit or fewer camera data in 16 bits are: convert such files to 8 bits first"
+                        if brightest <= _TWELVE_BIT_MAX >> 8 else ""))
     return tuple(notes)
+
+
+_TIFF_BITS_PER_SAMPLE = 258
+
+
+def _bits_per_sample(image: Image.Image) -> int:
+    """A TIFF's widest sample (its BitsPerSample tag; 8 when absent)."""
+    bits = image.tag_v2.get(_TIFF_BITS_PER_SAMPLE, 8)
+    return max(int(b) for b in bits) if isinstance(bits, tuple) else int(bits)
 
 
 def short_message(exc: BaseException) -> str:
