@@ -250,14 +250,14 @@ def test_the_engine_benchmark_script_times_each_engine_and_thread_count_in_its_o
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_engines.py"
     done = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--model", f"{model_dir}@48",
                            "--manifest", str(tmp_path / "manifest.csv"), "--cells", "6", "--probe-cells", "3",
-                           "--engines", "eager-fp32,eager-bf16-cl", "--threads", "1,2", "--batch-sizes", "1,4",
+                           "--engines", "eager-fp32", "--threads", "1,2", "--batch-sizes", "1,4",
                            "--no-limit", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(tmp_path / "out" / "inference_engines.csv")
-    assert table[["engine", "threads"]].values.tolist() == [["eager-fp32", 1], ["eager-fp32", 2],
-                                                            ["eager-bf16-cl", 1], ["eager-bf16-cl", 2]] * 2
-    assert table["model"].str.contains("48x48 px").tolist() == [False] * 4 + [True] * 4
+    # One engine keeps it to four workers (each imports torch); the engines are one more level of the same loop.
+    assert table[["engine", "threads"]].values.tolist() == [["eager-fp32", 1], ["eager-fp32", 2]] * 2
+    assert table["model"].str.contains("48x48 px").tolist() == [False] * 2 + [True] * 2
     assert (table["images"] == 6).all() and set(table["batch_size"]) <= {1, 4}  # the fastest timed on all cells
-    assert (table.loc[table["engine"] == "eager-fp32", "agreement"] == 1.0).all()
+    assert (table["agreement"] == 1.0).all()
     assert table["batches_tried"].str.contains("1: ").all() and table["batches_tried"].str.contains("4: ").all()
