@@ -5,8 +5,9 @@ import pytest
 from smearnet.errors import SmearnetError
 from smearnet.io import write_manifest
 from smearnet.pseudonyms import KEY_ENV, pseudonym
-from smearnet.data.split import (assert_no_patient_leakage, assignment_counts, majority_labels, read_assignments,
-                                 split_by_patient, split_summary, sticky_split_by_patient)
+from smearnet.data.split import (assert_no_patient_leakage, assessment_smear_warning, assignment_counts,
+                                 majority_labels, read_assignments, split_by_patient, split_summary,
+                                 sticky_split_by_patient)
 
 CLASSES = ("normal", "classic_rl", "covid_rl")
 
@@ -56,6 +57,36 @@ def test_assessment_cohort_kept_apart():
     assert (out[out["cohort"] == "assessment"]["split"] == "assessment").all()
     summary = split_summary(out)
     assert summary["assessment"]["cells"] == 5 and summary["assessment"]["patients"] == 1
+
+
+def _with_assessment(positive: int, negative: int) -> pd.DataFrame:
+    """The cohort plus assessment smears: `positive` holding one covid_rl cell among normal ones, `negative` not."""
+    rows = []
+    for index in range(positive + negative):
+        labels = ["normal", "normal"] + (["covid_rl"] if index < positive else [])
+        rows += [{"path": f"/a/{index}_{c}.jpg", "label": label, "patient_id": f"A{index}", "smear_id": f"A{index}",
+                  "site": "a", "cohort": "assessment"} for c, label in enumerate(labels)]
+    return split_by_patient(pd.concat([cohort(), pd.DataFrame(rows)]), FRACTIONS, seed=0)
+
+
+def test_the_summary_counts_smears_holding_a_positive_cell():
+    summary = split_summary(_with_assessment(positive=3, negative=4), positive_class="covid_rl")
+    assert summary["assessment"]["smears"] == 7 and summary["assessment"]["positive_smears"] == 3
+    assert "positive_smears" not in split_summary(_with_assessment(3, 4))["assessment"]  # no positive class named
+
+
+@pytest.mark.parametrize("positive, negative", [(0, 5), (5, 0)])
+def test_an_assessment_cohort_of_one_kind_of_smear_stops_the_split_before_training(positive, negative):
+    summary = split_summary(_with_assessment(positive, negative), positive_class="covid_rl")
+    with pytest.raises(SmearnetError, match=f"{positive} positive and {negative} negative smear.*needs both"):
+        assessment_smear_warning(summary, "covid_rl")
+
+
+def test_one_smear_of_a_kind_warns_that_the_held_out_choice_needs_two_and_enough_passes():
+    warning = assessment_smear_warning(split_summary(_with_assessment(1, 5), "covid_rl"), "covid_rl")
+    assert warning and "1 positive and 5 negative" in warning and "threshold_selection=same" in warning
+    assert assessment_smear_warning(split_summary(_with_assessment(2, 2), "covid_rl"), "covid_rl") is None
+    assert assessment_smear_warning(split_summary(cohort().assign(split="train"), "covid_rl"), "covid_rl") is None
 
 
 def test_leakage_is_detected():

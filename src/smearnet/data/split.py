@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -165,8 +166,9 @@ def assert_no_patient_leakage(split_manifest: pd.DataFrame) -> None:
         )
 
 
-def split_summary(split_manifest: pd.DataFrame) -> dict:
-    """Cells and patients per split and class, for the metrics file (no patient ids)."""
+def split_summary(split_manifest: pd.DataFrame, positive_class: str | None = None) -> dict:
+    """Cells and patients per split and class, for the metrics file (no patient ids); with `positive_class`, how
+    many smears hold a cell of it (the smear figures' positive smears)."""
     summary: dict = {}
     for split, rows in split_manifest.groupby("split"):
         summary[str(split)] = {
@@ -175,7 +177,36 @@ def split_summary(split_manifest: pd.DataFrame) -> dict:
             "smears": int(rows["smear_id"].nunique()),
             "cells_per_class": {str(k): int(v) for k, v in rows["label"].value_counts().sort_index().items()},
         }
+        if positive_class is not None:
+            summary[str(split)]["positive_smears"] = int(rows.loc[rows["label"] == positive_class, "smear_id"].nunique())
     return summary
+
+
+# The smear stage's default threshold choice (held_out) picks the threshold on half the assessment smears and
+# classifies the other half blind: each half needs a positive and a negative smear.
+_SMEARS_PER_CLASS_FOR_HELD_OUT = 2
+
+
+def assessment_smear_warning(summary: Mapping[str, Any], positive_class: str | None) -> str | None:
+    """Stops the split when the assessment cohort's smears are all of one class (no smear figure can be measured
+    on them, and the smear stage would say so only after training); a warning when it holds fewer than two of a
+    class, too few for the held-out threshold choice. None when there is no assessment cohort or it is fine."""
+    assessment = summary.get(ASSESSMENT)
+    if assessment is None or positive_class is None:
+        return None
+    positive = assessment["positive_smears"]
+    negative = assessment["smears"] - positive
+    counts = (f"The assessment cohort has {positive} positive and {negative} negative smear(s) (a smear is positive "
+              f"when it holds a {positive_class} cell)")
+    if positive == 0 or negative == 0:
+        raise SmearnetError(f"{counts}: a smear ROC needs both, so the smear stage would stop after training.",
+                            "add assessment smears of the missing kind to the manifest (cohort=assessment), or "
+                            "check data.positive_class.")
+    if min(positive, negative) < _SMEARS_PER_CLASS_FOR_HELD_OUT:
+        return (f"{counts}: the default smear.threshold_selection=held_out needs {_SMEARS_PER_CLASS_FOR_HELD_OUT} of "
+                "each and will stop after training; add assessment smears, or set smear.threshold_selection=same "
+                "(the threshold is then chosen on the smears it is judged on).")
+    return None
 
 
 def _empty_split(targets: Mapping[str, float], placed_patients: Mapping[str, int], patients: int) -> str | None:
