@@ -308,6 +308,22 @@ def make_16bit_rgb_tiff(folder: Path, pixels: np.ndarray, name: str = "rgb16.tif
     return path
 
 
+def make_16bit_rgb_png(folder: Path, pixels: np.ndarray, name: str = "rgb16.png") -> Path:
+    """A PNG of 16-bit RGB ``pixels`` (h, w, 3), chunk by chunk (Pillow cannot write one)."""
+    height, width, _ = pixels.shape
+    big_endian = np.ascontiguousarray(pixels, dtype=">u2")
+    scanlines = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(height))  # filter 0 on every line
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path = folder / name
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def make_foreign_profile_jpeg(folder: Path) -> Path:
     """A JPEG carrying an ICC profile that is not sRGB (here: Lab identity)."""
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()

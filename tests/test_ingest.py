@@ -310,27 +310,31 @@ def test_a_16bit_image_using_12_bits_is_accepted_with_a_note_saying_it_reads_dar
 
 
 @pytest.mark.parametrize("bright, dark", [(4000, True), (60000, False)])
-def test_a_16bit_colour_tiff_is_accepted_with_a_note_that_pillow_read_it_as_8_bits(tmp_path: Path, bright: int,
-                                                                                     dark: bool) -> None:
+@pytest.mark.parametrize("make, name, kind", [(corpus.make_16bit_rgb_tiff, "rgb16.tif", "TIFF"),
+                                              (corpus.make_16bit_rgb_png, "rgb16.png", "PNG")])
+def test_a_16bit_colour_image_is_accepted_with_a_note_that_pillow_read_it_as_8_bits(
+        tmp_path: Path, make: Callable[..., Path], name: str, kind: str, bright: int, dark: bool) -> None:
     # Pillow keeps each sample's high byte: a 12-bit camera's 4000 becomes 15 of 255, an almost black cell.
     data = _mkdir(tmp_path / "data")
     pixels = np.zeros((80, 96, 3), dtype=np.uint16)
     pixels[:, 48:] = bright
-    corpus.make_16bit_rgb_tiff(data, pixels)
-    result = _run(data, [{"path": "rgb16.tif", "label": "normal", "patient_id": "p1"}])
+    make(data, pixels)
+    result = _run(data, [{"path": name, "label": "normal", "patient_id": "p1"}])
     assert load_rgb(Path(result.accepted.at[0, "path"])).getpixel((60, 40)) == (bright >> 8,) * 3
     [noted] = result.report["accepted_with_notes"]
-    assert noted["note"].startswith(f"16-bit colour TIFF, read as 8 bits (Pillow keeps each sample's high byte): "
+    assert noted["note"].startswith(f"16-bit RGB {kind}, read as 8 bits (Pillow keeps each sample's high byte): "
                                     f"brightest value {bright >> 8} of 255")
     assert ("dark" in noted["note"]) is dark
 
 
-def test_an_8bit_colour_tiff_has_no_bit_depth_note(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["rgb8.tif", "rgb8.png", "rgba8.png"])
+def test_an_8bit_colour_image_has_no_bit_depth_note(tmp_path: Path, name: str) -> None:
     data = _mkdir(tmp_path / "data")
-    pixels = np.zeros((80, 96, 3), dtype=np.uint8)
-    pixels[:, 48:] = (200, 10, 10)  # two colours: a blank image has a note of its own
-    Image.fromarray(pixels).save(data / "rgb8.tif")
-    result = _run(data, [{"path": "rgb8.tif", "label": "normal", "patient_id": "p1"}])
+    pixels = np.zeros((80, 96, 4 if name.startswith("rgba") else 3), dtype=np.uint8)
+    pixels[:, 48:, :3] = (200, 10, 10)  # two colours: a blank image has a note of its own
+    pixels[..., 3:] = 255
+    Image.fromarray(pixels).save(data / name)
+    result = _run(data, [{"path": name, "label": "normal", "patient_id": "p1"}])
     assert len(result.accepted) == 1 and result.report["accepted_with_notes"] == []
 
 
@@ -866,7 +870,7 @@ def test_a_smear_whose_every_row_is_quarantined_is_counted_not_lost_silently(tmp
     result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id", "cohort"), on_bad_row="quarantine")
     assert result.report["lost_to_quarantine"] == {"smears_by_cohort": {"assessment": 1, "development": 1},
                                                    "patients": 1}
-    assert any("2 smear(s) (assessment 1, development 1) and 1 whole patient(s)" in w
+    assert any("2 smear id(s) (assessment 1, development 1) and 1 patient id(s) had every row quarantined" in w
                for w in result.report["warnings"])
     assert "patient-b" not in json.dumps(result.report)
 

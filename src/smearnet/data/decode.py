@@ -251,8 +251,9 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         )
     original_mode = image.mode
     try:
+        reduced = _reduced_to_8_bits(image)  # the tile says so, and load() drops the tile
         image.load()
-        notes = _decode_notes(image)
+        notes = _decode_notes(image, reduced)
         ImageOps.exif_transpose(image, in_place=True)
         rgb = _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -276,10 +277,10 @@ def _unidentified_problem(data: bytes) -> ImageProblem:
 _TWELVE_BIT_MAX = 4095
 
 
-def _decode_notes(image: Image.Image) -> tuple[str, ...]:
+def _decode_notes(image: Image.Image, reduced_to_8_bits: bool) -> tuple[str, ...]:
     """Notes on metadata the decoder does not apply: an invalid EXIF orientation, a non-sRGB ICC profile, a
-    16-bit image that uses 12 bits or fewer (it is read on the 16-bit scale, hence dark), a 16-bit colour TIFF
-    (Pillow reads it as 8 bits)."""
+    16-bit image that uses 12 bits or fewer (it is read on the 16-bit scale, hence dark), a 16-bit colour image
+    (PNG, TIFF: Pillow reads it as 8 bits, ``reduced_to_8_bits``)."""
     notes = []
     orientation = image.getexif().get(_EXIF_ORIENTATION)
     if orientation is not None and orientation not in _VALID_ORIENTATIONS:
@@ -298,22 +299,23 @@ def _decode_notes(image: Image.Image) -> tuple[str, ...]:
             notes.append(f"16-bit image whose brightest pixel is {brightest} of 65535: read on the 16-bit scale it "
                          f"is at most {round(brightest / 257)} of 255 (dark); if the camera has 12 bits or fewer, "
                          "convert such files to 8 bits first")
-    if image.format == "TIFF" and image.mode in ("RGB", "RGBA") and _bits_per_sample(image) > 8:
-        brightest = max(high for _, high in image.getextrema()[:3])  # colour, not alpha
-        notes.append(f"{_bits_per_sample(image)}-bit colour TIFF, read as 8 bits (Pillow keeps each sample's high "
-                     f"byte): brightest value {brightest} of 255"
+    if reduced_to_8_bits:
+        extrema = image.getextrema()
+        brightest = max(high for _, high in (extrema[:3] if image.mode == "RGBA" else extrema))  # not alpha
+        notes.append(f"16-bit {image.mode} {image.format}, read as 8 bits (Pillow keeps each sample's high byte): "
+                     f"brightest value {brightest} of 255"
                      + ("; dark, as 12-bit or fewer camera data in 16 bits are: convert such files to 8 bits first"
                         if brightest <= _TWELVE_BIT_MAX >> 8 else ""))
     return tuple(notes)
 
 
-_TIFF_BITS_PER_SAMPLE = 258
-
-
-def _bits_per_sample(image: Image.Image) -> int:
-    """A TIFF's widest sample (its BitsPerSample tag; 8 when absent)."""
-    bits = image.tag_v2.get(_TIFF_BITS_PER_SAMPLE, 8)
-    return max(int(b) for b in bits) if isinstance(bits, tuple) else int(bits)
+def _reduced_to_8_bits(image: Image.Image) -> bool:
+    """Whether Pillow will read 16-bit samples of a colour image (RGB, RGBA, CMYK; PNG or TIFF) as 8 bits: its
+    raw mode (``RGB;16B``, ``RGB;16L``, ...) says so, its mode does not. Grey 16-bit images keep their mode (I;16)."""
+    if image.mode.startswith(("I", "F")):
+        return False
+    raw_modes = [tile.args if isinstance(tile.args, str) else (tile.args or ("",))[0] for tile in image.tile]
+    return any(";16" in str(raw_mode) for raw_mode in raw_modes)
 
 
 def short_message(exc: BaseException) -> str:
