@@ -231,10 +231,10 @@ def test_auto_times_every_candidate_and_the_stages_run_the_engine_it_picked(tiny
 
 
 @pytest.mark.slow
-def test_the_engine_benchmark_script_times_each_engine_and_thread_count_in_its_own_process(tmp_path):
+def test_the_engine_benchmark_script_times_each_model_and_thread_count_in_its_own_process(tmp_path):
     """benchmarks/inference_engines.py: several models (one at another input size) in one run, one worker process
-    per engine x threads, batch sizes compared on the probe cells and the fastest timed on all cells, agreement
-    measured against the parent's eager fp32 reference."""
+    per model x engine x threads (one engine here: each worker imports torch), batch sizes compared on the probe
+    cells and the fastest timed on all cells, agreement measured against the parent's eager fp32 reference."""
     import subprocess
     import sys
     from pathlib import Path
@@ -255,7 +255,6 @@ def test_the_engine_benchmark_script_times_each_engine_and_thread_count_in_its_o
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(tmp_path / "out" / "inference_engines.csv")
-    # One engine keeps it to four workers (each imports torch); the engines are one more level of the same loop.
     assert table[["engine", "threads"]].values.tolist() == [["eager-fp32", 1], ["eager-fp32", 2]] * 2
     assert table["model"].str.contains("48x48 px").tolist() == [False] * 2 + [True] * 2
     assert (table["images"] == 6).all() and set(table["batch_size"]) <= {1, 4}  # the fastest timed on all cells

@@ -82,7 +82,7 @@ def test_an_assessment_cohort_of_one_kind_of_smear_stops_the_split_before_traini
         assessment_smear_warning(summary, "covid_rl")
 
 
-def test_one_smear_of_a_kind_warns_that_the_held_out_choice_needs_two_and_enough_passes():
+def test_one_smear_of_a_kind_warns_that_the_held_out_choice_needs_two_and_two_of_each_pass():
     warning = assessment_smear_warning(split_summary(_with_assessment(1, 5), "covid_rl"), "covid_rl")
     assert warning and "1 positive and 5 negative" in warning and "threshold_selection=same" in warning
     assert assessment_smear_warning(split_summary(_with_assessment(2, 2), "covid_rl"), "covid_rl") is None

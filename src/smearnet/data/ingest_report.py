@@ -127,9 +127,10 @@ def build_report(
     if lost_smears:
         by_cohort = ", ".join(f"{cohort} {count}" for cohort, count in lost["smears_by_cohort"].items())
         warning_messages.append(
-            f"{lost_smears} smear(s) ({by_cohort}) and {lost['patients']} whole patient(s) had every row quarantined, "
-            "so no later stage sees them: the split, the cell figures and the smear figures are over the rest. "
-            "The rows are listed under Quarantined rows."
+            f"{lost_smears} smear id(s) ({by_cohort}) and {lost['patients']} patient id(s) had every row quarantined "
+            "(bad files, labels or duplicates), so no later stage sees them: the split, the cell figures and the "
+            "smear figures are over the rest (where each image is its own patient, as in class folders, these are "
+            "the quarantined images). The rows are listed under Quarantined rows."
         )
     empty_classes = [name for name, count in per_class.items() if count == 0]
     if empty_classes:

@@ -183,14 +183,16 @@ def split_summary(split_manifest: pd.DataFrame, positive_class: str | None = Non
 
 
 # The smear stage's default threshold choice (held_out) picks the threshold on half the assessment smears and
-# classifies the other half blind: each half needs a positive and a negative smear.
+# classifies the other half blind: each half needs a positive and a negative smear (cross_validated needs
+# smear.folds of each, same one). The split does not read smear.*: it warns for the default.
 _SMEARS_PER_CLASS_FOR_HELD_OUT = 2
 
 
 def assessment_smear_warning(summary: Mapping[str, Any], positive_class: str | None) -> str | None:
     """Stops the split when the assessment cohort's smears are all of one class (no smear figure can be measured
     on them, and the smear stage would say so only after training); a warning when it holds fewer than two of a
-    class, too few for the held-out threshold choice. None when there is no assessment cohort or it is fine."""
+    class, too few for the default held-out threshold choice. None when there is no assessment cohort (the
+    evaluation smears are then composed or the test split's, which the split does not judge) or it is fine."""
     assessment = summary.get(ASSESSMENT)
     if assessment is None or positive_class is None:
         return None
@@ -203,8 +205,9 @@ def assessment_smear_warning(summary: Mapping[str, Any], positive_class: str | N
                             "add assessment smears of the missing kind to the manifest (cohort=assessment), or "
                             "check data.positive_class.")
     if min(positive, negative) < _SMEARS_PER_CLASS_FOR_HELD_OUT:
-        return (f"{counts}: the default smear.threshold_selection=held_out needs {_SMEARS_PER_CLASS_FOR_HELD_OUT} of "
-                "each and will stop after training; add assessment smears, or set smear.threshold_selection=same "
+        return (f"{counts}: too few for smear.threshold_selection=held_out (the default), which needs "
+                f"{_SMEARS_PER_CLASS_FOR_HELD_OUT} of each, or cross_validated (smear.folds of each); under either "
+                "the smear stage stops after training. Add assessment smears, or set smear.threshold_selection=same "
                 "(the threshold is then chosen on the smears it is judged on).")
     return None
 
