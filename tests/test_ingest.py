@@ -847,13 +847,19 @@ def test_a_smear_id_written_for_several_patients_is_read_per_patient(tmp_path: P
     assert "patient-a" not in json.dumps(result.report)
 
 
-def test_a_rejected_row_does_not_rename_another_patients_smear(tmp_path: Path) -> None:
-    # The stray row (no such file) shares smear "1" with patient-a's good cell: only kept rows are judged.
+def _a_good_cell_and_a_missing_one(tmp_path: Path, missing_patient: str) -> IngestResult:
+    """patient-a's readable cell of smear "1", and a row of `missing_patient` in the same smear whose file does
+    not exist, ingested under on_bad_row=quarantine."""
     data = _mkdir(tmp_path / "data")
     corpus.make_rgb_jpeg(data, "cell.jpg", seed=1)
     rows = [{"path": "cell.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1"},
-            {"path": "missing.jpg", "label": "normal", "patient_id": "patient-b", "smear_id": "1"}]
-    result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id"), on_bad_row="quarantine")
+            {"path": "missing.jpg", "label": "normal", "patient_id": missing_patient, "smear_id": "1"}]
+    return _run(data, rows, columns=("path", "label", "patient_id", "smear_id"), on_bad_row="quarantine")
+
+
+def test_a_rejected_row_does_not_rename_another_patients_smear(tmp_path: Path) -> None:
+    # The stray row (no such file) shares smear "1" with patient-a's good cell: only kept rows are judged.
+    result = _a_good_cell_and_a_missing_one(tmp_path, "patient-b")
     assert result.accepted["smear_id"].tolist() == ["1"] and result.report["smears_with_multiple_patients"] == 0
 
 
@@ -876,10 +882,6 @@ def test_a_smear_whose_every_row_is_quarantined_is_counted_not_lost_silently(tmp
 
 
 def test_nothing_is_counted_lost_when_every_smear_keeps_a_cell(tmp_path: Path) -> None:
-    data = _mkdir(tmp_path / "data")
-    corpus.make_rgb_jpeg(data, "cell.jpg", seed=1)
-    rows = [{"path": "cell.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1"},
-            {"path": "gone.jpg", "label": "normal", "patient_id": "patient-a", "smear_id": "1"}]
-    result = _run(data, rows, columns=("path", "label", "patient_id", "smear_id"), on_bad_row="quarantine")
+    result = _a_good_cell_and_a_missing_one(tmp_path, "patient-a")
     assert result.report["lost_to_quarantine"] == {"smears_by_cohort": {}, "patients": 0}
     assert not any("every row quarantined" in w for w in result.report["warnings"])

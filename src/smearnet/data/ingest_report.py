@@ -86,8 +86,8 @@ def build_report(
     total_rows: int,
     notes_by_row: Mapping[int, list[str]],
     paths_fixed: dict[str, int],
-    shared_smear_ids: int = 0,
-    lost: Mapping[str, Any] | None = None,
+    shared_smear_ids: int,
+    lost: Mapping[str, Any],
 ) -> dict[str, Any]:
     """JSON-serialisable summary; rows are identified by row number and file name only.
 
@@ -97,7 +97,6 @@ def build_report(
     smear ids written for more than one patient, read per patient (``smearnet.data.manifest.one_patient_per_smear``);
     ``lost`` counts the smears and patients none of whose rows were accepted (``lost_to_quarantine``).
     """
-    lost = dict(lost or {"smears_by_cohort": {}, "patients": 0})
     per_class = {name: 0 for name in classes}
     per_class.update(_count(accepted["label"]))
     fixed = accepted[accepted["label"] != accepted["label_raw"]]
@@ -167,7 +166,7 @@ def build_report(
         "patients_in_multiple_sites": patients_in_multiple_sites,
         "patients_in_multiple_cohorts": patients_in_multiple_cohorts,
         "smears_with_multiple_patients": shared_smear_ids,  # written so; now read per patient
-        "lost_to_quarantine": lost,
+        "lost_to_quarantine": dict(lost),
         "empty_classes": empty_classes,
         "warnings": warning_messages,
         "accepted_with_notes": noted_rows,
